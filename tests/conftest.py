@@ -1,0 +1,181 @@
+"""Fixtures that run the real thing: gunicorn with the gevent worker on a free loopback
+port, and real WebSocket clients (python-websockets, or raw wsproto for misbehaving ones).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+import pytest
+from websockets.sync.client import connect
+
+ROOT = Path(__file__).resolve().parent.parent
+RECV_TIMEOUT = 5.0
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Server:
+    """A gunicorn process group serving Volli; its output goes to a file."""
+
+    def __init__(self, tmp_path: Path, env: dict[str, str] | None = None,
+                 app: str = "wsgi:app", args: list[str] | None = None,
+                 command: list[str] | None = None) -> None:
+        self.port = free_port()
+        self.log_path = tmp_path / f"gunicorn-{self.port}.log"
+        full_env = {**os.environ, "HOST": "127.0.0.1", "PORT": str(self.port),
+                    "PYTHONPATH": str(ROOT)}
+        full_env.pop("WEB_CONCURRENCY", None)
+        full_env.update(env or {})
+        cmd = command or [sys.executable, "-m", "gunicorn", "--config",
+                          str(ROOT / "gunicorn.conf.py"), *(args or []), app]
+        self._log_file = open(self.log_path, "wb")
+        self.proc = subprocess.Popen(cmd, cwd=ROOT, env=full_env, stdout=self._log_file,
+                                     stderr=subprocess.STDOUT, start_new_session=True)
+
+    @property
+    def url(self) -> str:
+        return f"ws://127.0.0.1:{self.port}/signaling"
+
+    def http(self, path: str) -> tuple[int, Any]:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{self.port}{path}", timeout=5) as r:
+                return r.status, json.loads(r.read())
+        except urllib.error.HTTPError as exc:
+            return exc.code, json.loads(exc.read() or b"null")
+
+    def wait_ready(self, deadline: float = 20.0) -> "Server":
+        end = time.monotonic() + deadline
+        while time.monotonic() < end:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"gunicorn exited with {self.proc.returncode}:\n{self.log()}")
+            try:
+                if self.http("/health")[0] == 200:
+                    return self
+            except OSError:
+                pass
+            time.sleep(0.1)
+        raise RuntimeError(f"gunicorn did not answer /health in {deadline}s:\n{self.log()}")
+
+    def wait_log(self, needle: str, deadline: float = 15.0) -> str:
+        end = time.monotonic() + deadline
+        while time.monotonic() < end:
+            text = self.log()
+            if needle in text:
+                return text
+            time.sleep(0.1)
+        raise AssertionError(f"{needle!r} not in the server log within {deadline}s:\n{self.log()}")
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def signal(self, sig: int) -> None:
+        self.proc.send_signal(sig)
+
+    def wait_exit(self, deadline: float = 30.0) -> int:
+        return self.proc.wait(timeout=deadline)
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait(timeout=5)
+        self._log_file.close()
+
+
+class Client:
+    """A real WebSocket client speaking JSON, with a timeout on every receive."""
+
+    def __init__(self, url: str, **kwargs: Any) -> None:
+        kwargs.setdefault("open_timeout", 5)
+        kwargs.setdefault("close_timeout", 2)
+        kwargs.setdefault("proxy", None)
+        kwargs.setdefault("max_size", None)
+        self._cm = connect(url, **kwargs)
+        self.ws = self._cm.__enter__()
+
+    def send(self, message: Any) -> None:
+        self.ws.send(message if isinstance(message, (str, bytes)) else json.dumps(message))
+
+    def recv(self, timeout: float = RECV_TIMEOUT) -> dict[str, Any]:
+        return json.loads(self.ws.recv(timeout=timeout))
+
+    def request(self, message: Any) -> dict[str, Any]:
+        self.send(message)
+        return self.recv()
+
+    def register(self, user_id: str, public_key: str = "cHVibGljLWtleQ==") -> dict[str, Any]:
+        reply = self.request({"type": "register", "userId": user_id, "publicKey": public_key})
+        assert reply == {"type": "registered", "userId": user_id}, reply
+        return reply
+
+    def close(self) -> None:
+        with contextlib.suppress(Exception):
+            self._cm.__exit__(None, None, None)
+
+
+@pytest.fixture(scope="session")
+def server(tmp_path_factory):
+    """One shared server with default settings (short stats interval)."""
+    srv = Server(tmp_path_factory.mktemp("server")).wait_ready()
+    yield srv
+    srv.stop()
+
+
+@pytest.fixture
+def make_server(tmp_path):
+    """Start a server with its own settings; stopped at the end of the test."""
+    servers: list[Server] = []
+
+    def start(env: dict[str, str] | None = None, ready: bool = True, **kwargs: Any) -> Server:
+        srv = Server(tmp_path, env, **kwargs)
+        servers.append(srv)
+        return srv.wait_ready() if ready else srv
+
+    yield start
+    for srv in servers:
+        srv.stop()
+
+
+@pytest.fixture
+def clients(server):
+    """Open clients to ``server`` (or to a given url); all closed at the end of the test."""
+    opened: list[Client] = []
+
+    def open_client(url: str | None = None, **kwargs: Any) -> Client:
+        client = Client(url or server.url, **kwargs)
+        opened.append(client)
+        return client
+
+    yield open_client
+    for client in opened:
+        client.close()
+
+
+_counter = iter(range(1_000_000))
+
+
+@pytest.fixture
+def uid(request):
+    """Unique user ids per test, so tests sharing a server never collide."""
+    def make(name: str) -> str:
+        return f"{name}-{next(_counter)}@{request.node.name[:40]}"
+    return make

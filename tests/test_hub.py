@@ -1,0 +1,110 @@
+"""The hub's rules over the in-memory backend, with recording sessions instead of sockets."""
+
+import json
+
+import pytest
+
+from volli.backends import MemoryBackend
+from volli.hub import Hub
+from volli.protocol import Ping
+
+
+class RecordingSession:
+    _ids = 0
+
+    def __init__(self, accept: bool = True):
+        RecordingSession._ids += 1
+        self.id = f"s{RecordingSession._ids}"
+        self.user_id = None
+        self.public_key = None
+        self.sent: list[dict] = []
+        self.closed_with = None
+        self.accept = accept
+
+    def send(self, text):
+        if not self.accept:
+            return False
+        self.sent.append(json.loads(text))
+        return True
+
+    def close(self, code, reason=""):
+        self.closed_with = code
+
+    def last(self):
+        return self.sent[-1]
+
+
+@pytest.fixture
+def hub():
+    return Hub(MemoryBackend())
+
+
+def join(hub, user_id, **kwargs):
+    session = RecordingSession(**kwargs)
+    hub.connect(session)
+    hub.receive_text(session, json.dumps({"type": "register", "userId": user_id,
+                                          "publicKey": "AAAA"}))
+    return session
+
+
+def test_register_discover_relay(hub):
+    alice, bob = join(hub, "alice"), join(hub, "bob")
+    assert alice.last() == {"type": "registered", "userId": "alice"}
+    hub.receive_text(alice, '{"type":"discover","userId":"bob"}')
+    assert alice.last() == {"type": "discover-response", "userId": "bob", "online": True,
+                            "publicKey": "AAAA"}
+    hub.receive_text(alice, '{"type":"offer","to":"bob","offer":{"sdp":"x"}}')
+    assert bob.last() == {"type": "offer", "to": "bob", "offer": {"sdp": "x"}, "from": "alice"}
+    assert hub.counters["relayed.offer"] == 1
+
+
+def test_rules(hub):
+    alice, bob = join(hub, "alice"), join(hub, "bob")
+    assert join(hub, "alice").last()["code"] == "user-id-taken"
+    hub.receive_text(alice, '{"type":"register","userId":"x","publicKey":"AAAA"}')
+    assert alice.last()["code"] == "already-registered"
+    hub.receive_text(alice, '{"type":"offer","from":"bob","to":"bob","offer":{}}')
+    assert alice.last()["code"] == "forbidden-sender"
+    assert bob.sent == [{"type": "registered", "userId": "bob"}]
+    hub.receive_text(alice, '{"type":"answer","to":"carol","answer":{},"requestId":"q"}')
+    assert alice.last() == {"type": "error", "code": "peer-offline",
+                            "message": "'carol' is not online", "requestId": "q"}
+    stranger = RecordingSession()
+    hub.connect(stranger)
+    hub.receive_text(stranger, '{"type":"discover","userId":"bob"}')
+    assert stranger.last()["code"] == "not-registered"
+
+
+def test_receiver_that_refuses_the_frame_is_peer_offline(hub):
+    alice, _ = join(hub, "alice"), join(hub, "full", accept=False)
+    hub.receive_text(alice, '{"type":"ice-candidate","to":"full","candidate":null}')
+    assert alice.last()["code"] == "peer-offline"
+
+
+def test_late_close_of_an_old_session_keeps_the_new_registration(hub):
+    old = join(hub, "alice")
+    hub.disconnect(old)
+    new = join(hub, "alice")
+    assert new.last()["type"] == "registered"
+    hub.disconnect(old)  # a late, duplicate close of the old socket
+    assert hub.backend.lookup("alice").online
+    hub.disconnect(new)
+    assert not hub.backend.lookup("alice").online
+
+
+def test_internal_error_is_answered_not_raised(hub):
+    alice = join(hub, "alice")
+
+    def broken(session, message):
+        raise RuntimeError("boom")
+
+    hub._handlers[Ping] = broken
+    hub.receive_text(alice, '{"type":"ping","requestId":3}')
+    assert alice.last() == {"type": "error", "code": "internal-error",
+                            "message": "internal server error", "requestId": 3}
+
+
+def test_shutdown_closes_every_session_with_1001(hub):
+    sessions = [join(hub, f"u{i}") for i in range(3)]
+    assert hub.shutdown() == 3
+    assert [s.closed_with for s in sessions] == [1001] * 3

@@ -1,0 +1,36 @@
+"""The application factory."""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any, Mapping
+
+from flask import Flask
+
+from . import config, http, logs
+from .runtime import Runtime
+from .transport import websocket
+
+
+def create_app(overrides: Mapping[str, Any] | None = None,
+               environ: Mapping[str, str] | None = None) -> Flask:
+    """Build the app: settings from ``environ`` (default: the process environment), then
+    ``overrides`` (typed, by field name, for tests), validated once here."""
+    settings = config.load(os.environ if environ is None else environ, overrides)
+    app = Flask(__name__)
+    app.config["VOLLI_SETTINGS"] = settings
+    app.config["SOCK_SERVER_OPTIONS"] = {
+        "ping_interval": settings.ping_interval,
+        "max_message_size": settings.max_message_size,
+    }
+    logs.configure(settings.log_level)
+    Runtime.init_app(app, settings)
+    websocket.sock.init_app(app)
+    app.register_blueprint(websocket.bp)
+    app.register_blueprint(http.bp)
+    logging.getLogger("volli").info(
+        "volli ready: backend=%s max_connections=%d max_message_size=%d ping_interval=%gs",
+        settings.backend, settings.max_connections, settings.max_message_size,
+        settings.ping_interval)
+    return app

@@ -1,0 +1,149 @@
+"""Settings: one table of every setting, loaded once from the environment and validated.
+
+Pure standard library: gunicorn.conf.py imports this in the master process
+(before gevent patches anything) to size the worker and refuse bad settings
+before any worker boots. ``create_app`` loads the same table.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable, Mapping
+
+
+class ConfigError(ValueError):
+    """One or more settings are invalid; the message lists every problem."""
+
+
+_TRUE = {"1", "true", "yes", "on"}
+_FALSE = {"0", "false", "no", "off"}
+
+
+def _parse_bool(text: str) -> bool:
+    lowered = text.strip().lower()
+    if lowered in _TRUE:
+        return True
+    if lowered in _FALSE:
+        return False
+    raise ValueError("expected one of 1/0, true/false, yes/no, on/off")
+
+
+def _parse_number(kind: type) -> Callable[[str], Any]:
+    def parse(text: str) -> Any:
+        try:
+            return kind(text)
+        except ValueError:
+            raise ValueError(f"expected {'an integer' if kind is int else 'a number'}") from None
+    return parse
+
+
+_int, _float = _parse_number(int), _parse_number(float)
+
+
+def _parse_log_level(text: str) -> str:
+    level = text.strip().upper()
+    if level not in {"DEBUG", "INFO", "WARNING", "ERROR"}:
+        raise ValueError("expected DEBUG, INFO, WARNING or ERROR")
+    return level
+
+
+def _setting(env: str, default: Any, parse: Callable[[str], Any], doc: str,
+             minimum: float | None = None) -> Any:
+    return dataclasses.field(default=default, metadata={
+        "env": env, "parse": parse, "minimum": minimum, "doc": doc})
+
+
+@dataclasses.dataclass(frozen=True)
+class Settings:
+    """Every setting, its environment variable, default and meaning.
+
+    The single source of truth: README's table and config/volli.env.example are
+    checked against it by tests/test_config.py.
+    """
+
+    host: str = _setting("HOST", "0.0.0.0", str, "Address to listen on.")
+    port: int = _setting("PORT", 8080, _int, "TCP port to listen on.", 1)
+    workers: int = _setting(
+        "WEB_CONCURRENCY", 1, _int,
+        "gunicorn worker processes. Must be 1 with the in-memory backend.", 1)
+    max_message_size: int = _setting(
+        "VOLLI_MAX_MESSAGE_SIZE", 65536, _int,
+        "Largest accepted frame in bytes; a bigger frame closes the connection with 1009.", 256)
+    max_connections: int = _setting(
+        "VOLLI_MAX_CONNECTIONS", 10000, _int,
+        "Open WebSockets per worker; beyond it the upgrade is refused with HTTP 503.", 1)
+    ping_interval: float = _setting(
+        "VOLLI_PING_INTERVAL", 25.0, _float,
+        "Seconds between server pings; a peer that misses a pong is closed with 1008.", 0.1)
+    register_timeout: float = _setting(
+        "VOLLI_REGISTER_TIMEOUT", 30.0, _float,
+        "Seconds a connection may stay unregistered before it is closed with 4001.", 0.1)
+    send_queue_bytes: int = _setting(
+        "VOLLI_SEND_QUEUE_BYTES", 1048576, _int,
+        "Bytes queued for one receiver before it is closed as too slow (4002).", 1024)
+    send_timeout: float = _setting(
+        "VOLLI_SEND_TIMEOUT", 10.0, _float,
+        "Seconds one frame may take to leave for a receiver before the receiver is dropped.", 0.1)
+    permessage_deflate: bool = _setting(
+        "VOLLI_PERMESSAGE_DEFLATE", False, _parse_bool,
+        "Accept permessage-deflate compression (about 100 kB more memory per connection).")
+    stats_interval: float = _setting(
+        "VOLLI_STATS_INTERVAL", 60.0, _float,
+        "Seconds between the per-worker stats log lines.", 0.1)
+    log_level: str = _setting(
+        "VOLLI_LOG_LEVEL", "INFO", _parse_log_level, "Level of the volli logger.")
+
+    @property
+    def backend(self) -> str:
+        return "memory"
+
+
+SETTINGS = dataclasses.fields(Settings)
+
+
+def check_workers(settings: Settings, workers: int) -> str | None:
+    """The problem with running this many workers, or None."""
+    if workers > 1 and settings.backend == "memory":
+        return (f"{workers} workers: the in-memory backend keeps presence inside one process, "
+                "so users on different workers could not reach each other; run one worker "
+                "(WEB_CONCURRENCY=1)")
+    return None
+
+
+def load(environ: Mapping[str, str], overrides: Mapping[str, Any] | None = None) -> Settings:
+    """Build Settings from environment variables, then apply typed overrides.
+
+    Raises ConfigError naming every invalid variable at once.
+    """
+    values: dict[str, Any] = {}
+    problems: list[str] = []
+    overrides = dict(overrides or {})
+    for field in SETTINGS:
+        env, minimum = field.metadata["env"], field.metadata["minimum"]
+        if field.name in overrides:
+            value = overrides.pop(field.name)
+            source = field.name
+        elif environ.get(env, "").strip():
+            source = env
+            try:
+                value = field.metadata["parse"](environ[env].strip())
+            except ValueError as exc:
+                problems.append(f"{env}={environ[env]!r}: {exc}")
+                continue
+        else:
+            continue
+        if minimum is not None and value < minimum:
+            problems.append(f"{source}={value!r}: must be at least {minimum}")
+            continue
+        values[field.name] = value
+    if overrides:
+        problems.append(f"unknown settings: {', '.join(sorted(overrides))}")
+    settings = Settings(**values)
+    if settings.send_queue_bytes < settings.max_message_size:
+        problems.append("VOLLI_SEND_QUEUE_BYTES must be at least VOLLI_MAX_MESSAGE_SIZE")
+    workers_problem = check_workers(settings, settings.workers)
+    if workers_problem:
+        problems.append(f"WEB_CONCURRENCY={settings.workers}: {workers_problem}")
+    if problems:
+        raise ConfigError("invalid Volli configuration:\n  " + "\n  ".join(problems))
+    return settings

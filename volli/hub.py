@@ -1,0 +1,109 @@
+"""The hub applies the signaling rules: who may register, discover and relay, and what
+each request is answered with. It sees connections only as ``Session`` objects and
+presence only through a ``Backend``, so it does no I/O of its own.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+from typing import Callable
+
+from .backends import Backend, Session
+from .protocol import (
+    CloseCode, Discover, ErrorCode, Message, Ping, ProtocolError, Register, Relay,
+    discover_response_message, encode, error_message, parse, pong_message, registered_message,
+    relayed_message,
+)
+
+log = logging.getLogger("volli.hub")
+
+
+class Hub:
+    def __init__(self, backend: Backend) -> None:
+        self.backend = backend
+        # Keys: "received", "received.<type>", "relayed.<type>", "errors", "errors.<code>".
+        self.counters: collections.Counter[str] = collections.Counter()
+        self._handlers: dict[type, Callable[[Session, Message], None]] = {
+            Register: self._register,
+            Discover: self._discover,
+            Relay: self._relay,
+            Ping: self._ping,
+        }
+
+    def connect(self, session: Session) -> None:
+        self.backend.attach(session)
+
+    def disconnect(self, session: Session) -> None:
+        self.backend.detach(session)
+
+    def receive_text(self, session: Session, text: str) -> None:
+        """Handle one text frame. Never raises: a failure becomes an ``error`` reply."""
+        self.counters["received"] += 1
+        message = None
+        try:
+            message = parse(text)
+            self.counters["received." + _type_name(message)] += 1
+            self._handlers[type(message)](session, message)
+        except ProtocolError as exc:
+            request_id = exc.request_id if message is None else message.request_id
+            self._reply_error(session, exc.code, exc.message, request_id)
+        except Exception:
+            log.exception("internal error handling a message from session %s", session.id)
+            self._reply_error(session, ErrorCode.INTERNAL_ERROR, "internal server error",
+                              getattr(message, "request_id", None))
+
+    def receive_binary(self, session: Session) -> None:
+        self.counters["received"] += 1
+        self._reply_error(session, ErrorCode.BINARY_FRAME,
+                          "binary frames are not supported; send JSON text frames")
+
+    def shutdown(self) -> int:
+        """Close every local connection with 1001; returns how many."""
+        sessions = self.backend.local_sessions()
+        for session in sessions:
+            session.close(CloseCode.GOING_AWAY, "server shutting down")
+        return len(sessions)
+
+    def _reply_error(self, session: Session, code: ErrorCode, text: str,
+                     request_id: str | int | None = None) -> None:
+        self.counters["errors"] += 1
+        self.counters["errors." + code] += 1
+        session.send(encode(error_message(code, text, request_id)))
+
+    def _register(self, session: Session, message: Register) -> None:
+        if session.user_id is not None:
+            raise ProtocolError(ErrorCode.ALREADY_REGISTERED,
+                                f"this connection is already registered as {session.user_id!r}")
+        if not self.backend.claim(session, message.user_id, message.public_key):
+            raise ProtocolError(ErrorCode.USER_ID_TAKEN,
+                                f"{message.user_id!r} is registered by another connection")
+        session.send(encode(registered_message(message.user_id, message.request_id)))
+
+    def _discover(self, session: Session, message: Discover) -> None:
+        _require_registered(session)
+        presence = self.backend.lookup(message.user_id)
+        session.send(encode(discover_response_message(
+            message.user_id, presence.online, presence.public_key, message.request_id)))
+
+    def _relay(self, session: Session, message: Relay) -> None:
+        sender = _require_registered(session)
+        if message.sender is not None and message.sender != sender:
+            raise ProtocolError(ErrorCode.FORBIDDEN_SENDER,
+                                f"'from' must be your own userId {sender!r}")
+        if not self.backend.deliver(message.to, encode(relayed_message(message, sender))):
+            raise ProtocolError(ErrorCode.PEER_OFFLINE, f"{message.to!r} is not online")
+        self.counters["relayed." + message.kind] += 1
+
+    def _ping(self, session: Session, message: Ping) -> None:
+        session.send(encode(pong_message(message.request_id)))
+
+
+def _require_registered(session: Session) -> str:
+    if session.user_id is None:
+        raise ProtocolError(ErrorCode.NOT_REGISTERED, "register before this request")
+    return session.user_id
+
+
+def _type_name(message: Message) -> str:
+    return message.kind if isinstance(message, Relay) else type(message).__name__.lower()

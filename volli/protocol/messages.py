@@ -1,0 +1,179 @@
+"""Signaling messages: parse and validate what clients send, build what the server sends.
+
+Names follow docs/protocol.md. Incoming JSON becomes one of the dataclasses below or
+raises ProtocolError; outgoing messages are built by the ``*_message`` functions and
+turned into frame text by ``encode``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from typing import Any, Union
+
+import orjson
+
+from .errors import ErrorCode, ProtocolError
+
+USER_ID_MAX = 256
+PUBLIC_KEY_MAX = 4096
+REQUEST_ID_MAX = 128
+
+# C0 and C1 control characters, DEL, and the line/paragraph separators.
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029]")
+# Standard and URL-safe base64 alphabets with padding. The key is not decoded: the
+# seed's own example ("base64-encoded-public-key") must be accepted as written.
+_BASE64ISH = re.compile(r"[A-Za-z0-9+/=_-]+")
+
+RequestId = Union[str, int, None]
+
+# Relay types and the name of the payload field each one carries.
+RELAY_PAYLOAD = {"offer": "offer", "answer": "answer", "ice-candidate": "candidate"}
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Register:
+    user_id: str
+    public_key: str
+    request_id: RequestId = None
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Discover:
+    user_id: str
+    request_id: RequestId = None
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Relay:
+    """offer, answer or ice-candidate; ``body`` is the whole message as received."""
+
+    kind: str
+    to: str
+    sender: str | None
+    body: dict[str, Any]
+    request_id: RequestId = None
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Ping:
+    request_id: RequestId = None
+
+
+Message = Union[Register, Discover, Relay, Ping]
+
+
+def parse(text: str | bytes) -> Message:
+    """Decode one text frame into a Message, or raise ProtocolError."""
+    try:
+        data = orjson.loads(text)
+    except orjson.JSONDecodeError as exc:
+        raise ProtocolError(ErrorCode.INVALID_JSON, f"frame is not valid JSON: {exc}") from None
+    if not isinstance(data, dict):
+        raise ProtocolError(ErrorCode.INVALID_MESSAGE, "a message must be a JSON object")
+    request_id = _request_id(data)
+    kind = data.get("type")
+    try:
+        if not isinstance(kind, str):
+            raise ProtocolError(ErrorCode.INVALID_MESSAGE, "'type' must be a string")
+        if kind == "register":
+            return Register(_user_id(data, "userId"), _public_key(data), request_id)
+        if kind == "discover":
+            return Discover(_user_id(data, "userId"), request_id)
+        if kind in RELAY_PAYLOAD:
+            return _relay(kind, data, request_id)
+        if kind == "ping":
+            return Ping(request_id)
+        raise ProtocolError(ErrorCode.UNKNOWN_TYPE, f"unknown message type {kind[:64]!r}")
+    except ProtocolError as exc:
+        exc.request_id = request_id
+        raise
+
+
+def _request_id(data: dict[str, Any]) -> RequestId:
+    value = data.get("requestId")
+    if value is None:
+        return None
+    if isinstance(value, str) and len(value) <= REQUEST_ID_MAX:
+        return value
+    if isinstance(value, int) and not isinstance(value, bool):
+        return value
+    raise ProtocolError(
+        ErrorCode.INVALID_MESSAGE,
+        f"'requestId' must be a string of at most {REQUEST_ID_MAX} characters or an integer",
+    )
+
+
+def _user_id(data: dict[str, Any], field: str) -> str:
+    value = data.get(field)
+    if not isinstance(value, str) or not value:
+        raise ProtocolError(ErrorCode.INVALID_MESSAGE, f"'{field}' must be a non-empty string")
+    if len(value) > USER_ID_MAX:
+        raise ProtocolError(
+            ErrorCode.INVALID_MESSAGE, f"'{field}' is longer than {USER_ID_MAX} characters")
+    if _CONTROL.search(value):
+        raise ProtocolError(ErrorCode.INVALID_MESSAGE, f"'{field}' contains control characters")
+    return value
+
+
+def _public_key(data: dict[str, Any]) -> str:
+    value = data.get("publicKey")
+    if not isinstance(value, str) or not value:
+        raise ProtocolError(ErrorCode.INVALID_MESSAGE, "'publicKey' must be a non-empty string")
+    if len(value) > PUBLIC_KEY_MAX:
+        raise ProtocolError(
+            ErrorCode.INVALID_MESSAGE, f"'publicKey' is longer than {PUBLIC_KEY_MAX} characters")
+    if not _BASE64ISH.fullmatch(value):
+        raise ProtocolError(ErrorCode.INVALID_MESSAGE, "'publicKey' must be base64 text")
+    return value
+
+
+def _relay(kind: str, data: dict[str, Any], request_id: RequestId) -> Relay:
+    to = _user_id(data, "to")
+    sender = data.get("from")
+    if sender is not None and not isinstance(sender, str):
+        raise ProtocolError(ErrorCode.INVALID_MESSAGE, "'from' must be a string when present")
+    field = RELAY_PAYLOAD[kind]
+    if field not in data:
+        raise ProtocolError(ErrorCode.INVALID_MESSAGE, f"'{kind}' needs a '{field}' field")
+    payload = data[field]
+    # An ICE candidate of null marks the end of candidates and must relay too.
+    if not (isinstance(payload, dict) or (payload is None and kind == "ice-candidate")):
+        expected = "an object or null" if kind == "ice-candidate" else "an object"
+        raise ProtocolError(ErrorCode.INVALID_MESSAGE, f"'{field}' must be {expected}")
+    return Relay(kind, to, sender, data, request_id)
+
+
+def encode(message: dict[str, Any]) -> str:
+    """The text frame for an outgoing message."""
+    return orjson.dumps(message).decode()
+
+
+def _with_request_id(message: dict[str, Any], request_id: RequestId) -> dict[str, Any]:
+    if request_id is not None:
+        message["requestId"] = request_id
+    return message
+
+
+def registered_message(user_id: str, request_id: RequestId = None) -> dict[str, Any]:
+    return _with_request_id({"type": "registered", "userId": user_id}, request_id)
+
+
+def discover_response_message(user_id: str, online: bool, public_key: str | None,
+                              request_id: RequestId = None) -> dict[str, Any]:
+    return _with_request_id({"type": "discover-response", "userId": user_id,
+                             "online": online, "publicKey": public_key}, request_id)
+
+
+def pong_message(request_id: RequestId = None) -> dict[str, Any]:
+    return _with_request_id({"type": "pong"}, request_id)
+
+
+def error_message(code: ErrorCode, message: str, request_id: RequestId = None) -> dict[str, Any]:
+    return _with_request_id({"type": "error", "code": str(code), "message": message}, request_id)
+
+
+def relayed_message(relay: Relay, sender: str) -> dict[str, Any]:
+    """The relay as the target receives it: unchanged, with ``from`` set by the server."""
+    relay.body["from"] = sender
+    return relay.body

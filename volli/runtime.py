@@ -1,0 +1,37 @@
+"""Per-process state of one Volli app, kept in ``app.extensions["volli"]``."""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+
+from flask import Flask, current_app
+
+from .backends import Backend, create_backend
+from .config import Settings
+from .hub import Hub
+
+
+@dataclasses.dataclass
+class Runtime:
+    settings: Settings
+    backend: Backend
+    hub: Hub
+    started: float = dataclasses.field(default_factory=time.monotonic)
+    # WebSockets admitted and not yet finished, counted from before the upgrade.
+    connections: int = 0
+    draining: bool = False
+
+    @classmethod
+    def init_app(cls, app: Flask, settings: Settings) -> "Runtime":
+        backend = create_backend(settings)
+        runtime = cls(settings=settings, backend=backend, hub=Hub(backend))
+        app.extensions["volli"] = runtime
+        return runtime
+
+    def uptime(self) -> float:
+        return time.monotonic() - self.started
+
+
+def get_runtime() -> Runtime:
+    return current_app.extensions["volli"]

@@ -1,0 +1,49 @@
+"""Per-worker background greenlets, started by gunicorn's ``post_worker_init`` hook."""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Callable
+
+import gevent
+from flask import Flask
+
+from .runtime import Runtime
+
+log = logging.getLogger("volli.tasks")
+
+DRAIN_POLL = 0.2  # seconds between checks of the worker's alive flag
+DRAIN_WAIT = 5.0  # seconds to wait for handlers to finish after closing with 1001
+
+
+def start_worker_tasks(app: Flask, is_alive: Callable[[], bool]) -> list[gevent.Greenlet]:
+    runtime: Runtime = app.extensions["volli"]
+    return [gevent.spawn(stats_loop, runtime), gevent.spawn(drain_on_exit, runtime, is_alive)]
+
+
+def stats_line(runtime: Runtime) -> str:
+    counters = runtime.hub.counters
+    relayed = sum(v for k, v in counters.items() if k.startswith("relayed."))
+    return (f"stats online={runtime.backend.online_count()} connections={runtime.connections} "
+            f"received={counters['received']} relayed={relayed} errors={counters['errors']}")
+
+
+def stats_loop(runtime: Runtime) -> None:
+    while True:
+        gevent.sleep(runtime.settings.stats_interval)
+        log.info(stats_line(runtime))
+
+
+def drain_on_exit(runtime: Runtime, is_alive: Callable[[], bool]) -> None:
+    """When gunicorn stops this worker (SIGTERM), close every client with 1001 at once
+    instead of letting them hang until the graceful timeout."""
+    while is_alive():
+        gevent.sleep(DRAIN_POLL)
+    runtime.draining = True
+    closed = runtime.hub.shutdown()
+    deadline = time.monotonic() + DRAIN_WAIT
+    while runtime.backend.local_sessions() and time.monotonic() < deadline:
+        gevent.sleep(0.05)
+    log.info("drained: closed %d connections with 1001; %d still open, %d users online",
+             closed, len(runtime.backend.local_sessions()), runtime.backend.online_count())

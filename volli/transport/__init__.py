@@ -1,0 +1,1 @@
+"""WebSocket transport: flask-sock glue, connection send queues, the guarded socket."""

@@ -1,0 +1,99 @@
+"""The ``/signaling`` WebSocket endpoint: admission, then a receive loop into the hub."""
+
+from __future__ import annotations
+
+import logging
+import time
+
+from flask import Blueprint, g, jsonify, request
+from flask_sock import Sock
+from simple_websocket import ConnectionClosed
+
+from ..protocol import CloseCode
+from ..runtime import Runtime, get_runtime
+from .connection import Connection
+from .socket_guard import GuardedSocket
+
+log = logging.getLogger("volli.ws")
+
+bp = Blueprint("signaling", __name__)
+sock = Sock()
+
+
+@bp.before_request
+def admit():
+    """Refuse before the upgrade when full or draining, so gunicorn keeps slots for /health."""
+    runtime = get_runtime()
+    if runtime.draining:
+        return _refuse("server is shutting down")
+    if runtime.connections >= runtime.settings.max_connections:
+        return _refuse("server is at its connection limit")
+    environ = request.environ
+    if "gunicorn.socket" not in environ:
+        return jsonify(error="the WebSocket endpoint needs gunicorn's gevent worker"), 500
+    if not runtime.settings.permessage_deflate:
+        # simple-websocket accepts any offered deflate; hiding the offer turns it off.
+        environ.pop("HTTP_SEC_WEBSOCKET_EXTENSIONS", None)
+    environ["gunicorn.socket"] = GuardedSocket(environ["gunicorn.socket"],
+                                               runtime.settings.send_timeout)
+    runtime.connections += 1
+    g.volli_admitted = True
+    return None
+
+
+@bp.teardown_request
+def release(_exc):
+    if g.pop("volli_admitted", False):
+        get_runtime().connections -= 1
+
+
+def _refuse(reason: str):
+    response = jsonify(error="unavailable", message=reason)
+    response.status_code = 503
+    response.headers["Retry-After"] = "5"
+    return response
+
+
+@sock.route("/signaling", bp=bp)
+def signaling(ws):
+    runtime = get_runtime()
+    conn = Connection(ws, request.environ["gunicorn.socket"],
+                      runtime.settings.send_queue_bytes, request.remote_addr or "")
+    opened = time.monotonic()
+    runtime.hub.connect(conn)
+    log.info("connection open id=%s ip=%s", conn.id, conn.remote_addr)
+    try:
+        _serve(ws, conn, runtime)
+    except ConnectionClosed:
+        pass
+    except Exception:
+        log.exception("connection %s failed", conn.id)
+        conn.close(CloseCode.INTERNAL_ERROR, "internal server error")
+    finally:
+        runtime.hub.disconnect(conn)
+        conn.wait_closed()
+        log.info("connection closed id=%s ip=%s user=%s code=%s seconds=%.1f", conn.id,
+                 conn.remote_addr, conn.user_id, conn.close_code or ws.close_reason,
+                 time.monotonic() - opened)
+
+
+def _serve(ws, conn: Connection, runtime: Runtime) -> None:
+    hub = runtime.hub
+    deadline = time.monotonic() + runtime.settings.register_timeout
+    while not conn.closed:
+        if conn.user_id is None:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                conn.close(CloseCode.REGISTER_TIMEOUT, "register timeout")
+                return
+            data = ws.receive(timeout=remaining)
+            if data is None:
+                continue
+        else:
+            data = ws.receive()
+        if conn.closed:
+            return
+        if isinstance(data, str):
+            hub.receive_text(conn, data)
+        else:
+            hub.receive_binary(conn)
