@@ -122,6 +122,16 @@ class Client:
         self.send(message)
         return self.recv()
 
+    def call(self, message: dict[str, Any], timeout: float = 10.0) -> dict[str, Any]:
+        """Send with a fresh requestId and return the reply that carries it, skipping others."""
+        request_id = f"call-{next(_counter)}"
+        self.send({**message, "requestId": request_id})
+        end = time.monotonic() + timeout
+        while True:
+            reply = self.recv(timeout=max(0.01, end - time.monotonic()))
+            if reply.get("requestId") == request_id:
+                return reply
+
     def register(self, user_id: str, public_key: str = "cHVibGljLWtleQ==") -> dict[str, Any]:
         reply = self.request({"type": "register", "userId": user_id, "publicKey": public_key})
         assert reply == {"type": "registered", "userId": user_id}, reply

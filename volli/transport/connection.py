@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import collections
 import secrets
+from typing import Callable
 
 import gevent
 from simple_websocket import ConnectionClosed
@@ -22,7 +23,8 @@ CLOSE_WAIT = 2.0
 
 
 class Connection:
-    def __init__(self, ws, sock: GuardedSocket, queue_limit: int, remote_addr: str) -> None:
+    def __init__(self, ws, sock: GuardedSocket, queue_limit: int, remote_addr: str,
+                 on_close: Callable[["Connection"], None]) -> None:
         self.id = secrets.token_hex(8)
         self.user_id: str | None = None
         self.public_key: str | None = None
@@ -34,6 +36,9 @@ class Connection:
         self._queued = 0
         self._queue_limit = queue_limit
         self._writer: gevent.Greenlet | None = None
+        # Called once, as soon as the connection is known to be closing: presence must
+        # not wait for the close handshake (a slow peer may never complete it).
+        self._on_close = on_close
 
     @property
     def closed(self) -> bool:
@@ -69,6 +74,7 @@ class Connection:
         self.close_code = code
         self._queue.clear()
         self._queued = 0
+        self._on_close(self)
         gevent.spawn(self._send_close, code, reason)
 
     def _send_close(self, code: int, reason: str) -> None:
@@ -82,6 +88,7 @@ class Connection:
         """The peer is gone or unusable: cut the socket so the reader ends."""
         if self.close_code is None:
             self.close_code = CloseCode.ABNORMAL
+            self._on_close(self)
         self._sock.abort()
         self._wake_handler()
 

@@ -58,7 +58,8 @@ def _refuse(reason: str):
 def signaling(ws):
     runtime = get_runtime()
     conn = Connection(ws, request.environ["gunicorn.socket"],
-                      runtime.settings.send_queue_bytes, request.remote_addr or "")
+                      runtime.settings.send_queue_bytes, request.remote_addr or "",
+                      on_close=runtime.hub.disconnect)
     opened = time.monotonic()
     runtime.hub.connect(conn)
     log.info("connection open id=%s ip=%s", conn.id, conn.remote_addr)

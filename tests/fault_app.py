@@ -1,0 +1,27 @@
+"""The real app with two deliberate bugs, for testing how failures are contained:
+discovering "explode@fault" raises inside a message handler, and the text frame
+"crash-connection" raises outside the hub, in the connection's receive loop."""
+
+from volli.app import create_app
+from volli.protocol import Discover
+
+app = create_app()
+_hub = app.extensions["volli"].hub
+_discover = _hub._handlers[Discover]
+_receive_text = _hub.receive_text
+
+
+def _faulty_discover(session, message):
+    if message.user_id == "explode@fault":
+        raise RuntimeError("injected fault in a handler")
+    return _discover(session, message)
+
+
+def _faulty_receive_text(session, text):
+    if text == "crash-connection":
+        raise RuntimeError("injected fault outside the hub")
+    return _receive_text(session, text)
+
+
+_hub._handlers[Discover] = _faulty_discover
+_hub.receive_text = _faulty_receive_text
