@@ -50,6 +50,7 @@ except ImportError:  # pragma: no cover - orjson is a Volli dependency
 ROOT = Path(__file__).resolve().parent.parent
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 PHASE_SLACK = 30.0  # extra seconds the parent waits on a client process beyond a phase's plan
+NOISY_CORES = 0.35  # CPU use by other processes in a window above which a run is flagged
 
 
 # --------------------------------------------------------------------------------------------
@@ -107,6 +108,25 @@ def proc_rss_kb(pid: int) -> int:
         if line.startswith("VmRSS:"):
             return int(line.split()[1])
     raise RuntimeError(f"no VmRSS for pid {pid}")
+
+
+def other_cpu_seconds(exclude: set[int]) -> float:
+    """CPU seconds used so far by every process except ``exclude``: utime + stime plus the
+    children's (cutime + cstime), so a process that exits and is reaped mid-window still
+    counts through its parent. Per-process times are exact; /proc/stat's idle is sampled at
+    ticks and misses timer-synchronised work such as the paced latency run."""
+    total = 0
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            pid = int(stat.parent.name)
+            if pid in exclude:
+                continue
+            text = stat.read_text()
+        except (OSError, ValueError):
+            continue
+        f = text[text.rindex(")") + 2:].split()
+        total += int(f[11]) + int(f[12]) + int(f[13]) + int(f[14])
+    return total / CLK_TCK
 
 
 def machine_cpu() -> tuple[float, float]:
@@ -608,10 +628,11 @@ def run_relay(server: Server, clients: Clients, kind: str, args, tag: str) -> di
     t_start = time.monotonic() + 0.3
     t_a, t_b = t_start + warm, t_start + warm + dur
     clients.send_all(("go", t_start, t_a, t_b))
+    ours = {os.getpid(), server.proc.pid, server.worker, *clients.pids()}
     sleep_until(t_a)
-    cpu_a, mach_a = server.cpu(), machine_cpu()
+    cpu_a, mach_a, other_a = server.cpu(), machine_cpu(), other_cpu_seconds(ours)
     sleep_until(t_b)
-    cpu_b, mach_b = server.cpu(), machine_cpu()
+    cpu_b, mach_b, other_b = server.cpu(), machine_cpu(), other_cpu_seconds(ours)
     wall = t_b - t_a
     results = clients.gather("result", args.drain_grace + PHASE_SLACK)
     server.check_worker()
@@ -635,8 +656,7 @@ def run_relay(server: Server, clients: Clients, kind: str, args, tag: str) -> di
     out["rate"] = out["in_window"] / wall
     out["server_util"] = out["server_cpu"] / wall
     out["client_util"] = [c / wall for c in out["client_cpu"]]
-    out["other_busy_cores"] = max(0.0, out["machine_busy_cores"] - out["server_util"]
-                                  - sum(out["client_util"]))
+    out["other_busy_cores"] = max(0.0, other_b - other_a) / wall
     if kind == "latency":
         out.update({
             "offered_rate": args.rate,
@@ -659,13 +679,15 @@ def bottleneck(r: dict[str, Any]) -> str:
     busy = r["machine_busy_cores"]
     parts = [f"server worker {srv:.0%} of a core", "clients " +
              "/".join(f"{c:.0%}" for c in cli), f"machine {busy:.2f}/"
-             f"{r['machine_cores']:.0f} cores busy (other load {r['other_busy_cores']:.2f})"]
+             f"{r['machine_cores']:.0f} cores busy (other processes {r['other_busy_cores']:.2f})"]
+    used = srv + sum(cli) + r["other_busy_cores"]
     if srv >= 0.9:
         verdict = "server worker (one core) saturated"
     elif cli and max(cli) >= 0.9:
         verdict = "a client process saturated (client-bound)"
-    elif busy >= 0.9 * r["machine_cores"]:
-        verdict = "machine CPU saturated (server and clients share the cores)"
+    elif max(busy, used) >= 0.85 * r["machine_cores"]:
+        verdict = ("machine CPU saturated (server, clients and other processes share the "
+                   "cores)")
     else:
         verdict = "nothing CPU-saturated (window/latency-bound)"
     return f"{verdict}: " + ", ".join(parts)
@@ -703,6 +725,7 @@ def run_memory(server: Server, clients: Clients, args, tag: str) -> dict[str, An
 
 
 def run_server(name: str, clients: Clients, args, log_dir: Path) -> dict[str, Any]:
+    """One round against one server: start it, warm up, memory, throughput, latency, stop."""
     server = Server(name, log_dir, args.deflate)
     result: dict[str, Any] = {"command": server.command_line(), "log": str(server.log_path)}
     print(f"[{name}] starting: {server.command_line()}  (port {server.port})", flush=True)
@@ -725,7 +748,8 @@ def run_server(name: str, clients: Clients, args, log_dir: Path) -> dict[str, An
         result["latency"] = lat = run_relay(server, clients, "latency", args, tag + "l")
         print(f"[{name}] latency @ {args.rate:g} msg/s: p50 {lat['p50_ms']:.2f} ms, p99 "
               f"{lat['p99_ms']:.2f} ms, max {lat['max_ms']:.2f} ms ({lat['samples']} samples, "
-              f"achieved {lat['rate']:.0f} msg/s, lost={lat['lost']})", flush=True)
+              f"achieved {lat['rate']:.0f} msg/s, lost={lat['lost']}; other load "
+              f"{lat['other_busy_cores']:.2f} cores)", flush=True)
         result["rss_end_kb"] = server.rss_kb()
     except Exception as exc:
         result["failure"] = f"{type(exc).__name__}: {exc}"
@@ -755,14 +779,32 @@ def ratio(a: Any, b: Any) -> str:
         return "n/a"
 
 
-def table(res: dict[str, dict[str, Any]], args) -> str:
+def lookup(r: dict[str, Any], path: tuple[str, ...]) -> Any:
+    cur: Any = r
+    for p in path:
+        if not isinstance(cur, dict) or p not in cur:
+            return None
+        cur = cur[p]
+    return cur
+
+
+def median(vals: list[float]) -> float | None:
+    vals = sorted(v for v in vals if v is not None and v == v)
+    if not vals:
+        return None
+    mid = len(vals) // 2
+    return vals[mid] if len(vals) % 2 else (vals[mid - 1] + vals[mid]) / 2
+
+
+def table(res: dict[str, list[dict[str, Any]]], args) -> str:
+    """Each figure is the median over rounds (one round: the value itself)."""
     def get(name: str, *path: str) -> Any:
-        cur: Any = res.get(name, {})
-        for p in path:
-            if not isinstance(cur, dict) or p not in cur:
-                return None
-            cur = cur[p]
-        return cur
+        return median([lookup(r, path) for r in res.get(name, [])])
+
+    def total(name: str, key: str) -> int | None:
+        rounds = res.get(name, [])
+        vals = [lookup(r, (ph, key)) for r in rounds for ph in ("throughput", "latency")]
+        return sum(vals) if rounds and all(v is not None for v in vals) else None
 
     rows = [
         ("relay throughput (msg/s, at receivers)", ("throughput", "rate"), ",.0f"),
@@ -777,18 +819,15 @@ def table(res: dict[str, dict[str, Any]], args) -> str:
         (f"idle memory per registered conn (kB, K={args.idle})", ("memory", "kb_per_conn"),
          ".1f"),
         ("worker RSS with K idle conns (MB)", ("memory", "rss_after_kb"), None),
-        ("lost messages (throughput + latency)", None, "d"),
-        ("error replies received", None, "d"),
+        ("lost messages (throughput + latency, all rounds)", None, "d"),
+        ("error replies received (all rounds)", None, "d"),
     ]
     lines = ["| figure | Volli | baseline | ratio (Volli/baseline) |",
              "|---|---:|---:|---:|"]
     for label, path, spec in rows:
         if path is None:
             key = "lost" if label.startswith("lost") else "errors"
-            vals = []
-            for name in ("volli", "baseline"):
-                parts = [get(name, ph, key) for ph in ("throughput", "latency")]
-                vals.append(sum(parts) if all(p is not None for p in parts) else None)
+            vals = [total(name, key) for name in ("volli", "baseline")]
             lines.append(f"| {label} | {fmt(vals[0], spec)} | {fmt(vals[1], spec)} | - |")
             continue
         v, b = get("volli", *path), get("baseline", *path)
@@ -828,18 +867,20 @@ def main(argv: list[str] | None = None) -> int:
                     help="seconds after a run to wait for in-flight messages")
     ap.add_argument("--deflate", action="store_true",
                     help="clients offer permessage-deflate (and Volli accepts it)")
+    ap.add_argument("--rounds", type=int, default=1,
+                    help="rounds; the order alternates (V,B then B,V) and the table shows "
+                         "medians")
     ap.add_argument("--only", choices=["volli", "baseline"], help="run one server only")
     ap.add_argument("--json", metavar="PATH", help="write all results as JSON to PATH")
     ap.add_argument("--log-dir", metavar="DIR",
                     help="where gunicorn logs go (default: a new temp dir)")
     ap.add_argument("--quick", action="store_true",
-                    help="smoke run: 10 pairs, 2 s windows, 500 msg/s, K=200")
+                    help="smoke run: 10 pairs, 1 s windows, 500 msg/s, K=100 (other options still apply)")
+    if ap.parse_known_args(argv)[0].quick:  # new defaults; explicit options still win
+        ap.set_defaults(pairs=10, duration=1.0, latency_duration=1.0, warmup=0.3, rate=500.0,
+                        idle=100, settle=0.3, drain_grace=2.0)
     args = ap.parse_args(argv)
-    if args.quick:
-        args.pairs, args.duration, args.latency_duration = 10, 2.0, 2.0
-        args.warmup, args.rate, args.idle, args.settle = 0.5, 500.0, 200, 0.5
-        args.drain_grace = 3.0
-    for name in ("pairs", "procs", "window", "max_messages", "connect_concurrency"):
+    for name in ("pairs", "procs", "window", "max_messages", "connect_concurrency", "rounds"):
         if getattr(args, name) < 1:
             ap.error(f"--{name.replace('_', '-')} must be at least 1")
     if args.procs > args.pairs:
@@ -867,13 +908,15 @@ def main(argv: list[str] | None = None) -> int:
           f"{os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.2f}, logs in {log_dir}",
           flush=True)
     clients = Clients(args.procs, opts)
-    results: dict[str, Any] = {}
+    names = [n for n in ("volli", "baseline") if not args.only or n == args.only]
+    results: dict[str, list[dict[str, Any]]] = {n: [] for n in names}
     interrupted = False
     try:
-        for name in ("volli", "baseline"):
-            if args.only and name != args.only:
-                continue
-            results[name] = run_server(name, clients, args, log_dir)
+        for rnd in range(args.rounds):
+            for name in (names if rnd % 2 == 0 else names[::-1]):
+                if args.rounds > 1:
+                    print(f"--- round {rnd + 1}/{args.rounds}", flush=True)
+                results[name].append(run_server(name, clients, args, log_dir))
     except KeyboardInterrupt:
         interrupted = True
         print("interrupted", file=sys.stderr)
@@ -884,47 +927,75 @@ def main(argv: list[str] | None = None) -> int:
     print()
     print(table(results, args))
     print()
-    for name, r in results.items():
-        t = r.get("throughput") or {}
-        if t.get("bottleneck"):
-            print(f"- {name} throughput run: {t['bottleneck']}")
-        lat = r.get("latency") or {}
-        if lat:
-            print(f"- {name} latency run: pacer lag p99 {lat['pacer_lag_p99_ms']:.2f} ms, "
-                  f"max {lat['pacer_lag_max_ms']:.2f} ms (client-side send delay; large "
-                  f"values mean the client, not the server, fell behind)")
-    problems = []
-    for name, r in results.items():
-        if r.get("failure"):
-            problems.append(f"{name}: run failed: {r['failure']}")
-        for phase in ("throughput", "latency"):
-            p = r.get(phase) or {}
-            for key in ("lost", "errors", "unexpected", "bad_from"):
-                if p.get(key):
-                    problems.append(f"{name} {phase}: {key}={p[key]}")
-            if p.get("receiver_failures"):
-                problems.append(f"{name} {phase}: receivers failed: {p['receiver_failures']}")
-        m = r.get("memory") or {}
-        if m and m.get("online_reported") not in (None, m["opened"]):
-            problems.append(f"{name} memory: server reported {m['online_reported']} online, "
-                            f"expected {m['opened']}")
-        for label, finding in (r.get("log_findings") or {}).items():
-            if label == "close codes (volli log)":
-                continue
-            problems.append(f"{name} log: {label} x{finding['count']}:\n{finding['excerpt']}")
+    problems, noise = [], []
+    for name, rounds in results.items():
+        for i, r in enumerate(rounds):
+            where = f"{name}" + (f" round {i + 1}" if len(rounds) > 1 else "")
+            t = r.get("throughput") or {}
+            if t.get("bottleneck"):
+                print(f"- {where} throughput run: {t['bottleneck']}")
+            lat = r.get("latency") or {}
+            if lat:
+                print(f"- {where} latency run: server worker {lat['server_util']:.0%} of a core, "
+                      f"client {'/'.join(f'{c:.0%}' for c in lat['client_util'])}, pacer lag "
+                      f"p99 {lat['pacer_lag_p99_ms']:.2f} ms / max {lat['pacer_lag_max_ms']:.2f} "
+                      f"ms (how late the client sent; the stamp is taken at the real send)")
+            if r.get("failure"):
+                problems.append(f"{where}: run failed: {r['failure']}")
+            for phase in ("throughput", "latency"):
+                p = r.get(phase) or {}
+                for key in ("lost", "errors", "unexpected", "bad_from"):
+                    if p.get(key):
+                        problems.append(f"{where} {phase}: {key}={p[key]}")
+                if p.get("receiver_failures"):
+                    problems.append(f"{where} {phase}: receivers failed: "
+                                    f"{p['receiver_failures']}")
+                if p.get("other_busy_cores", 0) > NOISY_CORES:
+                    noise.append(f"{where} {phase}: other processes kept "
+                                 f"{p['other_busy_cores']:.2f} cores busy")
+            m = r.get("memory") or {}
+            if m and m.get("online_reported") not in (None, m["opened"]):
+                problems.append(f"{where} memory: server reported {m['online_reported']} "
+                                f"online, expected {m['opened']}")
+            for label, finding in (r.get("log_findings") or {}).items():
+                if label == "close codes (volli log)":
+                    unusual = {c: n for c, n in finding.items() if c not in ("1000", "1001")}
+                    if unusual:
+                        problems.append(f"{where} log: unusual close codes {unusual}")
+                    continue
+                problems.append(f"{where} log: {label} x{finding['count']}:\n"
+                                f"{finding['excerpt']}")
+    if noise:
+        print("\nNOISE (the machine was shared; compare ratios with care, or re-run):")
+        for n in noise:
+            print(f"- {n}")
     if problems:
         print("\nPROBLEMS:")
         for p in problems:
             print(f"- {p}")
     print(f"\ntotal {elapsed:.0f}s; gunicorn logs: {log_dir}")
     if args.json:
+        summary = {name: {
+            "throughput_msgs_per_s": median([lookup(r, ("throughput", "rate")) for r in rs]),
+            "msgs_per_server_cpu_s": median([lookup(r, ("throughput", "msgs_per_cpu_s"))
+                                             for r in rs]),
+            "latency_p50_ms": median([lookup(r, ("latency", "p50_ms")) for r in rs]),
+            "latency_p99_ms": median([lookup(r, ("latency", "p99_ms")) for r in rs]),
+            "latency_max_ms": median([lookup(r, ("latency", "max_ms")) for r in rs]),
+            "idle_kb_per_conn": median([lookup(r, ("memory", "kb_per_conn")) for r in rs]),
+        } for name, rs in results.items()}
+        if "volli" in summary and "baseline" in summary:
+            summary["ratio_volli_over_baseline"] = {
+                k: (v / summary["baseline"][k]) if v and summary["baseline"][k] else None
+                for k, v in summary["volli"].items()}
         payload = {"args": vars(args), "elapsed_seconds": elapsed, "cpus": os.cpu_count(),
-                   "python": sys.version.split()[0], "results": results, "problems": problems}
+                   "python": sys.version.split()[0], "summary": summary,
+                   "results": results, "problems": problems, "noise": noise}
         Path(args.json).write_text(json.dumps(payload, indent=2, default=str))
         print(f"results written to {args.json}")
     if interrupted:
         return 130
-    return 1 if any(r.get("failure") for r in results.values()) else 0
+    return 1 if any(r.get("failure") for rs in results.values() for r in rs) else 0
 
 
 if __name__ == "__main__":

@@ -43,8 +43,8 @@ def test_every_problem_is_reported_at_once():
 
 
 def test_cross_checks():
-    with pytest.raises(ConfigError, match="VOLLI_SEND_QUEUE_BYTES must be at least"):
-        load({"VOLLI_MAX_MESSAGE_SIZE": "100000", "VOLLI_SEND_QUEUE_BYTES": "50000"})
+    with pytest.raises(ConfigError, match="VOLLI_SEND_QUEUE_LIMIT must be at least"):
+        load({"VOLLI_MAX_MESSAGE_SIZE": "100000", "VOLLI_SEND_QUEUE_LIMIT": "50000"})
     with pytest.raises(ConfigError, match="in-memory backend"):
         load({"WEB_CONCURRENCY": "4"})
 

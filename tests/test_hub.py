@@ -18,13 +18,15 @@ class RecordingSession:
         self.user_id = None
         self.public_key = None
         self.sent: list[dict] = []
+        self.origins: list[str | None] = []
         self.closed_with = None
         self.accept = accept
 
-    def send(self, text):
+    def send(self, text, origin=None):
         if not self.accept:
             return False
         self.sent.append(json.loads(text))
+        self.origins.append(origin)
         return True
 
     def close(self, code, reason=""):
@@ -108,3 +110,15 @@ def test_shutdown_closes_every_session_with_1001(hub):
     sessions = [join(hub, f"u{i}") for i in range(3)]
     assert hub.shutdown() == 3
     assert [s.closed_with for s in sessions] == [1001] * 3
+
+
+def test_relays_carry_their_origin_and_dropped_ones_are_reported_to_senders(hub):
+    alice, bob, carol = join(hub, "alice"), join(hub, "bob"), join(hub, "carol")
+    hub.receive_text(alice, '{"type":"offer","to":"carol","offer":{}}')
+    assert carol.origins[-1] == "alice" and alice.origins[-1] is None
+    hub.disconnect(carol, {"alice": 3, "bob": 1})
+    assert alice.last() == {"type": "error", "code": "peer-offline", "peer": "carol",
+                            "undelivered": 3,
+                            "message": "3 message(s) to 'carol' were not delivered: it disconnected"}
+    assert bob.last()["undelivered"] == 1
+    assert hub.counters["undelivered"] == 4

@@ -68,7 +68,7 @@ class Settings:
         "gunicorn worker processes. Must be 1 with the in-memory backend.", 1)
     max_message_size: int = _setting(
         "VOLLI_MAX_MESSAGE_SIZE", 65536, _int,
-        "Largest accepted frame in bytes; a bigger frame closes the connection with 1009.", 256)
+        "Largest accepted message in characters (bytes for binary); bigger closes with 1009.", 256)
     max_connections: int = _setting(
         "VOLLI_MAX_CONNECTIONS", 10000, _int,
         "Open WebSockets per worker; beyond it the upgrade is refused with HTTP 503.", 1)
@@ -78,9 +78,10 @@ class Settings:
     register_timeout: float = _setting(
         "VOLLI_REGISTER_TIMEOUT", 30.0, _float,
         "Seconds a connection may stay unregistered before it is closed with 4001.", 0.1)
-    send_queue_bytes: int = _setting(
-        "VOLLI_SEND_QUEUE_BYTES", 1048576, _int,
-        "Bytes queued for one receiver before it is closed as too slow (4002).", 1024)
+    send_queue_limit: int = _setting(
+        "VOLLI_SEND_QUEUE_LIMIT", 1048576, _int,
+        "Characters of JSON text queued for one receiver before it is closed as too slow (4002).",
+        1024)
     send_timeout: float = _setting(
         "VOLLI_SEND_TIMEOUT", 10.0, _float,
         "Seconds one frame may take to leave for a receiver before the receiver is dropped.", 0.1)
@@ -139,8 +140,8 @@ def load(environ: Mapping[str, str], overrides: Mapping[str, Any] | None = None)
     if overrides:
         problems.append(f"unknown settings: {', '.join(sorted(overrides))}")
     settings = Settings(**values)
-    if settings.send_queue_bytes < settings.max_message_size:
-        problems.append("VOLLI_SEND_QUEUE_BYTES must be at least VOLLI_MAX_MESSAGE_SIZE")
+    if settings.send_queue_limit < settings.max_message_size:
+        problems.append("VOLLI_SEND_QUEUE_LIMIT must be at least VOLLI_MAX_MESSAGE_SIZE")
     workers_problem = check_workers(settings, settings.workers)
     if workers_problem:
         problems.append(f"WEB_CONCURRENCY={settings.workers}: {workers_problem}")

@@ -7,13 +7,13 @@ from __future__ import annotations
 
 import collections
 import logging
-from typing import Callable
+from typing import Callable, Mapping
 
 from .backends import Backend, Session
 from .protocol import (
     CloseCode, Discover, ErrorCode, Message, Ping, ProtocolError, Register, Relay,
     discover_response_message, encode, error_message, parse, pong_message, registered_message,
-    relayed_message,
+    relayed_message, undelivered_message,
 )
 
 log = logging.getLogger("volli.hub")
@@ -34,8 +34,15 @@ class Hub:
     def connect(self, session: Session) -> None:
         self.backend.attach(session)
 
-    def disconnect(self, session: Session) -> None:
+    def disconnect(self, session: Session, undelivered: Mapping[str, int] | None = None) -> None:
+        """The session is closing: release it, and tell each sender whose relays to it were
+        still queued (so nothing accepted is dropped without a word)."""
         self.backend.detach(session)
+        if session.user_id is None or not undelivered:
+            return
+        for origin, count in undelivered.items():
+            self.counters["undelivered"] += count
+            self.backend.deliver(origin, encode(undelivered_message(session.user_id, count)))
 
     def receive_text(self, session: Session, text: str) -> None:
         """Handle one text frame. Never raises: a failure becomes an ``error`` reply."""
@@ -91,7 +98,7 @@ class Hub:
         if message.sender is not None and message.sender != sender:
             raise ProtocolError(ErrorCode.FORBIDDEN_SENDER,
                                 f"'from' must be your own userId {sender!r}")
-        if not self.backend.deliver(message.to, encode(relayed_message(message, sender))):
+        if not self.backend.deliver(message.to, encode(relayed_message(message, sender)), sender):
             raise ProtocolError(ErrorCode.PEER_OFFLINE, f"{message.to!r} is not online")
         self.counters["relayed." + message.kind] += 1
 

@@ -19,8 +19,11 @@ class Session(Protocol):
     user_id: str | None
     public_key: str | None
 
-    def send(self, text: str) -> bool:
-        """Queue a text frame; False if the connection is closed or could not take it."""
+    def send(self, text: str, origin: str | None = None) -> bool:
+        """Queue a text frame; False if the connection is closed or could not take it.
+
+        ``origin`` is the userId a relayed frame comes from: if the frame is still queued
+        when the connection closes, that sender is told."""
 
     def close(self, code: int, reason: str = "") -> None:
         """Start closing; returns at once."""
@@ -60,7 +63,7 @@ class Backend(abc.ABC):
         """Whether user_id is online, and its public key when known."""
 
     @abc.abstractmethod
-    def deliver(self, user_id: str, text: str) -> bool:
+    def deliver(self, user_id: str, text: str, origin: str | None = None) -> bool:
         """Queue text for user_id's connection; False if it is offline or cannot take it."""
 
     @abc.abstractmethod

@@ -34,9 +34,9 @@ class MemoryBackend(Backend):
             return Presence(user_id, False, None)
         return Presence(user_id, True, session.public_key)
 
-    def deliver(self, user_id: str, text: str) -> bool:
+    def deliver(self, user_id: str, text: str, origin: str | None = None) -> bool:
         session = self._users.get(user_id)
-        return session is not None and session.send(text)
+        return session is not None and session.send(text, origin)
 
     def local_sessions(self) -> list[Session]:
         return list(self._sessions.values())

@@ -3,11 +3,11 @@
 from .errors import CloseCode, ErrorCode, ProtocolError
 from .messages import (
     Discover, Message, Ping, Register, Relay, discover_response_message, encode, error_message,
-    parse, pong_message, registered_message, relayed_message,
+    parse, pong_message, registered_message, relayed_message, undelivered_message,
 )
 
 __all__ = [
     "CloseCode", "ErrorCode", "ProtocolError", "Discover", "Message", "Ping", "Register", "Relay",
     "discover_response_message", "encode", "error_message", "parse", "pong_message",
-    "registered_message", "relayed_message",
+    "registered_message", "relayed_message", "undelivered_message",
 ]

@@ -173,6 +173,14 @@ def error_message(code: ErrorCode, message: str, request_id: RequestId = None) -
     return _with_request_id({"type": "error", "code": str(code), "message": message}, request_id)
 
 
+def undelivered_message(peer: str, count: int) -> dict[str, Any]:
+    """Tells a sender that relays it had sent were dropped because ``peer`` went away."""
+    message = error_message(ErrorCode.PEER_OFFLINE,
+                            f"{count} message(s) to {peer!r} were not delivered: it disconnected")
+    message.update(peer=peer, undelivered=count)
+    return message
+
+
 def relayed_message(relay: Relay, sender: str) -> dict[str, Any]:
     """The relay as the target receives it: unchanged, with ``from`` set by the server."""
     relay.body["from"] = sender

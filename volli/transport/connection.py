@@ -2,14 +2,16 @@
 
 Sends never block the caller: frames go into a bounded queue that a writer greenlet,
 spawned only while there is something to write, drains into the socket. A receiver
-whose queue would pass the byte limit is closed (4002) and the send reports False, so
-one slow or dead peer never holds up a sender.
+whose queue would pass its limit is closed (4002) and the send reports False, so one
+slow or dead peer never holds up a sender. Relays still queued when a connection
+closes are reported (per sender) through ``on_close``.
 """
 
 from __future__ import annotations
 
 import collections
 import secrets
+from collections import Counter
 from typing import Callable
 
 import gevent
@@ -24,7 +26,7 @@ CLOSE_WAIT = 2.0
 
 class Connection:
     def __init__(self, ws, sock: GuardedSocket, queue_limit: int, remote_addr: str,
-                 on_close: Callable[["Connection"], None]) -> None:
+                 on_close: Callable[["Connection", Counter[str]], None]) -> None:
         self.id = secrets.token_hex(8)
         self.user_id: str | None = None
         self.public_key: str | None = None
@@ -32,25 +34,27 @@ class Connection:
         self.close_code: int | None = None
         self._ws = ws
         self._sock = sock
-        self._queue: collections.deque[str] = collections.deque()
+        # (frame text, userId of the sender it relays for, or None for server replies)
+        self._queue: collections.deque[tuple[str, str | None]] = collections.deque()
         self._queued = 0
         self._queue_limit = queue_limit
         self._writer: gevent.Greenlet | None = None
-        # Called once, as soon as the connection is known to be closing: presence must
-        # not wait for the close handshake (a slow peer may never complete it).
+        # Called once, as soon as the connection is known to be closing, with the count of
+        # undelivered relays per sender: presence must not wait for the close handshake
+        # (a slow peer may never complete it), and senders must hear of dropped frames.
         self._on_close = on_close
 
     @property
     def closed(self) -> bool:
         return self.close_code is not None
 
-    def send(self, text: str) -> bool:
+    def send(self, text: str, origin: str | None = None) -> bool:
         if self.close_code is not None:
             return False
         if self._queued + len(text) > self._queue_limit:
             self.close(CloseCode.SLOW_CONSUMER, "too slow: send queue full")
             return False
-        self._queue.append(text)
+        self._queue.append((text, origin))
         self._queued += len(text)
         if self._writer is None:
             self._writer = gevent.spawn(self._drain)
@@ -59,7 +63,7 @@ class Connection:
     def _drain(self) -> None:
         try:
             while self._queue and self.close_code is None:
-                text = self._queue.popleft()
+                text, _ = self._queue.popleft()
                 self._queued -= len(text)
                 self._ws.send(text)
         except (ConnectionClosed, OSError):
@@ -67,15 +71,21 @@ class Connection:
         finally:
             self._writer = None
 
-    def close(self, code: int, reason: str = "") -> None:
-        """Start closing with ``code``; returns at once (the close frame goes out later)."""
+    def _mark_closed(self, code: int) -> bool:
+        """First call wins: record the code, drop the queue, report to ``on_close``."""
         if self.close_code is not None:
-            return
+            return False
         self.close_code = code
+        undelivered = Counter(origin for _, origin in self._queue if origin is not None)
         self._queue.clear()
         self._queued = 0
-        self._on_close(self)
-        gevent.spawn(self._send_close, code, reason)
+        self._on_close(self, undelivered)
+        return True
+
+    def close(self, code: int, reason: str = "") -> None:
+        """Start closing with ``code``; returns at once (the close frame goes out later)."""
+        if self._mark_closed(code):
+            gevent.spawn(self._send_close, code, reason)
 
     def _send_close(self, code: int, reason: str) -> None:
         try:
@@ -86,9 +96,7 @@ class Connection:
 
     def _abort(self) -> None:
         """The peer is gone or unusable: cut the socket so the reader ends."""
-        if self.close_code is None:
-            self.close_code = CloseCode.ABNORMAL
-            self._on_close(self)
+        self._mark_closed(CloseCode.ABNORMAL)
         self._sock.abort()
         self._wake_handler()
 
@@ -98,6 +106,8 @@ class Connection:
         self._ws.connected = False
         self._ws.event.set()
 
-    def wait_closed(self) -> None:
-        """Let the peer answer our close frame before gunicorn closes the socket."""
+    def finish(self) -> None:
+        """The handler is done: record how the peer closed, and let it answer our close
+        frame before gunicorn closes the socket."""
+        self._mark_closed(int(self._ws.close_reason))
         self._ws.thread.join(timeout=CLOSE_WAIT)

@@ -58,7 +58,7 @@ def _refuse(reason: str):
 def signaling(ws):
     runtime = get_runtime()
     conn = Connection(ws, request.environ["gunicorn.socket"],
-                      runtime.settings.send_queue_bytes, request.remote_addr or "",
+                      runtime.settings.send_queue_limit, request.remote_addr or "",
                       on_close=runtime.hub.disconnect)
     opened = time.monotonic()
     runtime.hub.connect(conn)
@@ -71,11 +71,9 @@ def signaling(ws):
         log.exception("connection %s failed", conn.id)
         conn.close(CloseCode.INTERNAL_ERROR, "internal server error")
     finally:
-        runtime.hub.disconnect(conn)
-        conn.wait_closed()
+        conn.finish()
         log.info("connection closed id=%s ip=%s user=%s code=%s seconds=%.1f", conn.id,
-                 conn.remote_addr, conn.user_id, conn.close_code or ws.close_reason,
-                 time.monotonic() - opened)
+                 conn.remote_addr, conn.user_id, conn.close_code, time.monotonic() - opened)
 
 
 def _serve(ws, conn: Connection, runtime: Runtime) -> None:
