@@ -1,9 +1,12 @@
 """A bare flask-sock relay: the baseline bench/relay.py compares Volli against.
 
 No validation, no send queues, no limits: a dict of userId -> ws, parse JSON, look up
-the target, re-encode and send. Run from the repo root:
+the target, re-encode and send. bench/relay.py runs it from the repo root as
 
-    python -m gunicorn -k gevent -w 1 --worker-connections 20000 -b 127.0.0.1:PORT bench.baseline_app:app
+    python -m gunicorn -c bench/gunicorn_baseline.py -k gevent -w 1 \
+        --worker-connections 20000 -b 127.0.0.1:PORT bench.baseline_app:app
+
+(-c keeps gunicorn from reading Volli's ./gunicorn.conf.py.)
 """
 
 import json

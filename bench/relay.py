@@ -1,8 +1,8 @@
 #!/usr/bin/env python
 """Relay load bench: Volli against a bare flask-sock relay, same load, same run.
 
-Run from the repo root:  python bench/relay.py            (full run, about 1-2 minutes)
-                         python bench/relay.py --quick    (smoke run, a few seconds)
+Run from the repo root:  python bench/relay.py            (full run, about 1 minute on 2 cores)
+                         python bench/relay.py --quick    (smoke run, about 10 seconds)
 
 For each server (Volli via ./gunicorn.conf.py, then the baseline bench/baseline_app.py under
 the same gunicorn gevent worker) it starts gunicorn on a free 127.0.0.1 port, then measures:
@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import gc
 import json
 import multiprocessing as mp
 import os
@@ -35,7 +36,6 @@ import subprocess
 import sys
 import tempfile
 import time
-import urllib.error
 import urllib.request
 from pathlib import Path
 from typing import Any
@@ -192,7 +192,7 @@ class Server:
         while time.monotonic() < end:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"{self.name}: gunicorn exited with {self.proc.returncode}"
-                                   f":\n{self.log()[-3000:]}")
+                                   f":\n{self.log_tail()}")
             try:
                 if self.health().get("status") == "ok":
                     kids = proc_children(self.proc.pid)
@@ -202,7 +202,7 @@ class Server:
             except (OSError, ValueError):
                 pass
             time.sleep(0.1)
-        raise RuntimeError(f"{self.name}: not ready in {deadline}s:\n{self.log()[-3000:]}")
+        raise RuntimeError(f"{self.name}: not ready in {deadline}s:\n{self.log_tail()}")
 
     def health(self) -> dict[str, Any]:
         with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/health", timeout=5) as r:
@@ -213,13 +213,20 @@ class Server:
         kids = proc_children(self.proc.pid) if self.proc else []
         if kids != [self.worker]:
             raise RuntimeError(f"{self.name}: worker changed ({self.worker} -> {kids}); "
-                               f"log:\n{self.log()[-3000:]}")
+                               f"log:\n{self.log_tail()}")
 
     def cpu(self) -> float:
         return proc_cpu_seconds(self.worker)
 
     def rss_kb(self) -> int:
         return proc_rss_kb(self.worker)
+
+    def log_tail(self, n: int = 12) -> str:
+        """The last ``n`` log lines, without Volli's per-connection open/close lines."""
+        lines = [line for line in self.log().splitlines()
+                 if "volli.ws: connection open" not in line
+                 and "volli.ws: connection closed" not in line]
+        return "\n".join(lines[-n:])
 
     def log(self) -> str:
         try:
@@ -284,7 +291,7 @@ def scan_log(text: str) -> dict[str, Any]:
 class Pair:
     __slots__ = ("sender", "receiver", "sender_id", "receiver_id", "prefix", "suffix", "sent",
                  "received", "in_window", "event", "errors", "unexpected", "bad_from",
-                 "samples", "sender_done")
+                 "samples", "sender_done", "failure")
 
     def __init__(self, sender, receiver, sender_id, receiver_id, sdp) -> None:
         self.sender, self.receiver = sender, receiver
@@ -295,6 +302,7 @@ class Pair:
         self.event = asyncio.Event()
         self.samples: list[int] = []
         self.sender_done = False
+        self.failure: str | None = None
 
 
 async def _connect(url: str, opts: dict[str, Any]):
@@ -363,12 +371,12 @@ async def _make_pairs(url: str, idx: int, n: int, tag: str, opts: dict[str, Any]
 
 
 async def _receiver(p: Pair, t_a: float, t_b: float, t_a_ns: int, t_b_ns: int,
-                    record: bool, deadline: float) -> None:
+                    record: bool, deadline: float, limit: int) -> None:
     ws = p.receiver
     monotonic, monotonic_ns = time.monotonic, time.monotonic_ns
     expected_from = p.sender_id
     async with asyncio.timeout_at(deadline):
-        while True:
+        for _ in range(limit):  # no sender sends more than max_messages
             data = await ws.recv()
             now_ns = monotonic_ns()
             now = monotonic()
@@ -404,6 +412,8 @@ async def _throughput_sender(p: Pair, t_b: float, window: int, max_count: int) -
                 continue
             await ws.send(prefix + str(monotonic_ns()) + suffix)
             p.sent += 1
+    except Exception as exc:  # the connection died: record it, the others go on
+        p.failure = f"sender {p.sender_id}: {exc!r}"
     finally:
         p.sender_done = True
 
@@ -417,7 +427,7 @@ async def _paced_sender(pairs: list[Pair], t_start: float, t_b: float, rate: flo
     try:
         while i < max_count:
             now = monotonic()
-            if now >= t_b:
+            if now >= t_b or all(p.failure for p in pairs):
                 break
             due = t_start + i / rate
             if due > now:
@@ -426,11 +436,17 @@ async def _paced_sender(pairs: list[Pair], t_start: float, t_b: float, rate: flo
             # Send everything due now (bounded by max_count and the end of the window).
             while i < max_count and t_start + i / rate <= now:
                 p = pairs[i % n]
-                if t_a <= now:
-                    lags.append(now - (t_start + i / rate))
-                await p.sender.send(p.prefix + str(monotonic_ns()) + p.suffix)
-                p.sent += 1
                 i += 1
+                if p.failure:
+                    continue
+                if t_a <= now:
+                    lags.append(now - (t_start + (i - 1) / rate))
+                try:
+                    await p.sender.send(p.prefix + str(monotonic_ns()) + p.suffix)
+                except Exception as exc:
+                    p.failure = f"sender {p.sender_id}: {exc!r}"
+                    continue
+                p.sent += 1
     finally:
         for p in pairs:
             p.sender_done = True
@@ -447,36 +463,49 @@ async def _relay_phase(conn, url: str, idx: int, kind: str, n: int, tag: str,
                        opts: dict[str, Any]) -> dict[str, Any]:
     t0 = time.monotonic()
     pairs = await _make_pairs(url, idx, n, tag, opts)
+    tasks: list[asyncio.Task] = []
+    failures: list[str] = []
+    lags: list[float] = []
+    cpu: dict[str, float] = {}
     try:
         conn.send(("ready", time.monotonic() - t0))
         _, t_start, t_a, t_b = _wait_parent(conn, "go", 60)
+        # A full collection in the client stalls its loop for milliseconds, which would
+        # show up as relay latency: collect now, then not until the phase is over.
+        gc.collect()
+        gc.disable()
         t_a_ns, t_b_ns = int(t_a * 1e9), int(t_b * 1e9)
-        grace = opts["drain_grace"]
-        deadline = t_b + grace
+        deadline = t_b + opts["drain_grace"]
         record = kind == "latency"
+        limit = opts["max_messages"] + 1000
         receivers = [asyncio.create_task(_receiver(p, t_a, t_b, t_a_ns, t_b_ns, record,
-                                                   deadline)) for p in pairs]
-        cpu: dict[str, float] = {}
+                                                   deadline, limit)) for p in pairs]
         sampler = asyncio.create_task(_cpu_sampler(t_a, t_b, cpu))
+        tasks = receivers + [sampler]
         await asyncio.sleep(max(0.0, t_start - time.monotonic()))
-        lags: list[float] = []
         if kind == "throughput":
             await asyncio.gather(*(_throughput_sender(p, t_b, opts["window"],
                                                       opts["max_messages"]) for p in pairs))
         else:
             await _paced_sender(pairs, t_start, t_b, opts["rate"] / opts["procs"],
                                 opts["max_messages"], t_a, lags)
-        # Drain: wait (bounded) until every receiver has what its sender sent.
-        while time.monotonic() < deadline and any(p.received < p.sent for p in pairs):
+        # Drain: wait (bounded) until every live receiver has what its sender sent, and
+        # the CPU sampler has taken its reading at t_b.
+        while time.monotonic() < deadline and (not sampler.done() or any(
+                p.received < p.sent and not receivers[i].done() for i, p in enumerate(pairs))):
             await asyncio.sleep(0.01)
-        receiver_failures = []
-        for task in receivers:
-            if task.done() and task.exception() is not None \
-                    and not isinstance(task.exception(), TimeoutError):
-                receiver_failures.append(repr(task.exception()))
-            task.cancel()
-        await asyncio.gather(*receivers, sampler, return_exceptions=True)
+        for p, task in zip(pairs, receivers):
+            if task.done() and not task.cancelled() and task.exception() is not None:
+                exc = task.exception()
+                why = ("nothing more before the deadline" if isinstance(exc, TimeoutError)
+                       else repr(exc))
+                failures.append(f"receiver {p.receiver_id}: {why}")
+        failures += [p.failure for p in pairs if p.failure]
     finally:
+        gc.enable()
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)  # also retrieves exceptions
         await _close_all([s for p in pairs for s in (p.sender, p.receiver)])
     samples = [s for p in pairs for s in p.samples]
     lags.sort()
@@ -487,9 +516,9 @@ async def _relay_phase(conn, url: str, idx: int, kind: str, n: int, tag: str,
         "errors": sum(p.errors for p in pairs),
         "unexpected": sum(p.unexpected for p in pairs),
         "bad_from": sum(p.bad_from for p in pairs),
-        "receiver_failures": receiver_failures[:5],
-        "receiver_failure_count": len(receiver_failures),
-        "client_cpu": cpu.get("b", 0.0) - cpu.get("a", 0.0),
+        "connection_failures": failures[:5],
+        "connection_failure_count": len(failures),
+        "client_cpu": (cpu["b"] - cpu["a"]) if "b" in cpu else float("nan"),
         "samples": samples,
         "lag_p99": lags[int(0.99 * (len(lags) - 1))] if lags else 0.0,
         "lag_max": lags[-1] if lags else 0.0,
@@ -530,7 +559,7 @@ async def _warmup_phase(url: str, idx: int, tag: str, opts: dict[str, Any]) -> d
 def client_main(conn, idx: int, opts: dict[str, Any]) -> None:
     """A client process: runs the phases the parent asks for, one at a time."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent handles ^C and stops us
-    while True:
+    for _ in range(10_000):  # commands; a run sends a handful per server and round
         if not conn.poll(900):
             return
         cmd = conn.recv()
@@ -629,10 +658,14 @@ def run_relay(server: Server, clients: Clients, kind: str, args, tag: str) -> di
     t_a, t_b = t_start + warm, t_start + warm + dur
     clients.send_all(("go", t_start, t_a, t_b))
     ours = {os.getpid(), server.proc.pid, server.worker, *clients.pids()}
-    sleep_until(t_a)
-    cpu_a, mach_a, other_a = server.cpu(), machine_cpu(), other_cpu_seconds(ours)
-    sleep_until(t_b)
-    cpu_b, mach_b, other_b = server.cpu(), machine_cpu(), other_cpu_seconds(ours)
+    try:
+        sleep_until(t_a)
+        cpu_a, mach_a, other_a = server.cpu(), machine_cpu(), other_cpu_seconds(ours)
+        sleep_until(t_b)
+        cpu_b, mach_b, other_b = server.cpu(), machine_cpu(), other_cpu_seconds(ours)
+    except OSError:
+        server.check_worker()  # raises, naming the change and with the log tail
+        raise
     wall = t_b - t_a
     results = clients.gather("result", args.drain_grace + PHASE_SLACK)
     server.check_worker()
@@ -646,7 +679,8 @@ def run_relay(server: Server, clients: Clients, kind: str, args, tag: str) -> di
         "errors": sum(r["errors"] for r in results),
         "unexpected": sum(r["unexpected"] for r in results),
         "bad_from": sum(r["bad_from"] for r in results),
-        "receiver_failures": [f for r in results for f in r["receiver_failures"]],
+        "connection_failures": [f for r in results for f in r["connection_failures"]][:5],
+        "connection_failure_count": sum(r["connection_failure_count"] for r in results),
         "server_cpu": cpu_b - cpu_a,
         "client_cpu": [r["client_cpu"] for r in results],
         "machine_busy_cores": (mach_b[0] - mach_a[0]) / wall,
@@ -748,7 +782,7 @@ def run_server(name: str, clients: Clients, args, log_dir: Path) -> dict[str, An
         result["latency"] = lat = run_relay(server, clients, "latency", args, tag + "l")
         print(f"[{name}] latency @ {args.rate:g} msg/s: p50 {lat['p50_ms']:.2f} ms, p99 "
               f"{lat['p99_ms']:.2f} ms, max {lat['max_ms']:.2f} ms ({lat['samples']} samples, "
-              f"achieved {lat['rate']:.0f} msg/s, lost={lat['lost']}; other load "
+              f"achieved {lat['rate']:.0f} msg/s, lost={lat['lost']}; other processes "
               f"{lat['other_busy_cores']:.2f} cores)", flush=True)
         result["rss_end_kb"] = server.rss_kb()
     except Exception as exc:
@@ -873,9 +907,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--only", choices=["volli", "baseline"], help="run one server only")
     ap.add_argument("--json", metavar="PATH", help="write all results as JSON to PATH")
     ap.add_argument("--log-dir", metavar="DIR",
-                    help="where gunicorn logs go (default: a new temp dir)")
+                    help="where gunicorn logs go (default: a new directory under $TMPDIR)")
     ap.add_argument("--quick", action="store_true",
-                    help="smoke run: 10 pairs, 1 s windows, 500 msg/s, K=100 (other options still apply)")
+                    help="smoke run: 10 pairs, 1 s windows, 500 msg/s, K=100 "
+                         "(options given explicitly still win)")
     if ap.parse_known_args(argv)[0].quick:  # new defaults; explicit options still win
         ap.set_defaults(pairs=10, duration=1.0, latency_duration=1.0, warmup=0.3, rate=500.0,
                         idle=100, settle=0.3, drain_grace=2.0)
@@ -907,16 +942,28 @@ def main(argv: list[str] | None = None) -> int:
     print(f"relay bench: {args.pairs} pairs, {args.procs} client process(es), "
           f"{os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.2f}, logs in {log_dir}",
           flush=True)
+
+    def interrupt(signum, _frame):
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    # SIGTERM (and ^C) unwind through the finally blocks that stop servers and clients.
+    signal.signal(signal.SIGTERM, interrupt)
+    if signal.getsignal(signal.SIGINT) is not signal.SIG_IGN:
+        signal.signal(signal.SIGINT, interrupt)
     clients = Clients(args.procs, opts)
     names = [n for n in ("volli", "baseline") if not args.only or n == args.only]
     results: dict[str, list[dict[str, Any]]] = {n: [] for n in names}
     interrupted = False
     try:
         for rnd in range(args.rounds):
+            if args.rounds > 1:
+                print(f"--- round {rnd + 1}/{args.rounds}", flush=True)
             for name in (names if rnd % 2 == 0 else names[::-1]):
-                if args.rounds > 1:
-                    print(f"--- round {rnd + 1}/{args.rounds}", flush=True)
                 results[name].append(run_server(name, clients, args, log_dir))
+                if results[name][-1].get("failure"):
+                    # A client process may still be in the failed phase: start afresh.
+                    clients.stop()
+                    clients = Clients(args.procs, opts)
     except KeyboardInterrupt:
         interrupted = True
         print("interrupted", file=sys.stderr)
@@ -947,9 +994,9 @@ def main(argv: list[str] | None = None) -> int:
                 for key in ("lost", "errors", "unexpected", "bad_from"):
                     if p.get(key):
                         problems.append(f"{where} {phase}: {key}={p[key]}")
-                if p.get("receiver_failures"):
-                    problems.append(f"{where} {phase}: receivers failed: "
-                                    f"{p['receiver_failures']}")
+                if p.get("connection_failure_count"):
+                    problems.append(f"{where} {phase}: {p['connection_failure_count']} client "
+                                    f"connections failed, e.g. {p['connection_failures']}")
                 if p.get("other_busy_cores", 0) > NOISY_CORES:
                     noise.append(f"{where} {phase}: other processes kept "
                                  f"{p['other_busy_cores']:.2f} cores busy")
