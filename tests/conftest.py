@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -142,21 +143,76 @@ class Client:
             self._cm.__exit__(None, None, None)
 
 
+class RedisServer:
+    """A private redis-server on a free loopback port, with no persistence."""
+
+    def __init__(self, tmp_path: Path) -> None:
+        if shutil.which("redis-server") is None:
+            pytest.fail("redis-server is not installed: run the suite with `bash tests/run.sh`, "
+                        "which installs it")
+        self.port = free_port()
+        self.log_path = tmp_path / f"redis-{self.port}.log"
+        self.proc: subprocess.Popen | None = None
+        self.start()
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self) -> "RedisServer":
+        self.proc = subprocess.Popen(
+            ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1",
+             "--save", "", "--appendonly", "no", "--logfile", str(self.log_path)],
+            stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT, start_new_session=True)
+        end = time.monotonic() + 10
+        while time.monotonic() < end:
+            try:
+                with socket.create_connection(("127.0.0.1", self.port), timeout=1) as conn:
+                    conn.sendall(b"PING\r\n")
+                    if conn.recv(16).startswith(b"+PONG"):
+                        return self
+            except OSError:
+                time.sleep(0.05)
+        raise RuntimeError(f"redis-server did not start on port {self.port}")
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            self.proc.wait(timeout=10)
+
+
 @pytest.fixture(scope="session")
-def server(tmp_path_factory):
-    """One shared server with default settings (short stats interval)."""
-    srv = Server(tmp_path_factory.mktemp("server")).wait_ready()
+def redis_server(tmp_path_factory):
+    srv = RedisServer(tmp_path_factory.mktemp("redis"))
+    yield srv
+    srv.stop()
+
+
+@pytest.fixture(scope="session", params=["memory", "redis"])
+def backend_env(request) -> dict[str, str]:
+    """Behaviour tests run against both backends: settings that select one."""
+    if request.param == "memory":
+        return {}
+    return {"VOLLI_REDIS_URL": request.getfixturevalue("redis_server").url}
+
+
+@pytest.fixture(scope="session")
+def server(tmp_path_factory, backend_env):
+    """One shared server with default settings, per backend."""
+    srv = Server(tmp_path_factory.mktemp("server"), backend_env).wait_ready()
     yield srv
     srv.stop()
 
 
 @pytest.fixture
-def make_server(tmp_path):
-    """Start a server with its own settings; stopped at the end of the test."""
+def make_server(tmp_path, backend_env):
+    """Start a server with its own settings (on the current backend; with Redis, under its
+    own key prefix unless given one); stopped at the end of the test."""
     servers: list[Server] = []
 
     def start(env: dict[str, str] | None = None, ready: bool = True, **kwargs: Any) -> Server:
-        srv = Server(tmp_path, env, **kwargs)
+        full_env = {**backend_env, "VOLLI_REDIS_PREFIX": f"t{free_port()}:", **(env or {})}
+        srv = Server(tmp_path, full_env, **kwargs)
         servers.append(srv)
         return srv.wait_ready() if ready else srv
 

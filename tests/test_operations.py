@@ -17,12 +17,13 @@ from websockets.exceptions import ConnectionClosed, InvalidStatus
 from conftest import ROOT, Client, Server, free_port
 
 
-def test_health(server, clients, uid):
+def test_health(server, clients, uid, backend_env):
     c = clients()
     c.register(uid("h"))
     status, body = server.http("/health")
     assert status == 200
     assert body["status"] == "ok" and body["version"] == "0.1.0"
+    assert body["backend"] == ("redis" if backend_env else "memory")
     assert body["connections"] >= 1 and body["online"] >= 1
     assert isinstance(body["uptime"], (int, float)) and body["uptime"] > 0
 

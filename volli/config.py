@@ -40,6 +40,12 @@ def _parse_number(kind: type) -> Callable[[str], Any]:
 _int, _float = _parse_number(int), _parse_number(float)
 
 
+def _parse_redis_url(text: str) -> str:
+    if not text.startswith(("redis://", "rediss://", "unix://")):
+        raise ValueError("expected a redis://, rediss:// or unix:// URL")
+    return text
+
+
 def _parse_log_level(text: str) -> str:
     level = text.strip().upper()
     if level not in {"DEBUG", "INFO", "WARNING", "ERROR"}:
@@ -93,10 +99,24 @@ class Settings:
         "Seconds between the per-worker stats log lines.", 0.1)
     log_level: str = _setting(
         "VOLLI_LOG_LEVEL", "INFO", _parse_log_level, "Level of the volli logger.")
+    redis_url: str = _setting(
+        "VOLLI_REDIS_URL", "", _parse_redis_url,
+        "Redis for shared presence and routing (redis://, rediss:// or unix://); "
+        "empty keeps presence in memory.")
+    redis_prefix: str = _setting(
+        "VOLLI_REDIS_PREFIX", "volli:", str,
+        "Prefix of every Redis key and channel (several deployments can share one Redis).")
+    presence_ttl: float = _setting(
+        "VOLLI_PRESENCE_TTL", 15.0, _float,
+        "Seconds a worker's users stay online in Redis without its heartbeat (every TTL/3).",
+        1.0)
+    redis_pool_size: int = _setting(
+        "VOLLI_REDIS_POOL_SIZE", 64, _int,
+        "Redis connections per worker; greenlets wait for a free one.", 1)
 
     @property
     def backend(self) -> str:
-        return "memory"
+        return "redis" if self.redis_url else "memory"
 
 
 SETTINGS = dataclasses.fields(Settings)
@@ -107,7 +127,7 @@ def check_workers(settings: Settings, workers: int) -> str | None:
     if workers > 1 and settings.backend == "memory":
         return (f"{workers} workers: the in-memory backend keeps presence inside one process, "
                 "so users on different workers could not reach each other; run one worker "
-                "(WEB_CONCURRENCY=1)")
+                "(WEB_CONCURRENCY=1) or set VOLLI_REDIS_URL")
     return None
 
 

@@ -16,8 +16,22 @@ def health():
     runtime = get_runtime()
     return jsonify(
         status="draining" if runtime.draining else "ok",
+        backend=runtime.backend.name,
         connections=runtime.connections,
         online=runtime.backend.online_count(),
         uptime=round(runtime.uptime(), 3),
         version=__version__,
     )
+
+
+@bp.get("/ready")
+def ready():
+    """Readiness of this worker: false while draining or while a configured shared
+    store is unreachable (local users are still served)."""
+    runtime = get_runtime()
+    ok, reason = runtime.backend.readiness()
+    if runtime.draining:
+        ok, reason = False, "draining"
+    response = jsonify(ready=ok, reason=reason, backend=runtime.backend.name)
+    response.status_code = 200 if ok else 503
+    return response

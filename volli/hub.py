@@ -9,7 +9,7 @@ import collections
 import logging
 from typing import Callable, Mapping
 
-from .backends import Backend, Session
+from .backends import Backend, BackendUnavailable, Session
 from .protocol import (
     CloseCode, Discover, ErrorCode, Message, Ping, ProtocolError, Register, Relay,
     discover_response_message, encode, error_message, parse, pong_message, registered_message,
@@ -22,6 +22,7 @@ log = logging.getLogger("volli.hub")
 class Hub:
     def __init__(self, backend: Backend) -> None:
         self.backend = backend
+        backend.on_undelivered = self.report_undelivered
         # Keys: "received", "received.<type>", "relayed.<type>", "errors", "errors.<code>".
         self.counters: collections.Counter[str] = collections.Counter()
         self._handlers: dict[type, Callable[[Session, Message], None]] = {
@@ -37,12 +38,22 @@ class Hub:
     def disconnect(self, session: Session, undelivered: Mapping[str, int] | None = None) -> None:
         """The session is closing: release it, and tell each sender whose relays to it were
         still queued (so nothing accepted is dropped without a word)."""
-        self.backend.detach(session)
-        if session.user_id is None or not undelivered:
-            return
+        try:
+            self.backend.detach(session)
+        except BackendUnavailable:
+            log.warning("could not release %r in the shared store; it expires by TTL",
+                        session.user_id)
+        if session.user_id is not None and undelivered:
+            self.report_undelivered(session.user_id, undelivered)
+
+    def report_undelivered(self, peer: str, undelivered: Mapping[str, int]) -> None:
         for origin, count in undelivered.items():
             self.counters["undelivered"] += count
-            self.backend.deliver(origin, encode(undelivered_message(session.user_id, count)))
+            try:
+                self.backend.deliver(origin, encode(undelivered_message(peer, count)))
+            except BackendUnavailable:
+                log.warning("could not tell %r that %d relays to %r were dropped",
+                            origin, count, peer)
 
     def receive_text(self, session: Session, text: str) -> None:
         """Handle one text frame. Never raises: a failure becomes an ``error`` reply."""
@@ -55,6 +66,9 @@ class Hub:
         except ProtocolError as exc:
             request_id = exc.request_id if message is None else message.request_id
             self._reply_error(session, exc.code, exc.message, request_id)
+        except BackendUnavailable:
+            self._reply_error(session, ErrorCode.UNAVAILABLE,
+                              "presence store unreachable; retry shortly", message.request_id)
         except Exception:
             log.exception("internal error handling a message from session %s", session.id)
             self._reply_error(session, ErrorCode.INTERNAL_ERROR, "internal server error",
@@ -85,6 +99,7 @@ class Hub:
         if not self.backend.claim(session, message.user_id, message.public_key):
             raise ProtocolError(ErrorCode.USER_ID_TAKEN,
                                 f"{message.user_id!r} is registered by another connection")
+        log.info("registered user=%s id=%s", message.user_id, session.id)
         session.send(encode(registered_message(message.user_id, message.request_id)))
 
     def _discover(self, session: Session, message: Discover) -> None:

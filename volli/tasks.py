@@ -19,6 +19,7 @@ DRAIN_WAIT = 5.0  # seconds to wait for handlers to finish after closing with 10
 
 def start_worker_tasks(app: Flask, is_alive: Callable[[], bool]) -> list[gevent.Greenlet]:
     runtime: Runtime = app.extensions["volli"]
+    runtime.backend.start(gevent.spawn)
     return [gevent.spawn(stats_loop, runtime), gevent.spawn(drain_on_exit, runtime, is_alive)]
 
 
@@ -47,3 +48,4 @@ def drain_on_exit(runtime: Runtime, is_alive: Callable[[], bool]) -> None:
         gevent.sleep(0.05)
     log.info("drained: closed %d connections with 1001; %d still open, %d users online",
              closed, len(runtime.backend.local_sessions()), runtime.backend.online_count())
+    runtime.backend.stop()

@@ -1,14 +1,17 @@
 """Presence and routing backends behind one interface (``base.Backend``)."""
 
-from .base import Backend, Presence, Session
+from .base import Backend, BackendUnavailable, Presence, Session
 from .memory import MemoryBackend
 
 
 def create_backend(settings) -> Backend:
     """The backend the settings ask for."""
-    if settings.backend == "memory":
-        return MemoryBackend()
-    raise ValueError(f"unknown backend {settings.backend!r}")
+    if settings.backend == "redis":
+        from .redis import RedisBackend  # imports redis-py only when configured
+
+        return RedisBackend(settings)
+    return MemoryBackend()
 
 
-__all__ = ["Backend", "MemoryBackend", "Presence", "Session", "create_backend"]
+__all__ = ["Backend", "BackendUnavailable", "MemoryBackend", "Presence", "Session",
+           "create_backend"]

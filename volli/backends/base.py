@@ -9,7 +9,16 @@ from __future__ import annotations
 
 import abc
 import dataclasses
-from typing import Protocol
+from typing import Any, Callable, Mapping, Protocol
+
+# Starts a background task; the server decides what that is (a greenlet under gunicorn).
+Spawn = Callable[..., Any]
+# (peer userId, {sender userId: count}): relays accepted for peer that can no longer reach it.
+UndeliveredHook = Callable[[str, Mapping[str, int]], None]
+
+
+class BackendUnavailable(Exception):
+    """The shared store cannot be reached; the request may succeed if retried."""
 
 
 class Session(Protocol):
@@ -43,8 +52,27 @@ class Backend(abc.ABC):
     still held by that very session (compare-and-delete), so a late close of an old
     connection never removes a newer registration. ``deliver`` returning True means the
     frame was accepted into the target connection's send queue; it is not an end-to-end
-    acknowledgement.
+    acknowledgement; relays that are accepted and then cannot reach their target are
+    reported through ``on_undelivered`` so the hub can tell their senders.
+
+    Methods that need a shared store raise BackendUnavailable while it is unreachable.
     """
+
+    on_undelivered: UndeliveredHook = staticmethod(lambda peer, counts: None)
+
+    def start(self, spawn: Spawn) -> None:
+        """Start background tasks (per worker, after gevent has patched)."""
+
+    def stop(self) -> None:
+        """Stop background tasks."""
+
+    def readiness(self) -> tuple[bool, str]:
+        """Whether this backend can serve every request now, and why not."""
+        return True, "ok"
+
+    @property
+    def name(self) -> str:
+        return type(self).__name__.removesuffix("Backend").lower()
 
     @abc.abstractmethod
     def attach(self, session: Session) -> None:
@@ -60,7 +88,8 @@ class Backend(abc.ABC):
 
     @abc.abstractmethod
     def lookup(self, user_id: str) -> Presence:
-        """Whether user_id is online, and its public key when known."""
+        """Whether user_id is online, and its public key: the live one, else the last key
+        it registered with (bindings outlive connections), else None."""
 
     @abc.abstractmethod
     def deliver(self, user_id: str, text: str, origin: str | None = None) -> bool:

@@ -11,6 +11,7 @@ class MemoryBackend(Backend):
     def __init__(self) -> None:
         self._sessions: dict[str, Session] = {}
         self._users: dict[str, Session] = {}
+        self._keys: dict[str, str] = {}  # userId -> last registered key, kept after close
 
     def attach(self, session: Session) -> None:
         self._sessions[session.id] = session
@@ -25,13 +26,14 @@ class MemoryBackend(Backend):
         if holder is not None and holder is not session:
             return False
         self._users[user_id] = session
+        self._keys[user_id] = public_key
         session.user_id, session.public_key = user_id, public_key
         return True
 
     def lookup(self, user_id: str) -> Presence:
         session = self._users.get(user_id)
         if session is None:
-            return Presence(user_id, False, None)
+            return Presence(user_id, False, self._keys.get(user_id))
         return Presence(user_id, True, session.public_key)
 
     def deliver(self, user_id: str, text: str, origin: str | None = None) -> bool:

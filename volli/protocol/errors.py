@@ -21,6 +21,7 @@ class ErrorCode(enum.StrEnum):
     USER_ID_TAKEN = "user-id-taken"
     FORBIDDEN_SENDER = "forbidden-sender"
     PEER_OFFLINE = "peer-offline"
+    UNAVAILABLE = "unavailable"
     INTERNAL_ERROR = "internal-error"
 
 
@@ -31,7 +32,9 @@ class CloseCode(enum.IntEnum):
     POLICY_VIOLATION = 1008  # ping timeout (sent by simple-websocket)
     MESSAGE_TOO_BIG = 1009
     INTERNAL_ERROR = 1011
-    # 4000 is kept for "session replaced" (takeover by a signed registration).
+    # The userId is now held by another connection (after a shared-store outage, or a
+    # takeover by a signed registration).
+    SESSION_REPLACED = 4000
     REGISTER_TIMEOUT = 4001
     SLOW_CONSUMER = 4002
 

@@ -1,0 +1,238 @@
+"""Scale-out on Redis: several gunicorn servers and workers sharing one real redis-server."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import time
+
+import pytest
+from websockets.exceptions import ConnectionClosed
+
+from conftest import Client, RedisServer, Server
+
+REGISTERED = re.compile(r"\[(\d+)\] \[INFO\] volli\.hub: registered user=(\S+) id=")
+
+
+@pytest.fixture
+def redis(tmp_path):
+    srv = RedisServer(tmp_path)
+    yield srv
+    srv.stop()
+
+
+@pytest.fixture
+def nodes(tmp_path, redis):
+    """Start gunicorn servers sharing ``redis`` under one key prefix."""
+    started: list[Server] = []
+
+    def start(workers: int = 2, **env: str) -> Server:
+        srv = Server(tmp_path, {"VOLLI_REDIS_URL": redis.url, "VOLLI_REDIS_PREFIX": "it:",
+                                "WEB_CONCURRENCY": str(workers), **env})
+        started.append(srv.wait_ready())
+        return srv
+
+    yield start
+    for srv in started:
+        srv.stop()
+
+
+@pytest.fixture
+def open_client():
+    opened: list[Client] = []
+
+    def open_one(srv: Server) -> Client:
+        client = Client(srv.url)
+        opened.append(client)
+        return client
+
+    yield open_one
+    for client in opened:
+        client.close()
+
+
+def worker_of(servers: list[Server]) -> dict[str, int]:
+    """userId -> pid of the worker that registered it, from the servers' logs."""
+    return {user: int(pid) for srv in servers for pid, user in REGISTERED.findall(srv.log())}
+
+
+def spread_users(servers, open_client, workers_total: int, limit: int = 80):
+    """Register users alternately on the servers until every worker holds one.
+    Returns {userId: client} with one user per worker, and the full userId->pid map."""
+    clients: dict[str, Client] = {}
+    for i in range(limit):
+        user = f"u{i}@volli.app"
+        clients[user] = open_client(servers[i % len(servers)])
+        clients[user].register(user, public_key=f"key{i}")
+        if i % 4 == 3 or i == limit - 1:
+            deadline = time.monotonic() + 5
+            while len(worker_of(servers)) < len(clients) and time.monotonic() < deadline:
+                time.sleep(0.05)
+            pids = worker_of(servers)
+            if len(set(pids.values())) == workers_total:
+                break
+    pids = worker_of(servers)
+    assert len(set(pids.values())) == workers_total, f"users landed on {set(pids.values())}"
+    one_per_worker = {}
+    for user, pid in pids.items():
+        one_per_worker.setdefault(pid, user)
+    return {user: clients[user] for user in one_per_worker.values()}, pids
+
+
+def assert_all_relay(reps: dict[str, Client]) -> None:
+    for a, ca in reps.items():
+        for b, cb in reps.items():
+            if a == b:
+                continue
+            found = ca.call({"type": "discover", "userId": b})
+            assert found["online"] is True and found["publicKey"] == "key" + b[1:b.index("@")]
+            for kind, field, payload in (("offer", "offer", {"type": "offer", "sdp": a}),
+                                         ("answer", "answer", {"type": "answer", "sdp": a}),
+                                         ("ice-candidate", "candidate", {"candidate": a}),
+                                         ("ice-candidate", "candidate", None)):
+                ca.send({"type": kind, "to": b, field: payload})
+                assert cb.recv() == {"type": kind, "to": b, field: payload, "from": a}
+
+
+def test_users_on_four_workers_of_two_servers_discover_and_relay_every_way(nodes, open_client):
+    servers = [nodes(), nodes()]
+    reps, _ = spread_users(servers, open_client, workers_total=4)
+    assert_all_relay(reps)
+
+
+def test_user_id_taken_and_release_work_across_servers(nodes, open_client):
+    a, b = nodes(workers=1), nodes(workers=1)
+    first = open_client(a)
+    first.register("alice@volli.app")
+    second = open_client(b)
+    reply = second.request({"type": "register", "userId": "alice@volli.app", "publicKey": "K"})
+    assert reply["code"] == "user-id-taken"
+    first.close()
+    deadline = time.monotonic() + 5
+    while second.request({"type": "register", "userId": "alice@volli.app",
+                          "publicKey": "K"}).get("type") != "registered":
+        assert time.monotonic() < deadline, "alice still held after her connection closed"
+        time.sleep(0.05)
+
+
+def _kill_worker_holding(pids: dict[str, int], reps: dict[str, Client]) -> tuple[int, str]:
+    victim_user = next(iter(reps))
+    victim = pids[victim_user]
+    os.kill(victim, signal.SIGKILL)
+    deadline = time.monotonic() + 5
+    while os.path.exists(f"/proc/{victim}") and "zombie" not in _state(victim):
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    return victim, victim_user
+
+
+def _state(pid: int) -> str:
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            return f.read().lower()
+    except OSError:
+        return "zombie"
+
+
+def test_killed_worker_users_go_offline_within_the_ttl(nodes, open_client):
+    ttl = 2.0
+    servers = [nodes(VOLLI_PRESENCE_TTL=str(ttl)), nodes(VOLLI_PRESENCE_TTL=str(ttl))]
+    reps, pids = spread_users(servers, open_client, workers_total=4)
+    victim, victim_user = _kill_worker_holding(pids, reps)
+    survivors = {u: c for u, c in reps.items() if pids[u] != victim}
+    watcher = next(iter(survivors.values()))
+    dead_users = [u for u, pid in pids.items() if pid == victim]
+    killed_at = time.monotonic()
+    while any(watcher.call({"type": "discover", "userId": u})["online"] for u in dead_users):
+        assert time.monotonic() - killed_at < ttl + 1.5, "dead worker's users still online"
+        time.sleep(0.1)
+    assert_all_relay(survivors)
+
+
+def test_relay_to_a_dead_worker_is_answered_peer_offline_at_once(nodes, open_client):
+    # A long TTL: only the unanswered publish can explain the prompt answer.
+    servers = [nodes(VOLLI_PRESENCE_TTL="60"), nodes(VOLLI_PRESENCE_TTL="60")]
+    reps, pids = spread_users(servers, open_client, workers_total=4)
+    victim, victim_user = _kill_worker_holding(pids, reps)
+    sender = next(c for u, c in reps.items() if pids[u] != victim)
+    assert sender.call({"type": "discover", "userId": victim_user})["online"] is True  # stale
+    reply = sender.call({"type": "offer", "to": victim_user, "offer": {}})
+    assert reply["code"] == "peer-offline"
+    assert sender.call({"type": "discover", "userId": victim_user})["online"] is False
+
+
+def _wait_ready(srv: Server, expected: int, deadline: float = 20.0) -> dict:
+    end = time.monotonic() + deadline
+    while True:
+        status, body = srv.http("/ready")
+        if status == expected:
+            return body
+        assert time.monotonic() < end, f"/ready stayed {status} {body}"
+        time.sleep(0.1)
+
+
+def test_redis_restart_local_service_continues_then_presence_is_rebuilt(nodes, open_client, redis):
+    a = nodes(workers=1, VOLLI_PRESENCE_TTL="3")
+    b = nodes(workers=1, VOLLI_PRESENCE_TTL="3")
+    alice, carol, bob = open_client(a), open_client(a), open_client(b)
+    alice.register("alice@volli.app")
+    carol.register("carol@volli.app")
+    bob.register("bob@volli.app")
+    alice.send({"type": "offer", "to": "bob@volli.app", "offer": {"n": 1}})
+    assert bob.recv()["offer"] == {"n": 1}
+    assert _wait_ready(a, 200)["backend"] == "redis"
+
+    redis.stop()
+    body = _wait_ready(a, 503)
+    assert body["ready"] is False and "redis" in body["reason"]
+    # Users on the same worker keep relaying; what needs Redis is refused, never dropped.
+    alice.send({"type": "answer", "to": "carol@volli.app", "answer": {"n": 2}})
+    assert carol.recv()["answer"] == {"n": 2}
+    assert alice.call({"type": "offer", "to": "bob@volli.app", "offer": {}})["code"] \
+        == "unavailable"
+    assert open_client(a).call({"type": "register", "userId": "dave@volli.app",
+                                "publicKey": "K"})["code"] == "unavailable"
+    assert "redis listener lost" in a.wait_log("redis unreachable")
+
+    redis.start()  # empty: every presence must be announced again
+    _wait_ready(a, 200)
+    _wait_ready(b, 200)
+    deadline = time.monotonic() + 10
+    while not alice.call({"type": "discover", "userId": "bob@volli.app"})["online"]:
+        assert time.monotonic() < deadline, "bob's presence was not rebuilt"
+        time.sleep(0.1)
+    alice.send({"type": "offer", "to": "bob@volli.app", "offer": {"n": 3}})
+    assert bob.recv()["offer"] == {"n": 3}
+    bob.send({"type": "answer", "to": "alice@volli.app", "answer": {"n": 4}})
+    assert alice.recv()["answer"] == {"n": 4}
+    assert "redis listener recovered" in a.log()
+
+
+def test_bindings_survive_a_full_restart_of_the_servers(nodes, open_client):
+    first = nodes()
+    alice = open_client(first)
+    alice.register("alice@volli.app", public_key="QWxpY2VLZXk=")
+    alice.close()
+    first.signal(signal.SIGTERM)
+    assert first.wait_exit(30) == 0
+
+    second = nodes()
+    watcher = open_client(second)
+    watcher.register("watcher@volli.app")
+    reply = watcher.call({"type": "discover", "userId": "alice@volli.app"})
+    del reply["requestId"]
+    assert reply == {"type": "discover-response", "userId": "alice@volli.app",
+                     "online": False, "publicKey": "QWxpY2VLZXk="}
+
+
+def test_sigterm_with_redis_releases_presence_for_other_servers(nodes, open_client):
+    a, b = nodes(workers=1), nodes(workers=1)
+    leaving, staying = open_client(a), open_client(b)
+    leaving.register("leaving@volli.app")
+    staying.register("staying@volli.app")
+    a.signal(signal.SIGTERM)
+    with pytest.raises(ConnectionClosed) as info:
+        leaving.recv(timeout=10)
+    assert info.value.rcvd.code == 1001
+    assert staying.call({"type": "discover", "userId": "leaving@volli.app"})["online"] is False

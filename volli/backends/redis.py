@@ -1,0 +1,255 @@
+"""Presence and routing shared through Redis, for many workers and hosts.
+
+Each worker is a node with its own pub/sub channel. A user's presence is a hash
+``<prefix>presence:<userId>`` {node, session, publicKey} with a TTL that the node's
+heartbeat refreshes; ``<prefix>key:<userId>`` keeps the last registered key with no TTL.
+Local users are served from memory (the MemoryBackend this extends) without touching
+Redis; a relay to a user on another node is published to that node's channel by a
+script that reads the presence and publishes in one round trip. See docs/scaling.md.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import secrets
+import socket
+import threading
+import time
+import redis
+from redis.backoff import ExponentialBackoff
+from redis.retry import Retry
+
+from ..protocol import CloseCode
+from .base import BackendUnavailable, Presence, Session, Spawn
+from .memory import MemoryBackend
+
+log = logging.getLogger("volli.redis")
+
+# Bind userId -> (node, session, key) unless another session holds it; also used by
+# the heartbeat, where it refreshes the TTL or re-announces a presence Redis lost.
+CLAIM = """
+local holder = redis.call('HGET', KEYS[1], 'session')
+if holder and holder ~= ARGV[2] then return 0 end
+redis.call('HSET', KEYS[1], 'node', ARGV[1], 'session', ARGV[2], 'publicKey', ARGV[3])
+redis.call('PEXPIRE', KEYS[1], ARGV[4])
+redis.call('SET', KEYS[2], ARGV[3])
+return 1
+"""
+
+# Compare-and-delete: only the session that holds the userId may release it.
+RELEASE = """
+if redis.call('HGET', KEYS[1], 'session') == ARGV[1] then
+  return redis.call('DEL', KEYS[1])
+end
+return 0
+"""
+
+# -1: offline. 0: its node has no listener (dead), so the stale presence goes.
+# n > 0: handed to n subscribers.
+ROUTE = """
+local node = redis.call('HGET', KEYS[1], 'node')
+if not node then return -1 end
+local n = redis.call('PUBLISH', ARGV[1] .. node, ARGV[2])
+if n == 0 then redis.call('DEL', KEYS[1]) end
+return n
+"""
+
+LISTEN_POLL = 1.0  # seconds a listener waits for a message before checking its state
+BACKOFF_FIRST, BACKOFF_CAP = 0.1, 5.0
+HEARTBEAT_BATCH = 500  # claims per pipeline round trip
+
+
+class RedisBackend(MemoryBackend):
+    def __init__(self, settings) -> None:
+        super().__init__()
+        self._prefix = settings.redis_prefix
+        self._ttl_ms = int(settings.presence_ttl * 1000)
+        self._heartbeat_every = settings.presence_ttl / 3
+        self.node = f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(3)}"
+        self._channel_prefix = f"{self._prefix}node:"
+        self._channel = self._channel_prefix + self.node
+        retry = Retry(ExponentialBackoff(cap=0.2, base=0.02), 2)
+        pool = redis.BlockingConnectionPool.from_url(
+            settings.redis_url, max_connections=settings.redis_pool_size, timeout=5,
+            socket_timeout=5, socket_connect_timeout=2, health_check_interval=30, retry=retry)
+        self._redis = redis.Redis(connection_pool=pool)
+        # The listener blocks on its own connection, with no read timeout.
+        self._listener_redis = redis.Redis.from_url(
+            settings.redis_url, socket_timeout=None, socket_connect_timeout=2,
+            health_check_interval=10, retry=retry)
+        self._claim = self._redis.register_script(CLAIM)
+        self._release = self._redis.register_script(RELEASE)
+        self._route = self._redis.register_script(ROUTE)
+        self._subscribed = False
+        self._store_ok = True
+        self._stopped = False
+        self._wake: threading.Event | None = None
+
+    # -- presence ---------------------------------------------------------------------
+
+    def claim(self, session: Session, user_id: str, public_key: str) -> bool:
+        holder = self._users.get(user_id)
+        if holder is not None and holder is not session:
+            return False
+        if not self._call(self._claim, self._keys_for(user_id),
+                          [self.node, session.id, public_key, self._ttl_ms]):
+            return False
+        return super().claim(session, user_id, public_key)
+
+    def detach(self, session: Session) -> None:
+        mine = session.user_id is not None and self._users.get(session.user_id) is session
+        super().detach(session)
+        if mine:
+            self._call(self._release, [self._presence_key(session.user_id)], [session.id])
+
+    def lookup(self, user_id: str) -> Presence:
+        if user_id in self._users:
+            return super().lookup(user_id)
+        try:
+            pipe = self._redis.pipeline(transaction=False)
+            pipe.hget(self._presence_key(user_id), "publicKey")
+            pipe.get(self._binding_key(user_id))
+            live, bound = pipe.execute()
+        except redis.RedisError as exc:
+            raise BackendUnavailable(str(exc)) from exc
+        if live is not None:
+            return Presence(user_id, True, live.decode())
+        return Presence(user_id, False, bound.decode() if bound is not None else None)
+
+    # -- routing ----------------------------------------------------------------------
+
+    def deliver(self, user_id: str, text: str, origin: str | None = None) -> bool:
+        if user_id in self._users:
+            return super().deliver(user_id, text, origin)
+        payload = f"{user_id}\n{origin or ''}\n{text}"
+        return self._call(self._route, [self._presence_key(user_id)],
+                          [self._channel_prefix, payload]) > 0
+
+    def _on_message(self, data: bytes) -> None:
+        user_id, origin, text = data.decode().split("\n", 2)
+        if not super().deliver(user_id, text, origin or None) and origin:
+            # It left this node between the sender's lookup and now.
+            self.on_undelivered(user_id, {origin: 1})
+
+    # -- background tasks -------------------------------------------------------------
+
+    def start(self, spawn: Spawn) -> None:
+        from gevent import monkey
+
+        if not monkey.is_module_patched("socket"):
+            raise RuntimeError("the Redis backend needs gevent-patched sockets: "
+                               "run it under gunicorn's gevent worker")
+        self._wake = threading.Event()  # created here: after patching, a gevent event
+        spawn(self._listen)
+        spawn(self._heartbeat)
+
+    def stop(self) -> None:
+        self._stopped = True
+        if self._wake is not None:
+            self._wake.set()
+
+    def readiness(self) -> tuple[bool, str]:
+        if not self._subscribed:
+            return False, "redis listener not subscribed"
+        if not self._store_ok:
+            return False, "redis unreachable"
+        return True, "ok"
+
+    def _listen(self) -> None:
+        backoff = BACKOFF_FIRST
+        lost_at: float | None = None
+        while not self._stopped:
+            pubsub = self._listener_redis.pubsub(ignore_subscribe_messages=True)
+            try:
+                pubsub.subscribe(self._channel)
+                self._subscribed = True
+                backoff = BACKOFF_FIRST
+                if lost_at is not None:
+                    log.warning("redis listener recovered after %.1fs; re-announcing users",
+                                time.monotonic() - lost_at)
+                    lost_at = None
+                    self._wake.set()
+                else:
+                    log.info("redis listener subscribed to %s", self._channel)
+                while not self._stopped:
+                    message = pubsub.get_message(timeout=LISTEN_POLL)
+                    if message is not None and message["type"] == "message":
+                        self._dispatch(message["data"])
+            except (redis.RedisError, OSError) as exc:
+                self._subscribed = False
+                if lost_at is None:
+                    lost_at = time.monotonic()
+                    log.error("redis listener lost: %s; reconnecting with backoff", exc)
+                time.sleep(backoff)
+                backoff = min(backoff * 2, BACKOFF_CAP)
+            finally:
+                self._close_quietly(pubsub)
+        self._subscribed = False
+
+    def _dispatch(self, data: bytes) -> None:
+        try:
+            self._on_message(data)
+        except Exception:
+            log.exception("bad message on %s", self._channel)
+
+    def _heartbeat(self) -> None:
+        while not self._stopped:
+            try:
+                lost = self._announce()
+                if not self._store_ok:
+                    log.warning("redis reachable again; re-announced %d users",
+                                len(self._users))
+                self._store_ok = True
+                for session in lost:
+                    session.close(CloseCode.SESSION_REPLACED, "userId registered elsewhere")
+            except redis.RedisError as exc:
+                if self._store_ok:
+                    log.error("redis unreachable: %s; serving local users only", exc)
+                self._store_ok = False
+            self._wake.wait(self._heartbeat_every if self._store_ok else BACKOFF_CAP / 5)
+            self._wake.clear()
+
+    def _announce(self) -> list[Session]:
+        """Refresh (or re-create) the presence of every local user; returns the sessions
+        whose userId another session took while this node could not reach Redis."""
+        owned = list(self._users.items())
+        lost: list[Session] = []
+        for start in range(0, len(owned), HEARTBEAT_BATCH):
+            batch = owned[start:start + HEARTBEAT_BATCH]
+            pipe = self._redis.pipeline(transaction=False)
+            for user_id, session in batch:
+                self._claim(self._keys_for(user_id),
+                            [self.node, session.id, session.public_key, self._ttl_ms],
+                            client=pipe)
+            for (user_id, session), ok in zip(batch, pipe.execute()):
+                if not ok:
+                    lost.append(session)
+                elif self._users.get(user_id) is not session:
+                    # It closed while the batch was in flight: undo the re-announce.
+                    self._release(keys=[self._presence_key(user_id)], args=[session.id])
+        return lost
+
+    # -- helpers ----------------------------------------------------------------------
+
+    def _presence_key(self, user_id: str) -> str:
+        return f"{self._prefix}presence:{user_id}"
+
+    def _binding_key(self, user_id: str) -> str:
+        return f"{self._prefix}key:{user_id}"
+
+    def _keys_for(self, user_id: str) -> list[str]:
+        return [self._presence_key(user_id), self._binding_key(user_id)]
+
+    def _call(self, script, keys: list[str], args: list) -> int:
+        try:
+            return script(keys=keys, args=args)
+        except redis.RedisError as exc:
+            raise BackendUnavailable(str(exc)) from exc
+
+    @staticmethod
+    def _close_quietly(pubsub) -> None:
+        try:
+            pubsub.close()
+        except Exception:
+            pass
