@@ -26,6 +26,8 @@ def test_health(server, clients, uid, backend_env):
     assert body["backend"] == ("redis" if backend_env else "memory")
     assert body["connections"] >= 1 and body["online"] >= 1
     assert isinstance(body["uptime"], (int, float)) and body["uptime"] > 0
+    assert server.http("/ready") == (200, {"ready": True, "reason": "ok",
+                                           "backend": body["backend"]})
 
 
 def test_plain_http_get_on_signaling_is_refused(server):
