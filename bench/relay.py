@@ -14,6 +14,20 @@ the same gunicorn gevent worker) it starts gunicorn on a free 127.0.0.1 port, th
 3. latency: the same pairs at a fixed, paced total rate; one-way latency from a
    time.monotonic_ns() stamp in the payload to its arrival (same machine clock).
 
+With --redis the same run adds two Volli servers that share presence through a private
+redis-server (started on a free 127.0.0.1 port, stopped at the end), measured like the
+first (throughput and latency; no idle-memory figure) and reported against the single-worker
+in-memory Volli figures:
+
+- redis-1w: one worker with VOLLI_REDIS_URL set; every user is local, so no relay touches
+  Redis (the cost of the backend when nothing crosses);
+- redis-2w: WEB_CONCURRENCY=2, and every sender/receiver pair is CROSS-worker. gunicorn
+  hands connections to workers as they come, so the clients register, the bench reads which
+  worker logged each registration ("[<pid>] [INFO] volli.hub: registered user=..."), opens
+  more connections if one worker holds too few (bounded), and pairs each sender with a
+  receiver on the other worker, half in each direction. Server CPU is both workers plus
+  redis-server, also shown apart.
+
 The load comes from --procs client processes (python-websockets asyncio client). Every loop
 is bounded in count and time; servers are stopped with SIGTERM, then SIGKILL, on their
 process group. See bench/README.md.
@@ -30,6 +44,7 @@ import multiprocessing as mp
 import os
 import re
 import resource
+import shutil
 import signal
 import socket
 import subprocess
@@ -51,6 +66,21 @@ ROOT = Path(__file__).resolve().parent.parent
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 PHASE_SLACK = 30.0  # extra seconds the parent waits on a client process beyond a phase's plan
 NOISY_CORES = 0.35  # CPU use by other processes in a window above which a run is flagged
+CROSS_STEPS = 6  # rounds of "open more connections" when placing cross-worker pairs
+CROSS_EXTRA = 3  # at most this many times 2 x pairs extra connections for that placement
+REGISTERED_LINE = re.compile(rb"\[(\d+)\] \[INFO\] volli\.hub: registered user=(\S+) id=")
+
+# Servers the bench can run. "volli" is the reference of the --redis section's ratios.
+SCENARIOS: dict[str, dict[str, Any]] = {
+    "volli": {"app": "volli", "workers": 1, "redis": False, "cross": False,
+              "label": "Volli, 1 worker, memory backend"},
+    "baseline": {"app": "baseline", "workers": 1, "redis": False, "cross": False,
+                 "label": "bare flask-sock relay, 1 worker"},
+    "redis-1w": {"app": "volli", "workers": 1, "redis": True, "cross": False,
+                 "label": "Volli, 1 worker, Redis backend (all users local)"},
+    "redis-2w": {"app": "volli", "workers": 2, "redis": True, "cross": True,
+                 "label": "Volli, 2 workers, Redis backend, every pair cross-worker"},
+}
 
 
 # --------------------------------------------------------------------------------------------

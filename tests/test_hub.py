@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from volli.backends import MemoryBackend
+from volli.backends import BackendUnavailable, MemoryBackend
 from volli.hub import Hub
 from volli.protocol import Ping
 
@@ -122,3 +122,26 @@ def test_relays_carry_their_origin_and_dropped_ones_are_reported_to_senders(hub)
                             "message": "3 message(s) to 'carol' were not delivered: it disconnected"}
     assert bob.last()["undelivered"] == 1
     assert hub.counters["undelivered"] == 4
+
+
+def test_offline_users_keep_their_last_key(hub):
+    alice, bob = join(hub, "alice"), join(hub, "bob")
+    hub.disconnect(bob)
+    hub.receive_text(alice, '{"type":"discover","userId":"bob"}')
+    assert alice.last() == {"type": "discover-response", "userId": "bob", "online": False,
+                            "publicKey": "AAAA"}
+
+
+class UnreachableStore(MemoryBackend):
+    def claim(self, session, user_id, public_key):
+        raise BackendUnavailable("connection refused")
+
+
+def test_unreachable_shared_store_is_answered_unavailable():
+    hub = Hub(UnreachableStore())
+    session = RecordingSession()
+    hub.connect(session)
+    hub.receive_text(session, '{"type":"register","userId":"a","publicKey":"AAAA","requestId":1}')
+    assert session.last() == {"type": "error", "code": "unavailable", "requestId": 1,
+                              "message": "presence store unreachable; retry shortly"}
+    assert session.user_id is None

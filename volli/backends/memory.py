@@ -25,10 +25,14 @@ class MemoryBackend(Backend):
         holder = self._users.get(user_id)
         if holder is not None and holder is not session:
             return False
-        self._users[user_id] = session
+        self._hold(session, user_id, public_key)
         self._keys[user_id] = public_key
-        session.user_id, session.public_key = user_id, public_key
         return True
+
+    def _hold(self, session: Session, user_id: str, public_key: str) -> None:
+        """Local bookkeeping of a claimed userId (shared with the Redis backend)."""
+        self._users[user_id] = session
+        session.user_id, session.public_key = user_id, public_key
 
     def lookup(self, user_id: str) -> Presence:
         session = self._users.get(user_id)

@@ -95,7 +95,8 @@ class RedisBackend(MemoryBackend):
         if not self._call(self._claim, self._keys_for(user_id),
                           [self.node, session.id, public_key, self._ttl_ms]):
             return False
-        return super().claim(session, user_id, public_key)
+        self._hold(session, user_id, public_key)  # the binding lives in Redis, not here
+        return True
 
     def detach(self, session: Session) -> None:
         mine = session.user_id is not None and self._users.get(session.user_id) is session
