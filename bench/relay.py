@@ -140,12 +140,13 @@ def proc_rss_kb(pid: int) -> int:
     raise RuntimeError(f"no VmRSS for pid {pid}")
 
 
-def other_cpu_seconds(exclude: set[int]) -> float:
-    """CPU seconds used so far by every process except ``exclude``: utime + stime plus the
-    children's (cutime + cstime), so a process that exits and is reaped mid-window still
-    counts through its parent. Per-process times are exact; /proc/stat's idle is sampled at
-    ticks and misses timer-synchronised work such as the paced latency run."""
-    total = 0
+def other_cpu(exclude: set[int]) -> dict[int, tuple[str, int, int, int]]:
+    """{pid: (name, ppid, own, reaped)} for every process except ``exclude``, in jiffies:
+    own = utime + stime, reaped = cutime + cstime (its reaped children's, so a process that
+    is born and reaped inside a window still counts, through its parent). Per-process times
+    are exact; /proc/stat's idle is sampled at ticks and misses timer-synchronised work such
+    as the paced latency run."""
+    out: dict[int, tuple[str, int, int, int]] = {}
     for stat in Path("/proc").glob("[0-9]*/stat"):
         try:
             pid = int(stat.parent.name)
@@ -155,8 +156,27 @@ def other_cpu_seconds(exclude: set[int]) -> float:
         except (OSError, ValueError):
             continue
         f = text[text.rindex(")") + 2:].split()
-        total += int(f[11]) + int(f[12]) + int(f[13]) + int(f[14])
-    return total / CLK_TCK
+        out[pid] = (text[text.index("(") + 1:text.rindex(")")], int(f[1]),
+                    int(f[11]) + int(f[12]), int(f[13]) + int(f[14]))
+    return out
+
+
+def other_cpu_delta(a: dict[int, tuple[str, int, int, int]],
+                    b: dict[int, tuple[str, int, int, int]],
+                    wall: float) -> tuple[float, list[str]]:
+    """(cores used by other processes between two other_cpu() readings, the top three as
+    "name[pid] cores"). A process that ended in between counts through its parent's reaped
+    time, less what it had used before the first reading."""
+    used: dict[int, int] = {}
+    for pid, (_, _, own, reaped) in b.items():
+        before = a.get(pid)
+        used[pid] = own + reaped - (before[2] + before[3] if before else 0)
+    for pid, (_, ppid, own, reaped) in a.items():
+        if pid not in b and ppid in used and ppid in a:
+            used[ppid] -= own + reaped
+    total = sum(max(0, j) for j in used.values()) / CLK_TCK / wall
+    top = sorted(((j, b[pid][0], pid) for pid, j in used.items() if j > 0), reverse=True)
+    return total, [f"{name}[{pid}] {j / CLK_TCK / wall:.2f}" for j, name, pid in top[:3]]
 
 
 def machine_cpu() -> tuple[float, float]:
@@ -177,24 +197,121 @@ def free_port() -> int:
 # Servers
 
 
+class RedisServer:
+    """A private redis-server on a free 127.0.0.1 port: no persistence, output to a log file."""
+
+    def __init__(self, log_dir: Path) -> None:
+        self.port = free_port()
+        self.log_path = log_dir / f"redis-{self.port}.log"
+        binary = shutil.which("redis-server") or "/usr/bin/redis-server"
+        self.cmd = [binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
+                    "--appendonly", "no", "--dir", str(log_dir)]
+        self.proc: subprocess.Popen | None = None
+        self._log = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid if self.proc else 0
+
+    def command_line(self) -> str:
+        return " ".join(c if c else '""' for c in self.cmd)
+
+    def start(self, deadline: float = 10.0) -> None:
+        self._log = open(self.log_path, "wb")
+        self.proc = subprocess.Popen(self.cmd, stdout=self._log, stderr=subprocess.STDOUT,
+                                     stdin=subprocess.DEVNULL, start_new_session=True)
+        end = time.monotonic() + deadline
+        while time.monotonic() < end:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"redis-server exited with {self.proc.returncode}:\n"
+                                   f"{self.log_path.read_text(errors='replace')[-2000:]}")
+            with contextlib.suppress(OSError):
+                if self.command(b"PING").startswith(b"+PONG"):
+                    return
+            time.sleep(0.05)
+        raise RuntimeError(f"redis-server not answering PING within {deadline}s")
+
+    def command(self, *words: bytes, timeout: float = 2.0) -> bytes:
+        """One command, in RESP; returns the raw reply (a simple string or a bulk string)."""
+        req = b"*%d\r\n" % len(words) + b"".join(b"$%d\r\n%s\r\n" % (len(w), w)
+                                                   for w in words)
+        with socket.create_connection(("127.0.0.1", self.port), timeout=timeout) as sock:
+            sock.sendall(req)
+            buf = b""
+            end = time.monotonic() + timeout
+            while time.monotonic() < end:
+                chunk = sock.recv(65536)
+                if not chunk:
+                    break
+                buf += chunk
+                if buf[:1] != b"$":
+                    if buf.endswith(b"\r\n"):
+                        return buf
+                    continue
+                head, _, body = buf.partition(b"\r\n")
+                if _ and len(body) >= int(head[1:]) + 2:
+                    return body[:int(head[1:])]
+        raise OSError("incomplete reply from redis-server")
+
+    def command_calls(self) -> dict[str, int]:
+        """{command: calls} from INFO commandstats (commands run inside scripts included)."""
+        text = self.command(b"INFO", b"commandstats").decode(errors="replace")
+        return {m.group(1): int(m.group(2))
+                for m in re.finditer(r"cmdstat_([\w|]+):calls=(\d+)", text)}
+
+    def cpu(self) -> float:
+        return proc_cpu_seconds(self.pid)  # the process line sums all its threads
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait(timeout=5)
+        if self._log is not None:
+            self._log.close()
+            self._log = None
+
+
 class Server:
     """One gunicorn process group on 127.0.0.1, output to a log file."""
 
-    def __init__(self, name: str, log_dir: Path, deflate: bool) -> None:
+    def __init__(self, name: str, log_dir: Path, deflate: bool,
+                 redis: RedisServer | None = None) -> None:
+        spec = SCENARIOS[name]
         self.name = name
+        self.app = spec["app"]
+        self.nworkers = spec["workers"]
+        self.redis = redis if spec["redis"] else None
         self.port = free_port()
         self.log_path = log_dir / f"{name}-{self.port}.log"
         env = {**os.environ, "HOST": "127.0.0.1", "PORT": str(self.port),
                "PYTHONPATH": str(ROOT)}
-        for var in ("WEB_CONCURRENCY", "GUNICORN_CMD_ARGS"):
+        # The bench decides the worker count and the backend of each server.
+        for var in ("WEB_CONCURRENCY", "GUNICORN_CMD_ARGS", "VOLLI_REDIS_URL",
+                    "VOLLI_REDIS_PREFIX"):
             env.pop(var, None)
         py = [sys.executable, "-m", "gunicorn"]
-        if name == "volli":
+        if self.app == "volli":
             env.update({
                 "VOLLI_MAX_CONNECTIONS": "19900",  # gunicorn.conf.py adds 100 -> 20000 slots
                 "VOLLI_STATS_INTERVAL": "3600",
                 "VOLLI_PERMESSAGE_DEFLATE": "1" if deflate else "0",
             })
+            if self.nworkers != 1:
+                env["WEB_CONCURRENCY"] = str(self.nworkers)
+            if self.redis is not None:
+                # A prefix of its own: nothing left by an earlier server can interfere.
+                env["VOLLI_REDIS_URL"] = self.redis.url
+                env["VOLLI_REDIS_PREFIX"] = f"bench-{name}-{self.port}:"
             self.cmd = py + ["--config", "gunicorn.conf.py", "wsgi:app"]
         else:
             # -c: without it gunicorn, started from the repo root, would read Volli's
@@ -204,30 +321,48 @@ class Server:
                              "-b", f"127.0.0.1:{self.port}", "bench.baseline_app:app"]
         self.env = env
         self.proc: subprocess.Popen | None = None
-        self.worker = 0
+        self.workers: list[int] = []
         self._log = None
+        self._scan_offset = 0
+        self._scan_rest = b""
+        self.registered: dict[str, int] = {}  # userId -> worker pid, from the log
+
+    @property
+    def worker(self) -> int:
+        return self.workers[0]
 
     @property
     def url(self) -> str:
         return f"ws://127.0.0.1:{self.port}/signaling"
 
     def command_line(self) -> str:
-        return " ".join(self.cmd)
+        extra = [f"{k}={self.env[k]}" for k in ("WEB_CONCURRENCY", "VOLLI_REDIS_URL",
+                                                 "VOLLI_REDIS_PREFIX") if k in self.env]
+        return " ".join(extra + self.cmd)
 
     def start(self, deadline: float = 30.0) -> None:
         self._log = open(self.log_path, "wb")
         self.proc = subprocess.Popen(self.cmd, cwd=ROOT, env=self.env, stdout=self._log,
                                      stderr=subprocess.STDOUT, start_new_session=True)
+        expect_backend = "redis" if self.redis is not None else "memory"
         end = time.monotonic() + deadline
         while time.monotonic() < end:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"{self.name}: gunicorn exited with {self.proc.returncode}"
                                    f":\n{self.log_tail()}")
             try:
-                if self.health().get("status") == "ok":
-                    kids = proc_children(self.proc.pid)
-                    if len(kids) == 1:
-                        self.worker = kids[0]
+                health = self.health()
+                kids = proc_children(self.proc.pid)
+                if health.get("status") == "ok" and len(kids) == self.nworkers:
+                    if self.app == "volli" and health.get("backend") != expect_backend:
+                        raise RuntimeError(f"{self.name}: backend {health.get('backend')!r}, "
+                                           f"expected {expect_backend!r}")
+                    # Each worker's Redis listener must be subscribed before anyone
+                    # registers: a PUBLISH to a node nobody listens to drops the presence.
+                    if self.redis is None or all(
+                            f"[{k}] [INFO] volli.redis: redis listener subscribed" in self.log()
+                            for k in kids):
+                        self.workers = sorted(kids)
                         return
             except (OSError, ValueError):
                 pass
@@ -239,23 +374,49 @@ class Server:
             return json.loads(r.read())
 
     def check_worker(self) -> None:
-        """The worker we measure must still be the one that booted."""
-        kids = proc_children(self.proc.pid) if self.proc else []
-        if kids != [self.worker]:
-            raise RuntimeError(f"{self.name}: worker changed ({self.worker} -> {kids}); "
+        """The workers we measure must still be the ones that booted."""
+        kids = sorted(proc_children(self.proc.pid)) if self.proc else []
+        if kids != self.workers:
+            raise RuntimeError(f"{self.name}: workers changed ({self.workers} -> {kids}); "
                                f"log:\n{self.log_tail()}")
 
+    def cpu_each(self) -> list[float]:
+        return [proc_cpu_seconds(w) for w in self.workers]
+
     def cpu(self) -> float:
-        return proc_cpu_seconds(self.worker)
+        return sum(self.cpu_each())
 
     def rss_kb(self) -> int:
-        return proc_rss_kb(self.worker)
+        return sum(proc_rss_kb(w) for w in self.workers)
+
+    def wait_registered(self, user_ids: list[str], timeout: float) -> dict[str, int]:
+        """{userId: worker pid} for each of ``user_ids``, read from the registration lines of
+        the log (bounded wait: a worker writes its line before it answers the client)."""
+        end = time.monotonic() + timeout
+        while True:
+            with open(self.log_path, "rb") as f:
+                f.seek(self._scan_offset)
+                data = f.read()
+            self._scan_offset += len(data)
+            data = self._scan_rest + data
+            cut = data.rfind(b"\n") + 1
+            self._scan_rest = data[cut:]
+            for m in REGISTERED_LINE.finditer(data, 0, cut):
+                self.registered[m.group(2).decode()] = int(m.group(1))
+            missing = [u for u in user_ids if u not in self.registered]
+            if not missing:
+                return {u: self.registered[u] for u in user_ids}
+            if time.monotonic() >= end:
+                raise RuntimeError(f"{self.name}: {len(missing)} registrations not in the log "
+                                   f"after {timeout}s, e.g. {missing[:3]}")
+            time.sleep(0.05)
 
     def log_tail(self, n: int = 12) -> str:
         """The last ``n`` log lines, without Volli's per-connection open/close lines."""
         lines = [line for line in self.log().splitlines()
                  if "volli.ws: connection open" not in line
-                 and "volli.ws: connection closed" not in line]
+                 and "volli.ws: connection closed" not in line
+                 and "volli.hub: registered user=" not in line]
         return "\n".join(lines[-n:])
 
     def log(self) -> str:
@@ -289,19 +450,20 @@ _LOG_PATTERNS = [
     ("worker timeout/exit", re.compile(r"WORKER TIMEOUT|Worker \(pid:\d+\) (was sent|exited)|"
                                        r"Worker exiting.*code|Booting worker", re.I)),
     ("slow-consumer / internal-error closes", re.compile(r"code=(4002|1011|1009)\b")),
+    ("volli warnings (Redis, undelivered, ...)", re.compile(r"\[WARNING\] volli")),
 ]
 
 
-def scan_log(text: str) -> dict[str, Any]:
+def scan_log(text: str, workers: int = 1) -> dict[str, Any]:
     """Counts of worrying lines and a short excerpt of each kind."""
     found: dict[str, Any] = {}
     lines = text.splitlines()
     for label, pattern in _LOG_PATTERNS:
         hits = [i for i, line in enumerate(lines) if pattern.search(line)]
         if label == "worker timeout/exit":
-            # One "Booting worker" line is expected.
+            # One "Booting worker" line per worker is expected.
             boots = [i for i in hits if "Booting worker" in lines[i]]
-            hits = [i for i in hits if i not in boots[:1]]
+            hits = [i for i in hits if i not in boots[:workers]]
         if hits:
             first = hits[0]
             found[label] = {"count": len(hits),
@@ -321,7 +483,8 @@ def scan_log(text: str) -> dict[str, Any]:
 class Pair:
     __slots__ = ("sender", "receiver", "sender_id", "receiver_id", "prefix", "suffix", "sent",
                  "received", "in_window", "event", "errors", "unexpected", "bad_from",
-                 "samples", "sender_done", "failure")
+                 "samples", "sender_done", "failure", "sender_errors", "rejected",
+                 "error_sample")
 
     def __init__(self, sender, receiver, sender_id, receiver_id, sdp) -> None:
         self.sender, self.receiver = sender, receiver
@@ -329,6 +492,10 @@ class Pair:
         self.prefix, self.suffix = offer_parts(receiver_id, sdp)
         self.sent = self.received = self.in_window = 0
         self.errors = self.unexpected = self.bad_from = 0
+        # Error replies on the sender's connection, and how many offers they account for
+        # (an "undelivered" notice names a count; any other error reply stands for one).
+        self.sender_errors = self.rejected = 0
+        self.error_sample: str | None = None
         self.event = asyncio.Event()
         self.samples: list[int] = []
         self.sender_done = False
@@ -382,12 +549,12 @@ async def _close_all(socks: list) -> None:
             await asyncio.gather(*(close(ws) for ws in socks))
 
 
-def _wait_parent(conn, expect: str, timeout: float):
-    """Block (the loop is idle here) until the parent sends ``expect``."""
+def _wait_parent(conn, expect: str | tuple[str, ...], timeout: float):
+    """Block (the loop is idle here) until the parent sends ``expect`` (or one of them)."""
     if not conn.poll(timeout):
         raise RuntimeError(f"parent sent no {expect!r} within {timeout}s")
     msg = conn.recv()
-    if msg[0] != expect:
+    if msg[0] != expect and msg[0] not in expect:
         raise RuntimeError(f"expected {expect!r} from parent, got {msg[0]!r}")
     return msg
 
@@ -398,6 +565,31 @@ async def _make_pairs(url: str, idx: int, n: int, tag: str, opts: dict[str, Any]
     socks = await _open_many(url, sids + rids, opts)
     sdp = make_sdp(opts["sdp_size"])
     return [Pair(socks[i], socks[n + i], sids[i], rids[i], sdp) for i in range(n)]
+
+
+async def _make_cross_pairs(conn, url: str, idx: int, tag: str,
+                            opts: dict[str, Any]) -> list[Pair]:
+    """Register connections as the parent asks ("open", k), report their ids, and pair
+    them as the parent decides ("pairs", [(sender, receiver), ...]) once it has read from
+    the server log which worker holds each. Unpaired connections are closed."""
+    socks: dict[str, Any] = {}
+    try:
+        for _ in range(CROSS_STEPS + 1):
+            msg = _wait_parent(conn, ("open", "pairs"), 120)
+            if msg[0] == "open":
+                ids = [f"{tag}-p{idx}-c{len(socks) + i}" for i in range(msg[1])]
+                socks.update(zip(ids, await _open_many(url, ids, opts)))
+                conn.send(("opened", ids))
+                continue
+            chosen = msg[1]
+            used = {u for pair in chosen for u in pair}
+            await _close_all([ws for u, ws in socks.items() if u not in used])
+            sdp = make_sdp(opts["sdp_size"])
+            return [Pair(socks[s], socks[r], s, r, sdp) for s, r in chosen]
+        raise RuntimeError(f"no pairs from the parent after {CROSS_STEPS} rounds")
+    except BaseException:
+        await _close_all(list(socks.values()))
+        raise
 
 
 async def _receiver(p: Pair, t_a: float, t_b: float, t_a_ns: int, t_b_ns: int,
@@ -429,12 +621,29 @@ async def _receiver(p: Pair, t_a: float, t_b: float, t_a_ns: int, t_b_ns: int,
                 p.unexpected += 1
 
 
+async def _sender_reader(p: Pair, deadline: float, limit: int) -> None:
+    """Error replies on the sender's own connection (peer-offline, unavailable, ...): each
+    stands for offers that will not arrive, so the closed loop does not wait for them."""
+    async with asyncio.timeout_at(deadline):
+        for _ in range(limit):
+            msg = _loads(await p.sender.recv())
+            if msg.get("type") == "error":
+                p.sender_errors += 1
+                count = msg.get("undelivered")
+                p.rejected += count if isinstance(count, int) and count > 0 else 1
+                if p.error_sample is None:
+                    p.error_sample = f"to sender {p.sender_id}: {json.dumps(msg)[:300]}"
+                p.event.set()
+            else:
+                p.unexpected += 1
+
+
 async def _throughput_sender(p: Pair, t_b: float, window: int, max_count: int) -> None:
     ws, prefix, suffix = p.sender, p.prefix, p.suffix
     monotonic, monotonic_ns = time.monotonic, time.monotonic_ns
     try:
         while p.sent < max_count and monotonic() < t_b:
-            if p.sent - p.received >= window:
+            if p.sent - p.received - p.rejected >= window:
                 p.event.clear()
                 with contextlib.suppress(TimeoutError):
                     async with asyncio.timeout(0.2):
@@ -489,10 +698,13 @@ async def _cpu_sampler(t_a: float, t_b: float, out: dict[str, float]) -> None:
     out["b"] = sum(os.times()[:2])
 
 
-async def _relay_phase(conn, url: str, idx: int, kind: str, n: int, tag: str,
+async def _relay_phase(conn, url: str, idx: int, kind: str, n: int, tag: str, cross: bool,
                        opts: dict[str, Any]) -> dict[str, Any]:
     t0 = time.monotonic()
-    pairs = await _make_pairs(url, idx, n, tag, opts)
+    if cross:
+        pairs = await _make_cross_pairs(conn, url, idx, tag, opts)
+    else:
+        pairs = await _make_pairs(url, idx, n, tag, opts)
     tasks: list[asyncio.Task] = []
     failures: list[str] = []
     lags: list[float] = []
@@ -510,8 +722,9 @@ async def _relay_phase(conn, url: str, idx: int, kind: str, n: int, tag: str,
         limit = opts["max_messages"] + 1000
         receivers = [asyncio.create_task(_receiver(p, t_a, t_b, t_a_ns, t_b_ns, record,
                                                    deadline, limit)) for p in pairs]
+        readers = [asyncio.create_task(_sender_reader(p, deadline, limit)) for p in pairs]
         sampler = asyncio.create_task(_cpu_sampler(t_a, t_b, cpu))
-        tasks = receivers + [sampler]
+        tasks = receivers + readers + [sampler]
         await asyncio.sleep(max(0.0, t_start - time.monotonic()))
         if kind == "throughput":
             await asyncio.gather(*(_throughput_sender(p, t_b, opts["window"],
@@ -522,7 +735,8 @@ async def _relay_phase(conn, url: str, idx: int, kind: str, n: int, tag: str,
         # Drain: wait (bounded) until every live receiver has what its sender sent, and
         # the CPU sampler has taken its reading at t_b.
         while time.monotonic() < deadline and (not sampler.done() or any(
-                p.received < p.sent and not receivers[i].done() for i, p in enumerate(pairs))):
+                p.received + p.rejected < p.sent and not receivers[i].done()
+                for i, p in enumerate(pairs))):
             await asyncio.sleep(0.01)
         for p, task in zip(pairs, receivers):
             if task.done() and not task.cancelled() and task.exception() is not None:
@@ -530,6 +744,10 @@ async def _relay_phase(conn, url: str, idx: int, kind: str, n: int, tag: str,
                 why = ("nothing more before the deadline" if isinstance(exc, TimeoutError)
                        else repr(exc))
                 failures.append(f"receiver {p.receiver_id}: {why}")
+        for p, task in zip(pairs, readers):  # a reader times out only at the deadline
+            if task.done() and not task.cancelled() and not isinstance(
+                    task.exception(), (TimeoutError, type(None))):
+                failures.append(f"sender {p.sender_id} (reading): {task.exception()!r}")
         failures += [p.failure for p in pairs if p.failure]
     finally:
         gc.enable()
@@ -544,6 +762,9 @@ async def _relay_phase(conn, url: str, idx: int, kind: str, n: int, tag: str,
         "received": sum(p.received for p in pairs),
         "in_window": sum(p.in_window for p in pairs),
         "errors": sum(p.errors for p in pairs),
+        "sender_errors": sum(p.sender_errors for p in pairs),
+        "rejected": sum(p.rejected for p in pairs),
+        "error_samples": [p.error_sample for p in pairs if p.error_sample][:3],
         "unexpected": sum(p.unexpected for p in pairs),
         "bad_from": sum(p.bad_from for p in pairs),
         "connection_failures": failures[:5],
@@ -602,7 +823,8 @@ def client_main(conn, idx: int, opts: dict[str, Any]) -> None:
             elif name == "memory":
                 result = asyncio.run(_memory_phase(conn, url, idx, cmd[3], tag, opts))
             else:
-                result = asyncio.run(_relay_phase(conn, url, idx, name, cmd[3], tag, opts))
+                result = asyncio.run(_relay_phase(conn, url, idx, name, cmd[3], tag, cmd[4],
+                                                  opts))
             conn.send(("result", result))
         except BaseException as exc:  # report, then keep serving (the parent decides)
             conn.send(("failed", f"{type(exc).__name__}: {exc}"))
@@ -631,17 +853,21 @@ class Clients:
 
     def gather(self, expect: str, timeout: float) -> list[Any]:
         end = time.monotonic() + timeout
-        out = []
-        for i, c in enumerate(self.conns):
-            if not c.poll(max(0.0, end - time.monotonic())):
-                raise RuntimeError(f"client process {i} sent nothing within {timeout:.0f}s")
-            msg = c.recv()
-            if msg[0] == "failed":
-                raise RuntimeError(f"client process {i} failed: {msg[1]}")
-            if msg[0] != expect:
-                raise RuntimeError(f"client process {i}: expected {expect!r}, got {msg[0]!r}")
-            out.append(msg[1])
-        return out
+        return [self.recv(i, expect, max(0.0, end - time.monotonic()), timeout)
+                for i in range(len(self.conns))]
+
+    def recv(self, i: int, expect: str, timeout: float, planned: float | None = None) -> Any:
+        """The payload of client process i's next message, which must be ``expect``."""
+        c = self.conns[i]
+        if not c.poll(timeout):
+            raise RuntimeError(f"client process {i} sent nothing within "
+                               f"{planned if planned is not None else timeout:.0f}s")
+        msg = c.recv()
+        if msg[0] == "failed":
+            raise RuntimeError(f"client process {i} failed: {msg[1]}")
+        if msg[0] != expect:
+            raise RuntimeError(f"client process {i}: expected {expect!r}, got {msg[0]!r}")
+        return msg[1]
 
     def pids(self) -> list[int]:
         return [p.pid for p in self.procs]
@@ -674,11 +900,67 @@ def percentile(sorted_vals: list[int], q: float) -> float:
     return sorted_vals[min(len(sorted_vals) - 1, int(round(q * (len(sorted_vals) - 1))))]
 
 
+def place_cross_pairs(server: Server, clients: Clients, per_proc: list[int]) -> dict[str, Any]:
+    """Have each client process register connections until it holds ``n`` on each of the
+    two workers (read from the server log), then pair every sender with a receiver on the
+    other worker, half of the pairs in each direction. Bounded: CROSS_STEPS rounds and
+    CROSS_EXTRA x 2n extra connections per process."""
+    w_a, w_b = server.workers
+    nprocs = len(clients.conns)
+    held: list[list[str]] = [[] for _ in range(nprocs)]
+    want = [2 * n for n in per_proc]
+    budget = [CROSS_EXTRA * 2 * n for n in per_proc]
+    where: dict[str, int] = {}
+    for _ in range(CROSS_STEPS):
+        asking = [i for i in range(nprocs) if want[i] > 0]
+        if not asking:
+            break
+        for i in asking:
+            clients.conns[i].send(("open", want[i]))
+        new: list[str] = []
+        for i in asking:
+            ids = clients.recv(i, "opened", 120)
+            held[i] += ids
+            new += ids
+        where.update(server.wait_registered(new, 15))
+        for i, n in enumerate(per_proc):
+            on_a = sum(1 for u in held[i] if where[u] == w_a)
+            short = n - min(on_a, len(held[i]) - on_a)
+            want[i] = min(max(2 * short, 4), budget[i]) if short > 0 else 0
+            budget[i] -= want[i]
+    strangers = {pid for pid in where.values() if pid not in (w_a, w_b)}
+    chosen: list[list[tuple[str, str]]] = []
+    for i, n in enumerate(per_proc):
+        on_a = [u for u in held[i] if where[u] == w_a]
+        on_b = [u for u in held[i] if where[u] == w_b]
+        if strangers or min(len(on_a), len(on_b)) < n:
+            # The caller restarts the client processes, which closes their connections.
+            raise RuntimeError(
+                f"could not place {n} cross-worker pairs in client process {i}: its "
+                f"{len(held[i])} connections landed {len(on_a)} on worker {w_a} and "
+                f"{len(on_b)} on worker {w_b}" +
+                (f" (and on unknown pids {sorted(strangers)})" if strangers else ""))
+        half = (n + 1) // 2
+        chosen.append([(on_a[k], on_b[k]) for k in range(half)] +
+                      [(on_b[k], on_a[k]) for k in range(half, n)])
+    for c, pairs in zip(clients.conns, chosen):
+        c.send(("pairs", pairs))
+    opened = sum(len(h) for h in held)
+    landed = {pid: sum(1 for pid2 in where.values() if pid2 == pid) for pid in (w_a, w_b)}
+    for i, pairs in enumerate(chosen):  # by construction; checked once more
+        assert all(where[snd] != where[rcv] for snd, rcv in pairs), i
+    return {"opened": opened, "extra": opened - 2 * sum(per_proc), "landed": landed,
+            "a_to_b": sum((n + 1) // 2 for n in per_proc),
+            "b_to_a": sum(n // 2 for n in per_proc)}
+
+
 def run_relay(server: Server, clients: Clients, kind: str, args, tag: str) -> dict[str, Any]:
     nprocs = len(clients.conns)
     per_proc = split(args.pairs, nprocs)
+    cross = SCENARIOS[server.name]["cross"]
     for c, n in zip(clients.conns, per_proc):
-        c.send((kind, server.url, tag, n))
+        c.send((kind, server.url, tag, n, cross))
+    placement = place_cross_pairs(server, clients, per_proc) if cross else None
     setup = clients.gather("ready", 120)
     if kind == "throughput":
         warm, dur = args.warmup, args.duration
@@ -687,12 +969,17 @@ def run_relay(server: Server, clients: Clients, kind: str, args, tag: str) -> di
     t_start = time.monotonic() + 0.3
     t_a, t_b = t_start + warm, t_start + warm + dur
     clients.send_all(("go", t_start, t_a, t_b))
-    ours = {os.getpid(), server.proc.pid, server.worker, *clients.pids()}
+    redis = server.redis
+    ours = {os.getpid(), server.proc.pid, *server.workers, *clients.pids()}
+    if redis:
+        ours.add(redis.pid)
     try:
         sleep_until(t_a)
-        cpu_a, mach_a, other_a = server.cpu(), machine_cpu(), other_cpu_seconds(ours)
+        cpu_a, mach_a, other_a = server.cpu_each(), machine_cpu(), other_cpu(ours)
+        red_a = (redis.cpu(), redis.command_calls()) if redis else None
         sleep_until(t_b)
-        cpu_b, mach_b, other_b = server.cpu(), machine_cpu(), other_cpu_seconds(ours)
+        cpu_b, mach_b, other_b = server.cpu_each(), machine_cpu(), other_cpu(ours)
+        red_b = (redis.cpu(), redis.command_calls()) if redis else None
     except OSError:
         server.check_worker()  # raises, naming the change and with the log tail
         raise
@@ -700,27 +987,45 @@ def run_relay(server: Server, clients: Clients, kind: str, args, tag: str) -> di
     results = clients.gather("result", args.drain_grace + PHASE_SLACK)
     server.check_worker()
     samples = sorted(s for r in results for s in r["samples"])
+    worker_cpu = [b - a for a, b in zip(cpu_a, cpu_b)]
     out = {
         "setup_seconds": max(setup),
         "window_seconds": wall,
+        "workers": len(server.workers),
+        "placement": placement,
         "sent": sum(r["sent"] for r in results),
         "received": sum(r["received"] for r in results),
         "in_window": sum(r["in_window"] for r in results),
         "errors": sum(r["errors"] for r in results),
+        "sender_errors": sum(r["sender_errors"] for r in results),
+        "rejected": sum(r["rejected"] for r in results),
+        "error_samples": [e for r in results for e in r["error_samples"]][:3],
         "unexpected": sum(r["unexpected"] for r in results),
         "bad_from": sum(r["bad_from"] for r in results),
         "connection_failures": [f for r in results for f in r["connection_failures"]][:5],
         "connection_failure_count": sum(r["connection_failure_count"] for r in results),
-        "server_cpu": cpu_b - cpu_a,
+        "worker_cpu": worker_cpu,
+        "server_cpu": sum(worker_cpu),
+        "redis_cpu": (red_b[0] - red_a[0]) if redis else None,
         "client_cpu": [r["client_cpu"] for r in results],
         "machine_busy_cores": (mach_b[0] - mach_a[0]) / wall,
         "machine_cores": (mach_b[1] - mach_a[1]) / wall,
     }
-    out["lost"] = out["sent"] - out["received"]
+    # Offers sent and neither received nor answered with an error reply.
+    out["lost"] = out["sent"] - out["received"] - out["rejected"]
     out["rate"] = out["in_window"] / wall
+    out["worker_util"] = [c / wall for c in worker_cpu]
     out["server_util"] = out["server_cpu"] / wall
     out["client_util"] = [c / wall for c in out["client_cpu"]]
-    out["other_busy_cores"] = max(0.0, other_b - other_a) / wall
+    out["other_busy_cores"], out["other_top"] = other_cpu_delta(other_a, other_b, wall)
+    out["total_cpu"] = out["server_cpu"] + (out["redis_cpu"] or 0.0)
+    out["total_util"] = out["total_cpu"] / wall
+    if redis:
+        out["redis_util"] = out["redis_cpu"] / wall
+        calls = {k: red_b[1].get(k, 0) - red_a[1].get(k, 0) for k in red_b[1]}
+        out["redis_calls"] = {k: v for k, v in calls.items() if v}
+        out["evalsha_per_msg"] = (calls.get("evalsha", 0) / out["in_window"]
+                                  if out["in_window"] else float("nan"))
     if kind == "latency":
         out.update({
             "offered_rate": args.rate,
@@ -732,29 +1037,51 @@ def run_relay(server: Server, clients: Clients, kind: str, args, tag: str) -> di
             "pacer_lag_max_ms": max(r["lag_max"] for r in results) * 1e3,
         })
     else:
-        out["msgs_per_cpu_s"] = (out["in_window"] / out["server_cpu"]
-                                 if out["server_cpu"] > 0 else float("nan"))
-    out["bottleneck"] = bottleneck(out) if kind == "throughput" else None
+        # Per CPU-second of everything serving the relay: the workers, plus redis-server
+        # when the server uses it (apart: per worker CPU-second).
+        out["msgs_per_cpu_s"] = (out["in_window"] / out["total_cpu"]
+                                 if out["total_cpu"] > 0 else float("nan"))
+        out["msgs_per_worker_cpu_s"] = (out["in_window"] / out["server_cpu"]
+                                        if out["server_cpu"] > 0 else float("nan"))
+    out["bottleneck"], out["client_bound"] = bottleneck(out)
     return out
 
 
-def bottleneck(r: dict[str, Any]) -> str:
-    srv, cli = r["server_util"], r["client_util"]
+def usage(r: dict[str, Any]) -> str:
+    """Who used how much CPU in a window, in cores."""
+    ws = r["worker_util"]
+    parts = [("server worker " if len(ws) == 1 else "server workers ") +
+             "/".join(f"{w:.0%}" for w in ws) + " of a core"]
+    if r.get("redis_util") is not None:
+        parts.append(f"redis-server {r['redis_util']:.0%}")
+    parts += ["clients " + "/".join(f"{c:.0%}" for c in r["client_util"]),
+              f"machine {r['machine_busy_cores']:.2f}/{r['machine_cores']:.0f} cores busy "
+              f"(other processes {r['other_busy_cores']:.2f})"]
+    return ", ".join(parts)
+
+
+def bottleneck(r: dict[str, Any]) -> tuple[str, bool]:
+    """(verdict with the CPU figures, whether the load generator limited the figure)."""
+    ws, cli, red = r["worker_util"], r["client_util"], r.get("redis_util") or 0.0
     busy = r["machine_busy_cores"]
-    parts = [f"server worker {srv:.0%} of a core", "clients " +
-             "/".join(f"{c:.0%}" for c in cli), f"machine {busy:.2f}/"
-             f"{r['machine_cores']:.0f} cores busy (other processes {r['other_busy_cores']:.2f})"]
-    used = srv + sum(cli) + r["other_busy_cores"]
-    if srv >= 0.9:
-        verdict = "server worker (one core) saturated"
+    used = sum(ws) + sum(cli) + red + r["other_busy_cores"]
+    client_bound = False
+    if max(ws) >= 0.9:
+        verdict = "a server worker (one core) saturated"
+    elif red >= 0.9:
+        verdict = "redis-server (single-threaded) saturated"
     elif cli and max(cli) >= 0.9:
-        verdict = "a client process saturated (client-bound)"
+        verdict = "a client process saturated (client-bound: the load generator limits it)"
+        client_bound = True
     elif max(busy, used) >= 0.85 * r["machine_cores"]:
-        verdict = ("machine CPU saturated (server, clients and other processes share the "
-                   "cores)")
+        verdict = (f"machine CPU saturated (server, clients and other processes share the "
+                   f"cores; the load generator took {sum(cli):.2f} of them)")
+        # The client's share is CPU the server could have used: with more cores than
+        # server processes plus the client this would not limit the server.
+        client_bound = len(ws) + (1 if red else 0) + len(cli) > r["machine_cores"] + 0.5
     else:
         verdict = "nothing CPU-saturated (window/latency-bound)"
-    return f"{verdict}: " + ", ".join(parts)
+    return f"{verdict}: " + usage(r), client_bound
 
 
 def run_memory(server: Server, clients: Clients, args, tag: str) -> dict[str, Any]:
@@ -788,31 +1115,46 @@ def run_memory(server: Server, clients: Clients, args, tag: str) -> dict[str, An
     }
 
 
-def run_server(name: str, clients: Clients, args, log_dir: Path) -> dict[str, Any]:
-    """One round against one server: start it, warm up, memory, throughput, latency, stop."""
-    server = Server(name, log_dir, args.deflate)
-    result: dict[str, Any] = {"command": server.command_line(), "log": str(server.log_path)}
+def run_server(name: str, clients: Clients, args, log_dir: Path,
+               redis: RedisServer | None = None) -> dict[str, Any]:
+    """One round against one server: start it, warm up, memory (volli and baseline only),
+    throughput, latency, stop."""
+    server = Server(name, log_dir, args.deflate, redis)
+    result: dict[str, Any] = {"command": server.command_line(), "log": str(server.log_path),
+                              "label": SCENARIOS[name]["label"]}
     print(f"[{name}] starting: {server.command_line()}  (port {server.port})", flush=True)
     try:
         server.start()
-        result["worker_pid"] = server.worker
+        result["worker_pids"] = server.workers
         tag = f"{name}{server.port}"
         clients.send_all(("warmup", server.url, tag + "w"))
         clients.gather("result", 30)
-        if args.idle > 0:
+        if args.idle > 0 and not SCENARIOS[name]["redis"]:
             result["memory"] = m = run_memory(server, clients, args, tag + "m")
             print(f"[{name}] memory: {m['kb_per_conn']:.1f} kB/conn over {m['opened']} idle "
                   f"(RSS {m['rss_before_kb']/1024:.1f} -> {m['rss_after_kb']/1024:.1f} MB, "
                   f"{m['rss_after_close_kb']/1024:.1f} MB after close; "
                   f"opened in {m['open_seconds']:.1f}s)", flush=True)
         result["throughput"] = t = run_relay(server, clients, "throughput", args, tag + "t")
+        if t["placement"]:
+            pl = t["placement"]
+            print(f"[{name}] cross-worker pairs: opened {pl['opened']} connections "
+                  f"({pl['extra']} extra), landed " +
+                  ", ".join(f"{n} on worker {pid}" for pid, n in pl["landed"].items()) +
+                  f"; pairs {pl['a_to_b']} one way, {pl['b_to_a']} the other", flush=True)
+        extra = ""
+        if server.redis is not None:
+            extra = (f" (workers + redis-server; per worker CPU-s "
+                     f"{t['msgs_per_worker_cpu_s']:.0f}; EVALSHA per msg "
+                     f"{t['evalsha_per_msg']:.2f})")
         print(f"[{name}] throughput: {t['rate']:.0f} msg/s, {t['msgs_per_cpu_s']:.0f} msg per "
-              f"server CPU-s, lost={t['lost']} errors={t['errors']}; {t['bottleneck']}",
-              flush=True)
+              f"server CPU-s{extra}, lost={t['lost']} errors={t['errors'] + t['sender_errors']};"
+              f" {t['bottleneck']}", flush=True)
         result["latency"] = lat = run_relay(server, clients, "latency", args, tag + "l")
         print(f"[{name}] latency @ {args.rate:g} msg/s: p50 {lat['p50_ms']:.2f} ms, p99 "
               f"{lat['p99_ms']:.2f} ms, max {lat['max_ms']:.2f} ms ({lat['samples']} samples, "
-              f"achieved {lat['rate']:.0f} msg/s, lost={lat['lost']}; other processes "
+              f"achieved {lat['rate']:.0f} msg/s, lost={lat['lost']} "
+              f"errors={lat['errors'] + lat['sender_errors']}; other processes "
               f"{lat['other_busy_cores']:.2f} cores)", flush=True)
         result["rss_end_kb"] = server.rss_kb()
     except Exception as exc:
@@ -820,7 +1162,7 @@ def run_server(name: str, clients: Clients, args, log_dir: Path) -> dict[str, An
         print(f"[{name}] FAILED: {result['failure']}", flush=True)
     finally:
         server.stop()
-    result["log_findings"] = scan_log(server.log())
+    result["log_findings"] = scan_log(server.log(), server.nworkers)
     return result
 
 
@@ -860,15 +1202,77 @@ def median(vals: list[float]) -> float | None:
     return vals[mid] if len(vals) % 2 else (vals[mid - 1] + vals[mid]) / 2
 
 
+def total_over(res: dict[str, list[dict[str, Any]]], name: str, key: str) -> int | None:
+    """Sum of a count over both relay phases of every round ("errors": error replies on
+    either side of a pair)."""
+    keys = ("errors", "sender_errors") if key == "errors" else (key,)
+    rounds = res.get(name, [])
+    vals = [lookup(r, (ph, k)) for r in rounds for ph in ("throughput", "latency")
+            for k in keys]
+    return sum(vals) if rounds and all(v is not None for v in vals) else None
+
+
+def redis_table(res: dict[str, list[dict[str, Any]]], args) -> str:
+    """The --redis section: each Redis server against the single-worker memory Volli."""
+    names = ["volli", "redis-1w", "redis-2w"]
+
+    def get(name: str, *path: str) -> Any:
+        return median([lookup(r, path) for r in res.get(name, [])])
+
+    rows = [
+        ("relay throughput (msg/s, at receivers)", ("throughput", "rate"), ",.0f", True),
+        ("server CPU used: workers (s, in window, sum)", ("throughput", "server_cpu"), ".2f",
+         True),
+        ("server CPU used: redis-server (s, in window)", ("throughput", "redis_cpu"), ".2f",
+         False),
+        ("server CPU utilisation: workers + redis (cores)", ("throughput", "total_util"),
+         ".2f", True),
+        ("msgs per server CPU-second (workers + redis-server)",
+         ("throughput", "msgs_per_cpu_s"), ",.0f", True),
+        ("msgs per worker CPU-second (workers only)", ("throughput", "msgs_per_worker_cpu_s"),
+         ",.0f", True),
+        ("Redis EVALSHA per relayed msg", ("throughput", "evalsha_per_msg"), ".2f", False),
+        ("client CPU utilisation, throughput run (cores)", ("throughput", "client_util_sum"),
+         ".2f", True),
+        (f"latency p50 (ms) @ {args.rate:g} msg/s", ("latency", "p50_ms"), ".2f", True),
+        (f"latency p99 (ms) @ {args.rate:g} msg/s", ("latency", "p99_ms"), ".2f", True),
+        (f"latency max (ms) @ {args.rate:g} msg/s", ("latency", "max_ms"), ".2f", True),
+        ("latency run: achieved rate (msg/s)", ("latency", "rate"), ",.0f", True),
+        ("latency run: server CPU, workers + redis (cores)", ("latency", "total_util"), ".2f",
+         True),
+        ("lost messages (throughput + latency, all rounds)", None, "d", False),
+        ("error replies received (all rounds)", None, "d", False),
+    ]
+    for rs in res.values():  # derived figure used above
+        for r in rs:
+            t = r.get("throughput")
+            if t:
+                t["client_util_sum"] = sum(t["client_util"])
+    lines = ["| figure | 1 worker, memory | 1 worker, Redis (all local) | ratio | "
+             "2 workers, Redis, all cross-worker | ratio |",
+             "|---|---:|---:|---:|---:|---:|"]
+    for label, path, spec, with_ratio in rows:
+        if path is None:
+            key = "lost" if label.startswith("lost") else "errors"
+            v = [total_over(res, n, key) for n in names]
+            lines.append(f"| {label} | {fmt(v[0], spec)} | {fmt(v[1], spec)} | - | "
+                         f"{fmt(v[2], spec)} | - |")
+            continue
+        v = [get(n, *path) for n in names]
+        r1 = ratio(v[1], v[0]) if with_ratio else "-"
+        r2 = ratio(v[2], v[0]) if with_ratio else "-"
+        lines.append(f"| {label} | {fmt(v[0], spec)} | {fmt(v[1], spec)} | {r1} | "
+                     f"{fmt(v[2], spec)} | {r2} |")
+    return "\n".join(lines)
+
+
 def table(res: dict[str, list[dict[str, Any]]], args) -> str:
     """Each figure is the median over rounds (one round: the value itself)."""
     def get(name: str, *path: str) -> Any:
         return median([lookup(r, path) for r in res.get(name, [])])
 
     def total(name: str, key: str) -> int | None:
-        rounds = res.get(name, [])
-        vals = [lookup(r, (ph, key)) for r in rounds for ph in ("throughput", "latency")]
-        return sum(vals) if rounds and all(v is not None for v in vals) else None
+        return total_over(res, name, key)
 
     rows = [
         ("relay throughput (msg/s, at receivers)", ("throughput", "rate"), ",.0f"),
@@ -934,7 +1338,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--rounds", type=int, default=1,
                     help="rounds; the order alternates (V,B then B,V) and the table shows "
                          "medians")
-    ap.add_argument("--only", choices=["volli", "baseline"], help="run one server only")
+    ap.add_argument("--only", choices=["volli", "baseline"],
+                    help="run one of volli/baseline only (--redis still adds its servers)")
+    ap.add_argument("--redis", action="store_true",
+                    help="also run Volli with the Redis backend (private redis-server): one "
+                         "worker, and two workers with every pair cross-worker; reported "
+                         "against the single-worker memory Volli in a second table")
     ap.add_argument("--json", metavar="PATH", help="write all results as JSON to PATH")
     ap.add_argument("--log-dir", metavar="DIR",
                     help="where gunicorn logs go (default: a new directory under $TMPDIR)")
@@ -952,10 +1361,15 @@ def main(argv: list[str] | None = None) -> int:
         ap.error("--procs must not exceed --pairs")
     if min(args.duration, args.latency_duration, args.rate) <= 0:
         ap.error("durations and --rate must be positive")
+    if args.redis and args.only == "baseline":
+        ap.error("--redis reports against the volli run: not with --only baseline")
+    if args.redis and not (shutil.which("redis-server") or os.path.exists(
+            "/usr/bin/redis-server")):
+        ap.error("--redis needs redis-server on PATH")
 
     os.chdir(ROOT)
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    need = 2 * args.pairs + args.idle + 256
+    need = 2 * args.pairs * (1 + 2 * CROSS_EXTRA if args.redis else 1) + args.idle + 256
     target = hard if hard == resource.RLIM_INFINITY else min(hard, max(soft, 65536))
     with contextlib.suppress(ValueError, OSError):
         resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
@@ -982,14 +1396,21 @@ def main(argv: list[str] | None = None) -> int:
         signal.signal(signal.SIGINT, interrupt)
     clients = Clients(args.procs, opts)
     names = [n for n in ("volli", "baseline") if not args.only or n == args.only]
+    if args.redis:
+        names += ["redis-1w", "redis-2w"]
     results: dict[str, list[dict[str, Any]]] = {n: [] for n in names}
+    redis: RedisServer | None = None
     interrupted = False
     try:
+        if args.redis:
+            redis = RedisServer(log_dir)
+            print(f"[redis] starting: {redis.command_line()}", flush=True)
+            redis.start()
         for rnd in range(args.rounds):
             if args.rounds > 1:
                 print(f"--- round {rnd + 1}/{args.rounds}", flush=True)
             for name in (names if rnd % 2 == 0 else names[::-1]):
-                results[name].append(run_server(name, clients, args, log_dir))
+                results[name].append(run_server(name, clients, args, log_dir, redis))
                 if results[name][-1].get("failure"):
                     # A client process may still be in the failed phase: start afresh.
                     clients.stop()
@@ -997,13 +1418,31 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         interrupted = True
         print("interrupted", file=sys.stderr)
+    except RuntimeError as exc:  # redis-server did not start
+        print(f"FAILED: {exc}", file=sys.stderr)
+        return 1
     finally:
         clients.stop()
+        if redis is not None:
+            redis.stop()
     elapsed = time.monotonic() - started
 
     print()
     print(table(results, args))
     print()
+    if args.redis:
+        print("Redis backend: single-worker memory Volli (the reference) against a single "
+              "worker with Redis\nand two workers with Redis where every pair is "
+              "cross-worker; ratios are against the first column.\n")
+        print(redis_table(results, args))
+        print()
+        cores = os.cpu_count() or 1
+        if cores < 2 + 1 + args.procs:
+            print(f"CAVEAT: {cores} CPUs. In the 2-worker run the two workers, redis-server "
+                  f"and {args.procs} client process(es) share them, so its throughput is "
+                  f"bounded by the machine, not by Volli; compare msgs per server CPU-second, "
+                  f"not msg/s. The 1-worker runs have about a core each for server and "
+                  f"client.\n")
     problems, noise = [], []
     for name, rounds in results.items():
         for i, r in enumerate(rounds):
@@ -1012,24 +1451,37 @@ def main(argv: list[str] | None = None) -> int:
             if t.get("bottleneck"):
                 print(f"- {where} throughput run: {t['bottleneck']}")
             lat = r.get("latency") or {}
+            if t.get("client_bound"):
+                print(f"  LOAD GENERATOR: in the {where} throughput run the client used "
+                      f"{sum(t['client_util']):.2f} of the {t['machine_cores']:.0f} cores "
+                      f"that the server processes needed too, so its msg/s is bound by the "
+                      f"shared machine, not by the server alone; compare its msgs per server "
+                      f"CPU-second instead")
+            lat = r.get("latency") or {}
             if lat:
-                print(f"- {where} latency run: server worker {lat['server_util']:.0%} of a core, "
-                      f"client {'/'.join(f'{c:.0%}' for c in lat['client_util'])}, pacer lag "
+                print(f"- {where} latency run: {usage(lat)}, pacer lag "
                       f"p99 {lat['pacer_lag_p99_ms']:.2f} ms / max {lat['pacer_lag_max_ms']:.2f} "
                       f"ms (how late the client sent; the stamp is taken at the real send)")
+                if lat["rate"] < 0.95 * args.rate:
+                    print(f"  LOAD GENERATOR or SERVER: the {where} latency run achieved only "
+                          f"{lat['rate']:.0f} of {args.rate:g} msg/s")
             if r.get("failure"):
                 problems.append(f"{where}: run failed: {r['failure']}")
             for phase in ("throughput", "latency"):
                 p = r.get(phase) or {}
-                for key in ("lost", "errors", "unexpected", "bad_from"):
+                for key in ("lost", "errors", "sender_errors", "unexpected", "bad_from"):
                     if p.get(key):
                         problems.append(f"{where} {phase}: {key}={p[key]}")
+                if p.get("error_samples"):
+                    problems.append(f"{where} {phase}: error replies, e.g. "
+                                    f"{'; '.join(p['error_samples'])}")
                 if p.get("connection_failure_count"):
                     problems.append(f"{where} {phase}: {p['connection_failure_count']} client "
                                     f"connections failed, e.g. {p['connection_failures']}")
                 if p.get("other_busy_cores", 0) > NOISY_CORES:
                     noise.append(f"{where} {phase}: other processes kept "
-                                 f"{p['other_busy_cores']:.2f} cores busy")
+                                 f"{p['other_busy_cores']:.2f} cores busy (top: "
+                                 f"{', '.join(p.get('other_top') or []) or '?'})")
             m = r.get("memory") or {}
             if m and m.get("online_reported") not in (None, m["opened"]):
                 problems.append(f"{where} memory: server reported {m['online_reported']} "
@@ -1060,11 +1512,19 @@ def main(argv: list[str] | None = None) -> int:
             "latency_p99_ms": median([lookup(r, ("latency", "p99_ms")) for r in rs]),
             "latency_max_ms": median([lookup(r, ("latency", "max_ms")) for r in rs]),
             "idle_kb_per_conn": median([lookup(r, ("memory", "kb_per_conn")) for r in rs]),
+            "msgs_per_worker_cpu_s": median([lookup(r, ("throughput", "msgs_per_worker_cpu_s"))
+                                             for r in rs]),
+            "redis_cpu_s": median([lookup(r, ("throughput", "redis_cpu")) for r in rs]),
         } for name, rs in results.items()}
         if "volli" in summary and "baseline" in summary:
             summary["ratio_volli_over_baseline"] = {
                 k: (v / summary["baseline"][k]) if v and summary["baseline"][k] else None
                 for k, v in summary["volli"].items()}
+        for name in ("redis-1w", "redis-2w"):
+            if name in summary and "volli" in summary:
+                summary[f"ratio_{name}_over_volli"] = {
+                    k: (v / summary["volli"][k]) if v and summary["volli"][k] else None
+                    for k, v in summary[name].items()}
         payload = {"args": vars(args), "elapsed_seconds": elapsed, "cpus": os.cpu_count(),
                    "python": sys.version.split()[0], "summary": summary,
                    "results": results, "problems": problems, "noise": noise}
