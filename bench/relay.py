@@ -66,8 +66,8 @@ ROOT = Path(__file__).resolve().parent.parent
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 PHASE_SLACK = 30.0  # extra seconds the parent waits on a client process beyond a phase's plan
 NOISY_CORES = 0.35  # CPU use by other processes in a window above which a run is flagged
-CROSS_STEPS = 6  # rounds of "open more connections" when placing cross-worker pairs
-CROSS_EXTRA = 3  # at most this many times 2 x pairs extra connections for that placement
+CROSS_STEPS = 10  # rounds of "open more connections" when placing cross-worker pairs
+CROSS_EXTRA = 5  # at most this many times 2 x pairs extra connections for that placement
 REGISTERED_LINE = re.compile(rb"\[(\d+)\] \[INFO\] volli\.hub: registered user=(\S+) id=")
 
 # Servers the bench can run. "volli" is the reference of the --redis section's ratios.
@@ -165,16 +165,24 @@ def other_cpu_delta(a: dict[int, tuple[str, int, int, int]],
                     b: dict[int, tuple[str, int, int, int]],
                     wall: float) -> tuple[float, list[str]]:
     """(cores used by other processes between two other_cpu() readings, the top three as
-    "name[pid] cores"). A process that ended in between counts through its parent's reaped
-    time, less what it had used before the first reading."""
+    "name[pid] cores"). A process that ended in between counts through the reaped time of
+    its nearest ancestor still alive, less what it (and its reaped children) had used before
+    the first reading. Capped at the machine's cores."""
     used: dict[int, int] = {}
     for pid, (_, _, own, reaped) in b.items():
         before = a.get(pid)
         used[pid] = own + reaped - (before[2] + before[3] if before else 0)
     for pid, (_, ppid, own, reaped) in a.items():
-        if pid not in b and ppid in used and ppid in a:
+        if pid in b:
+            continue
+        for _ in range(64):  # walk up, bounded, past ancestors that ended too
+            if ppid in b or ppid not in a:
+                break
+            ppid = a[ppid][1]
+        if ppid in used and ppid in a:
             used[ppid] -= own + reaped
-    total = sum(max(0, j) for j in used.values()) / CLK_TCK / wall
+    total = min(sum(max(0, j) for j in used.values()) / CLK_TCK / wall,
+                float(os.cpu_count() or 1))
     top = sorted(((j, b[pid][0], pid) for pid, j in used.items() if j > 0), reverse=True)
     return total, [f"{name}[{pid}] {j / CLK_TCK / wall:.2f}" for j, name, pid in top[:3]]
 
@@ -554,7 +562,7 @@ def _wait_parent(conn, expect: str | tuple[str, ...], timeout: float):
     if not conn.poll(timeout):
         raise RuntimeError(f"parent sent no {expect!r} within {timeout}s")
     msg = conn.recv()
-    if msg[0] != expect and msg[0] not in expect:
+    if msg[0] not in ((expect,) if isinstance(expect, str) else expect):
         raise RuntimeError(f"expected {expect!r} from parent, got {msg[0]!r}")
     return msg
 
@@ -911,6 +919,7 @@ def place_cross_pairs(server: Server, clients: Clients, per_proc: list[int]) -> 
     want = [2 * n for n in per_proc]
     budget = [CROSS_EXTRA * 2 * n for n in per_proc]
     where: dict[str, int] = {}
+    history: list[list[str]] = [[] for _ in range(nprocs)]  # per step: "+k -> a/b"
     for _ in range(CROSS_STEPS):
         asking = [i for i in range(nprocs) if want[i] > 0]
         if not asking:
@@ -925,8 +934,15 @@ def place_cross_pairs(server: Server, clients: Clients, per_proc: list[int]) -> 
         where.update(server.wait_registered(new, 15))
         for i, n in enumerate(per_proc):
             on_a = sum(1 for u in held[i] if where[u] == w_a)
-            short = n - min(on_a, len(held[i]) - on_a)
-            want[i] = min(max(2 * short, 4), budget[i]) if short > 0 else 0
+            if want[i]:
+                history[i].append(f"+{want[i]} -> {on_a}/{len(held[i]) - on_a}")
+            minority = min(on_a, len(held[i]) - on_a)
+            short = n - minority
+            # The split is often uneven (and a small batch tends to land on one worker):
+            # ask for what the split so far predicts, plus a quarter, at least 8.
+            share = max(minority / len(held[i]), 0.05)
+            guess = int(short / share * 1.25) + 1
+            want[i] = min(max(guess, 8), budget[i]) if short > 0 else 0
             budget[i] -= want[i]
     strangers = {pid for pid in where.values() if pid not in (w_a, w_b)}
     chosen: list[list[tuple[str, str]]] = []
@@ -939,8 +955,9 @@ def place_cross_pairs(server: Server, clients: Clients, per_proc: list[int]) -> 
                 f"could not place {n} cross-worker pairs in client process {i}: its "
                 f"{len(held[i])} connections landed {len(on_a)} on worker {w_a} and "
                 f"{len(on_b)} on worker {w_b}" +
-                (f" (and on unknown pids {sorted(strangers)})" if strangers else ""))
-        half = (n + 1) // 2
+                (f" (and on unknown pids {sorted(strangers)})" if strangers else "") +
+                f"; steps (opened -> on {w_a}/{w_b}): {', '.join(history[i])}")
+        half = (n + 1 - i % 2) // 2  # odd pair counts: alternate the extra one's direction
         chosen.append([(on_a[k], on_b[k]) for k in range(half)] +
                       [(on_b[k], on_a[k]) for k in range(half, n)])
     for c, pairs in zip(clients.conns, chosen):
@@ -950,8 +967,9 @@ def place_cross_pairs(server: Server, clients: Clients, per_proc: list[int]) -> 
     for i, pairs in enumerate(chosen):  # by construction; checked once more
         assert all(where[snd] != where[rcv] for snd, rcv in pairs), i
     return {"opened": opened, "extra": opened - 2 * sum(per_proc), "landed": landed,
-            "a_to_b": sum((n + 1) // 2 for n in per_proc),
-            "b_to_a": sum(n // 2 for n in per_proc)}
+            "steps": history,
+            "a_to_b": sum(1 for pairs in chosen for snd, _ in pairs if where[snd] == w_a),
+            "b_to_a": sum(1 for pairs in chosen for snd, _ in pairs if where[snd] == w_b)}
 
 
 def run_relay(server: Server, clients: Clients, kind: str, args, tag: str) -> dict[str, Any]:
@@ -1036,13 +1054,13 @@ def run_relay(server: Server, clients: Clients, kind: str, args, tag: str) -> di
             "pacer_lag_p99_ms": max(r["lag_p99"] for r in results) * 1e3,
             "pacer_lag_max_ms": max(r["lag_max"] for r in results) * 1e3,
         })
-    else:
-        # Per CPU-second of everything serving the relay: the workers, plus redis-server
-        # when the server uses it (apart: per worker CPU-second).
-        out["msgs_per_cpu_s"] = (out["in_window"] / out["total_cpu"]
-                                 if out["total_cpu"] > 0 else float("nan"))
-        out["msgs_per_worker_cpu_s"] = (out["in_window"] / out["server_cpu"]
-                                        if out["server_cpu"] > 0 else float("nan"))
+    # Per CPU-second of everything serving the relay: the workers, plus redis-server when
+    # the server uses it (apart: per worker CPU-second). In the latency run every server
+    # gets the same paced rate, so there the figure compares servers at equal load.
+    out["msgs_per_cpu_s"] = (out["in_window"] / out["total_cpu"]
+                             if out["total_cpu"] > 0 else float("nan"))
+    out["msgs_per_worker_cpu_s"] = (out["in_window"] / out["server_cpu"]
+                                    if out["server_cpu"] > 0 else float("nan"))
     out["bottleneck"], out["client_bound"] = bottleneck(out)
     return out
 
@@ -1115,6 +1133,15 @@ def run_memory(server: Server, clients: Clients, args, tag: str) -> dict[str, An
     }
 
 
+def print_placement(name: str, phase: str, r: dict[str, Any]) -> None:
+    pl = r.get("placement")
+    if pl:
+        print(f"[{name}] {phase} run, cross-worker pairs: opened {pl['opened']} connections "
+              f"({pl['extra']} extra, {sum(len(h) for h in pl['steps'])} step(s)), landed " +
+              ", ".join(f"{n} on worker {pid}" for pid, n in pl["landed"].items()) +
+              f"; pairs {pl['a_to_b']} one way, {pl['b_to_a']} the other", flush=True)
+
+
 def run_server(name: str, clients: Clients, args, log_dir: Path,
                redis: RedisServer | None = None) -> dict[str, Any]:
     """One round against one server: start it, warm up, memory (volli and baseline only),
@@ -1136,12 +1163,7 @@ def run_server(name: str, clients: Clients, args, log_dir: Path,
                   f"{m['rss_after_close_kb']/1024:.1f} MB after close; "
                   f"opened in {m['open_seconds']:.1f}s)", flush=True)
         result["throughput"] = t = run_relay(server, clients, "throughput", args, tag + "t")
-        if t["placement"]:
-            pl = t["placement"]
-            print(f"[{name}] cross-worker pairs: opened {pl['opened']} connections "
-                  f"({pl['extra']} extra), landed " +
-                  ", ".join(f"{n} on worker {pid}" for pid, n in pl["landed"].items()) +
-                  f"; pairs {pl['a_to_b']} one way, {pl['b_to_a']} the other", flush=True)
+        print_placement(name, "throughput", t)
         extra = ""
         if server.redis is not None:
             extra = (f" (workers + redis-server; per worker CPU-s "
@@ -1151,6 +1173,7 @@ def run_server(name: str, clients: Clients, args, log_dir: Path,
               f"server CPU-s{extra}, lost={t['lost']} errors={t['errors'] + t['sender_errors']};"
               f" {t['bottleneck']}", flush=True)
         result["latency"] = lat = run_relay(server, clients, "latency", args, tag + "l")
+        print_placement(name, "latency", lat)
         print(f"[{name}] latency @ {args.rate:g} msg/s: p50 {lat['p50_ms']:.2f} ms, p99 "
               f"{lat['p99_ms']:.2f} ms, max {lat['max_ms']:.2f} ms ({lat['samples']} samples, "
               f"achieved {lat['rate']:.0f} msg/s, lost={lat['lost']} "
@@ -1240,6 +1263,8 @@ def redis_table(res: dict[str, list[dict[str, Any]]], args) -> str:
         ("latency run: achieved rate (msg/s)", ("latency", "rate"), ",.0f", True),
         ("latency run: server CPU, workers + redis (cores)", ("latency", "total_util"), ".2f",
          True),
+        ("latency run: msgs per server CPU-second (same rate for all)",
+         ("latency", "msgs_per_cpu_s"), ",.0f", True),
         ("lost messages (throughput + latency, all rounds)", None, "d", False),
         ("error replies received (all rounds)", None, "d", False),
     ]
@@ -1442,7 +1467,11 @@ def main(argv: list[str] | None = None) -> int:
                   f"and {args.procs} client process(es) share them, so its throughput is "
                   f"bounded by the machine, not by Volli; compare msgs per server CPU-second, "
                   f"not msg/s. The 1-worker runs have about a core each for server and "
-                  f"client.\n")
+                  f"client.")
+        print("Per-message CPU falls as a worker gets busier (more work per wake-up): the "
+              "throughput run compares a\nsaturated single worker with two unsaturated "
+              "ones, which favours the single worker; the latency run's\nmsgs per server "
+              "CPU-second compares all three at the same paced rate.\n")
     problems, noise = [], []
     for name, rounds in results.items():
         for i, r in enumerate(rounds):
@@ -1450,7 +1479,6 @@ def main(argv: list[str] | None = None) -> int:
             t = r.get("throughput") or {}
             if t.get("bottleneck"):
                 print(f"- {where} throughput run: {t['bottleneck']}")
-            lat = r.get("latency") or {}
             if t.get("client_bound"):
                 print(f"  LOAD GENERATOR: in the {where} throughput run the client used "
                       f"{sum(t['client_util']):.2f} of the {t['machine_cores']:.0f} cores "
