@@ -26,6 +26,9 @@ graceful_timeout = 30
 timeout = 30
 # Two gunicorns on one machine would otherwise share ~/.gunicorn/gunicorn.ctl.
 control_socket_disable = True
+# Serve https/wss directly when a certificate is configured (else terminate TLS at a proxy).
+if _settings.tls_certfile:
+    certfile, keyfile = _settings.tls_certfile, _settings.tls_keyfile
 accesslog = "-"
 errorlog = "-"
 

@@ -22,6 +22,11 @@ from websockets.sync.client import connect
 
 ROOT = Path(__file__).resolve().parent.parent
 RECV_TIMEOUT = 5.0
+# Every loopback client shares one IP and many tests send fast: servers under test get
+# limits out of the way unless a test sets its own (tests/test_limits.py does).
+PERMISSIVE_LIMITS = {"VOLLI_IP_MAX_CONNECTIONS": "0", "VOLLI_IP_CONNECT_RATE": "0",
+                     "VOLLI_RATE_MESSAGES": "100000", "VOLLI_RATE_BURST": "100000",
+                     "VOLLI_FANOUT_PER_MINUTE": "100000", "VOLLI_DISCOVER_PER_MINUTE": "100000"}
 
 
 def free_port() -> int:
@@ -39,7 +44,7 @@ class Server:
         self.port = free_port()
         self.log_path = tmp_path / f"gunicorn-{self.port}.log"
         full_env = {**os.environ, "HOST": "127.0.0.1", "PORT": str(self.port),
-                    "PYTHONPATH": str(ROOT)}
+                    "PYTHONPATH": str(ROOT), **PERMISSIVE_LIMITS}
         full_env.pop("WEB_CONCURRENCY", None)
         full_env.update(env or {})
         cmd = command or [sys.executable, "-m", "gunicorn", "--config",
@@ -112,6 +117,9 @@ class Client:
         kwargs.setdefault("max_size", None)
         self._cm = connect(url, **kwargs)
         self.ws = self._cm.__enter__()
+        self.hello = json.loads(self.ws.recv(timeout=RECV_TIMEOUT))
+        assert self.hello["type"] == "hello", self.hello
+        self.nonce = self.hello["nonce"]
 
     def send(self, message: Any) -> None:
         self.ws.send(message if isinstance(message, (str, bytes)) else json.dumps(message))

@@ -25,6 +25,7 @@ class RawClient:
         self.events: list = []
         while not any(isinstance(e, AcceptConnection) for e in self.events):
             self._read()
+        self.hello = json.loads(self.next_message())
 
     def _read(self) -> None:
         data = self.sock.recv(65536)

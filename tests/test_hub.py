@@ -5,6 +5,7 @@ import json
 import pytest
 
 from volli.backends import BackendUnavailable, MemoryBackend
+from volli.config import Settings
 from volli.hub import Hub
 from volli.protocol import Ping
 
@@ -17,6 +18,8 @@ class RecordingSession:
         self.id = f"s{RecordingSession._ids}"
         self.user_id = None
         self.public_key = None
+        self.signed = False
+        self.nonce = ""
         self.sent: list[dict] = []
         self.origins: list[str | None] = []
         self.closed_with = None
@@ -36,9 +39,12 @@ class RecordingSession:
         return self.sent[-1]
 
 
+SETTINGS = Settings()
+
+
 @pytest.fixture
 def hub():
-    return Hub(MemoryBackend())
+    return Hub(MemoryBackend(), SETTINGS)
 
 
 def join(hub, user_id, **kwargs):
@@ -67,7 +73,7 @@ def test_rules(hub):
     assert alice.last()["code"] == "already-registered"
     hub.receive_text(alice, '{"type":"offer","from":"bob","to":"bob","offer":{}}')
     assert alice.last()["code"] == "forbidden-sender"
-    assert bob.sent == [{"type": "registered", "userId": "bob"}]
+    assert bob.sent[1:] == [{"type": "registered", "userId": "bob"}]
     hub.receive_text(alice, '{"type":"answer","to":"carol","answer":{},"requestId":"q"}')
     assert alice.last() == {"type": "error", "code": "peer-offline",
                             "message": "'carol' is not online", "requestId": "q"}
@@ -133,12 +139,12 @@ def test_offline_users_keep_their_last_key(hub):
 
 
 class UnreachableStore(MemoryBackend):
-    def claim(self, session, user_id, public_key):
+    def claim(self, session, user_id, public_key, signed):
         raise BackendUnavailable("connection refused")
 
 
 def test_unreachable_shared_store_is_answered_unavailable():
-    hub = Hub(UnreachableStore())
+    hub = Hub(UnreachableStore(), SETTINGS)
     session = RecordingSession()
     hub.connect(session)
     hub.receive_text(session, '{"type":"register","userId":"a","publicKey":"AAAA","requestId":1}')

@@ -29,8 +29,10 @@ def create_app(overrides: Mapping[str, Any] | None = None,
     websocket.sock.init_app(app)
     app.register_blueprint(websocket.bp)
     app.register_blueprint(http.bp)
-    logging.getLogger("volli").info(
-        "volli ready: backend=%s max_connections=%d max_message_size=%d ping_interval=%gs",
-        settings.backend, settings.max_connections, settings.max_message_size,
-        settings.ping_interval)
+    log = logging.getLogger("volli")
+    log.info("volli ready: backend=%s max_connections=%d max_message_size=%d ping_interval=%gs "
+             "require_signature=%s", settings.backend, settings.max_connections,
+             settings.max_message_size, settings.ping_interval, settings.require_signature)
+    if not settings.origins:
+        log.warning("VOLLI_ALLOWED_ORIGINS is empty: WebSockets from every Origin are allowed")
     return app

@@ -8,6 +8,8 @@ before any worker boots. ``create_app`` loads the same table.
 from __future__ import annotations
 
 import dataclasses
+import ipaddress
+import os
 from typing import Any, Callable, Mapping
 
 
@@ -43,6 +45,24 @@ _int, _float = _parse_number(int), _parse_number(float)
 def _parse_redis_url(text: str) -> str:
     if not text.startswith(("redis://", "rediss://", "unix://")):
         raise ValueError("expected a redis://, rediss:// or unix:// URL")
+    return text
+
+
+def _proxies(text: str):
+    text = text.strip()
+    if not text:
+        return 0
+    if text.isdigit():
+        return int(text)
+    return tuple(ipaddress.ip_network(part.strip(), strict=False)
+                 for part in text.split(",") if part.strip())
+
+
+def _parse_trusted_proxies(text: str) -> str:
+    try:
+        _proxies(text)
+    except ValueError:
+        raise ValueError("expected a hop count or comma-separated CIDRs") from None
     return text
 
 
@@ -114,6 +134,53 @@ class Settings:
         "VOLLI_REDIS_POOL_SIZE", 64, _int,
         "Redis connections per worker; greenlets wait for a free one.", 1)
 
+    require_signature: bool = _setting(
+        "VOLLI_REQUIRE_SIGNATURE", False, _parse_bool,
+        "Refuse unsigned registrations (signature-required); off keeps seed clients working.")
+    rate_messages: float = _setting(
+        "VOLLI_RATE_MESSAGES", 50.0, _float,
+        "Messages per second one connection may send, sustained (token bucket).", 0.1)
+    rate_burst: int = _setting(
+        "VOLLI_RATE_BURST", 200, _int, "Messages one connection may send in a burst.", 1)
+    rate_abuse_close: int = _setting(
+        "VOLLI_RATE_ABUSE_CLOSE", 100, _int,
+        "rate-limited errors within a minute after which the connection is closed (4029).", 1)
+    fanout_per_minute: int = _setting(
+        "VOLLI_FANOUT_PER_MINUTE", 60, _int,
+        "Distinct relay targets one connection may address per minute.", 1)
+    discover_per_minute: int = _setting(
+        "VOLLI_DISCOVER_PER_MINUTE", 120, _int,
+        "discover requests one connection may make per minute (bucket of that size).", 1)
+    ip_max_connections: int = _setting(
+        "VOLLI_IP_MAX_CONNECTIONS", 100, _int,
+        "Open WebSockets per client IP and worker (HTTP 429 beyond); 0 = no limit.", 0)
+    ip_connect_rate: float = _setting(
+        "VOLLI_IP_CONNECT_RATE", 20.0, _float,
+        "WebSocket upgrades per second per client IP and worker, burst twice that "
+        "(HTTP 429 beyond); 0 = no limit.", 0)
+    trusted_proxies: str = _setting(
+        "VOLLI_TRUSTED_PROXIES", "", _parse_trusted_proxies,
+        "Trust X-Forwarded-For from this many proxy hops, or from these comma-separated "
+        "CIDRs; empty trusts nobody (the socket address is the client IP).")
+    allowed_origins: str = _setting(
+        "VOLLI_ALLOWED_ORIGINS", "", str,
+        "Comma-separated Origins allowed to open WebSockets (HTTP 403 otherwise); empty "
+        "allows every Origin.")
+    tls_certfile: str = _setting(
+        "VOLLI_TLS_CERTFILE", "", str, "PEM certificate: gunicorn then serves https/wss itself.")
+    tls_keyfile: str = _setting(
+        "VOLLI_TLS_KEYFILE", "", str, "PEM private key for VOLLI_TLS_CERTFILE.")
+
+    @property
+    def origins(self) -> frozenset[str]:
+        return frozenset(o.strip().rstrip("/").lower()
+                         for o in self.allowed_origins.split(",") if o.strip())
+
+    @property
+    def proxies(self) -> int | tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]:
+        """Trusted proxy hops (an int), or trusted proxy networks."""
+        return _proxies(self.trusted_proxies)
+
     @property
     def backend(self) -> str:
         return "redis" if self.redis_url else "memory"
@@ -165,6 +232,11 @@ def load(environ: Mapping[str, str], overrides: Mapping[str, Any] | None = None)
     workers_problem = check_workers(settings, settings.workers)
     if workers_problem:
         problems.append(f"WEB_CONCURRENCY={settings.workers}: {workers_problem}")
+    if bool(settings.tls_certfile) != bool(settings.tls_keyfile):
+        problems.append("VOLLI_TLS_CERTFILE and VOLLI_TLS_KEYFILE must be set together")
+    for path in (settings.tls_certfile, settings.tls_keyfile):
+        if path and not os.path.isfile(path):
+            problems.append(f"TLS file {path!r} does not exist")
     if problems:
         raise ConfigError("invalid Volli configuration:\n  " + "\n  ".join(problems))
     return settings

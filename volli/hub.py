@@ -1,43 +1,66 @@
-"""The hub applies the signaling rules: who may register, discover and relay, and what
-each request is answered with. It sees connections only as ``Session`` objects and
-presence only through a ``Backend``, so it does no I/O of its own.
+"""The hub applies the signaling rules: who may register, discover and relay, what each
+request is answered with, and the per-connection limits. It sees connections only as
+``Session`` objects and presence only through a ``Backend``, so it does no I/O of its own.
 """
 
 from __future__ import annotations
 
 import collections
 import logging
+import time
 from typing import Callable, Mapping
 
-from .backends import Backend, BackendUnavailable, Session
+from .backends import Backend, BackendUnavailable, Claim, Session
+from .config import Settings
+from .limits import ConnectionLimits
 from .protocol import (
-    CloseCode, Discover, ErrorCode, Message, Ping, ProtocolError, Register, Relay,
-    discover_response_message, encode, error_message, parse, pong_message, registered_message,
-    relayed_message, undelivered_message,
+    CloseCode, Discover, ErrorCode, Message, Ping, ProtocolError, Register, Relay, RotateKey,
+    discover_response_message, encode, error_message, hello_message, key_rotated_message, parse,
+    pong_message, rate_limited_message, registered_message, relayed_message,
+    session_replaced_message, undelivered_message,
 )
+from .protocol import identity
 
 log = logging.getLogger("volli.hub")
 
+_CLAIM_ERRORS = {
+    Claim.TAKEN: (ErrorCode.USER_ID_TAKEN, "{!r} is registered by another connection"),
+    Claim.BOUND: (ErrorCode.IDENTITY_BOUND,
+                  "{!r} is bound to a key: register with a signature by that key"),
+    Claim.KEY_MISMATCH: (ErrorCode.BAD_SIGNATURE, "{!r} is bound to a different key"),
+}
+
 
 class Hub:
-    def __init__(self, backend: Backend) -> None:
+    def __init__(self, backend: Backend, settings: Settings,
+                 clock: Callable[[], float] = time.monotonic) -> None:
         self.backend = backend
+        self.settings = settings
+        self._clock = clock
         backend.on_undelivered = self.report_undelivered
-        # Keys: "received", "received.<type>", "relayed.<type>", "errors", "errors.<code>".
+        backend.on_replaced = self.replace
+        self._limits: dict[str, ConnectionLimits] = {}
+        # Keys: "received", "received.<type>", "relayed.<type>", "errors", "errors.<code>",
+        # "undelivered", "registered.signed", "registered.unsigned".
         self.counters: collections.Counter[str] = collections.Counter()
         self._handlers: dict[type, Callable[[Session, Message], None]] = {
             Register: self._register,
             Discover: self._discover,
             Relay: self._relay,
             Ping: self._ping,
+            RotateKey: self._rotate_key,
         }
 
     def connect(self, session: Session) -> None:
+        session.nonce = identity.new_nonce()
+        self._limits[session.id] = ConnectionLimits(self.settings, self._clock())
         self.backend.attach(session)
+        session.send(encode(hello_message(session.nonce)))
 
     def disconnect(self, session: Session, undelivered: Mapping[str, int] | None = None) -> None:
         """The session is closing: release it, and tell each sender whose relays to it were
         still queued (so nothing accepted is dropped without a word)."""
+        self._limits.pop(session.id, None)
         try:
             self.backend.detach(session)
         except BackendUnavailable:
@@ -55,9 +78,17 @@ class Hub:
                 log.warning("could not tell %r that %d relays to %r were dropped",
                             origin, count, peer)
 
+    def replace(self, session: Session) -> None:
+        """A signed registration elsewhere took this session's userId."""
+        log.info("session replaced user=%s id=%s", session.user_id, session.id)
+        session.send(encode(session_replaced_message()))
+        session.close(CloseCode.SESSION_REPLACED, "session replaced")
+
     def receive_text(self, session: Session, text: str) -> None:
         """Handle one text frame. Never raises: a failure becomes an ``error`` reply."""
         self.counters["received"] += 1
+        if not self._within_rate(session):
+            return
         message = None
         try:
             message = parse(text)
@@ -76,8 +107,9 @@ class Hub:
 
     def receive_binary(self, session: Session) -> None:
         self.counters["received"] += 1
-        self._reply_error(session, ErrorCode.BINARY_FRAME,
-                          "binary frames are not supported; send JSON text frames")
+        if self._within_rate(session):
+            self._reply_error(session, ErrorCode.BINARY_FRAME,
+                              "binary frames are not supported; send JSON text frames")
 
     def shutdown(self) -> int:
         """Close every local connection with 1001; returns how many."""
@@ -85,6 +117,32 @@ class Hub:
         for session in sessions:
             session.close(CloseCode.GOING_AWAY, "server shutting down")
         return len(sessions)
+
+    # -- limits -----------------------------------------------------------------------
+
+    def _within_rate(self, session: Session) -> bool:
+        limits = self._limits.get(session.id)
+        return self._check(session, "message-rate",
+                           limits.messages.take(self._clock()) if limits else 0.0, None)
+
+    def _limited(self, session: Session, limit: str, wait: float, request_id) -> None:
+        self.counters["errors"] += 1
+        self.counters["errors." + ErrorCode.RATE_LIMITED] += 1
+        self.counters["limited." + limit] += 1
+        limits = self._limits.get(session.id)
+        if limits and limits.violations.add(self._clock()) > self.settings.rate_abuse_close:
+            log.warning("closing session %s (user=%s): kept sending while rate-limited",
+                        session.id, session.user_id)
+            session.close(CloseCode.RATE_LIMIT_ABUSE, "rate limit abuse")
+            return
+        session.send(encode(rate_limited_message(limit, wait, request_id)))
+
+    def _check(self, session: Session, limit: str, wait: float, request_id) -> bool:
+        if wait:
+            self._limited(session, limit, wait, request_id)
+        return not wait
+
+    # -- messages ---------------------------------------------------------------------
 
     def _reply_error(self, session: Session, code: ErrorCode, text: str,
                      request_id: str | int | None = None) -> None:
@@ -96,14 +154,47 @@ class Hub:
         if session.user_id is not None:
             raise ProtocolError(ErrorCode.ALREADY_REGISTERED,
                                 f"this connection is already registered as {session.user_id!r}")
-        if not self.backend.claim(session, message.user_id, message.public_key):
-            raise ProtocolError(ErrorCode.USER_ID_TAKEN,
-                                f"{message.user_id!r} is registered by another connection")
-        log.info("registered user=%s id=%s", message.user_id, session.id)
-        session.send(encode(registered_message(message.user_id, message.request_id)))
+        signed = message.signature is not None
+        if signed:
+            identity.verify(message.public_key, message.signature,
+                            identity.register_payload(session.nonce, message.user_id))
+        elif self.settings.require_signature:
+            raise ProtocolError(ErrorCode.SIGNATURE_REQUIRED,
+                                "this server accepts only signed registrations")
+        outcome = self.backend.claim(session, message.user_id, message.public_key, signed)
+        if outcome in _CLAIM_ERRORS:
+            code, text = _CLAIM_ERRORS[outcome]
+            raise ProtocolError(code, text.format(message.user_id))
+        next_nonce = None
+        if signed:
+            session.nonce = next_nonce = identity.new_nonce()  # one registration per nonce
+        self.counters["registered.signed" if signed else "registered.unsigned"] += 1
+        log.info("registered user=%s id=%s signed=%s%s", message.user_id, session.id, signed,
+                 " (took over)" if outcome is Claim.TAKEN_OVER else "")
+        session.send(encode(registered_message(message.user_id, message.request_id, next_nonce)))
+
+    def _rotate_key(self, session: Session, message: RotateKey) -> None:
+        user_id = _require_registered(session)
+        if not session.signed:
+            raise ProtocolError(ErrorCode.SIGNATURE_REQUIRED,
+                                "rotate-key needs a connection registered with a signature")
+        identity.verify(session.public_key, message.signature,
+                        identity.rotate_payload(session.nonce, user_id, message.new_public_key))
+        identity.ed25519_key(message.new_public_key, "newPublicKey")
+        if not self.backend.rebind(session, message.new_public_key):
+            raise ProtocolError(ErrorCode.BAD_SIGNATURE,
+                                f"the key bound to {user_id!r} changed meanwhile")
+        session.nonce = identity.new_nonce()
+        log.info("key rotated user=%s id=%s", user_id, session.id)
+        session.send(encode(key_rotated_message(user_id, message.new_public_key, session.nonce,
+                                                message.request_id)))
 
     def _discover(self, session: Session, message: Discover) -> None:
         _require_registered(session)
+        if not self._check(session, "discover-rate",
+                           self._limits[session.id].discovers.take(self._clock()),
+                           message.request_id):
+            return
         presence = self.backend.lookup(message.user_id)
         session.send(encode(discover_response_message(
             message.user_id, presence.online, presence.public_key, message.request_id)))
@@ -113,6 +204,10 @@ class Hub:
         if message.sender is not None and message.sender != sender:
             raise ProtocolError(ErrorCode.FORBIDDEN_SENDER,
                                 f"'from' must be your own userId {sender!r}")
+        if not self._check(session, "fan-out",
+                           self._limits[session.id].targets.allow(message.to, self._clock()),
+                           message.request_id):
+            return
         if not self.backend.deliver(message.to, encode(relayed_message(message, sender)), sender):
             raise ProtocolError(ErrorCode.PEER_OFFLINE, f"{message.to!r} is not online")
         self.counters["relayed." + message.kind] += 1
@@ -128,4 +223,6 @@ def _require_registered(session: Session) -> str:
 
 
 def _type_name(message: Message) -> str:
-    return message.kind if isinstance(message, Relay) else type(message).__name__.lower()
+    if isinstance(message, Relay):
+        return message.kind
+    return {RotateKey: "rotate-key"}.get(type(message), type(message).__name__.lower())

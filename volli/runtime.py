@@ -10,6 +10,7 @@ from flask import Flask, current_app
 from .backends import Backend, create_backend
 from .config import Settings
 from .hub import Hub
+from .limits import AddressLimits
 
 
 @dataclasses.dataclass
@@ -17,6 +18,7 @@ class Runtime:
     settings: Settings
     backend: Backend
     hub: Hub
+    addresses: AddressLimits
     started: float = dataclasses.field(default_factory=time.monotonic)
     # WebSockets admitted and not yet finished, counted from before the upgrade.
     connections: int = 0
@@ -25,7 +27,9 @@ class Runtime:
     @classmethod
     def init_app(cls, app: Flask, settings: Settings) -> "Runtime":
         backend = create_backend(settings)
-        runtime = cls(settings=settings, backend=backend, hub=Hub(backend))
+        runtime = cls(settings=settings, backend=backend, hub=Hub(backend, settings),
+                      addresses=AddressLimits(settings.ip_max_connections,
+                                              settings.ip_connect_rate))
         app.extensions["volli"] = runtime
         return runtime
 

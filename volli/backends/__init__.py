@@ -1,6 +1,6 @@
 """Presence and routing backends behind one interface (``base.Backend``)."""
 
-from .base import Backend, BackendUnavailable, Presence, Session
+from .base import Backend, BackendUnavailable, Claim, Presence, Session
 from .memory import MemoryBackend
 
 
@@ -13,5 +13,5 @@ def create_backend(settings) -> Backend:
     return MemoryBackend()
 
 
-__all__ = ["Backend", "BackendUnavailable", "MemoryBackend", "Presence", "Session",
+__all__ = ["Backend", "BackendUnavailable", "Claim", "MemoryBackend", "Presence", "Session",
            "create_backend"]

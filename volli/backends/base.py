@@ -9,12 +9,30 @@ from __future__ import annotations
 
 import abc
 import dataclasses
+import enum
 from typing import Any, Callable, Mapping, Protocol
 
 # Starts a background task; the server decides what that is (a greenlet under gunicorn).
 Spawn = Callable[..., Any]
 # (peer userId, {sender userId: count}): relays accepted for peer that can no longer reach it.
 UndeliveredHook = Callable[[str, Mapping[str, int]], None]
+
+
+ReplacedHook = Callable[["Session"], None]
+
+
+class Claim(enum.Enum):
+    """Outcome of a claim. The rule (the same in every backend):
+    1. a bound userId needs a signature (else BOUND) by its bound key (else KEY_MISMATCH);
+    2. a userId held by another live session is TAKEN, unless the claim is signed by the
+       holder's own key: then the holder is replaced (TAKEN_OVER);
+    3. a signed claim binds userId to its key; an unsigned one records the key unbound."""
+
+    OK = "ok"
+    TAKEN_OVER = "taken-over"
+    TAKEN = "taken"
+    BOUND = "bound"
+    KEY_MISMATCH = "key-mismatch"
 
 
 class BackendUnavailable(Exception):
@@ -27,6 +45,8 @@ class Session(Protocol):
     id: str
     user_id: str | None
     public_key: str | None
+    signed: bool  # registered with a verified signature
+    nonce: str  # the current one-time nonce for signed requests
 
     def send(self, text: str, origin: str | None = None) -> bool:
         """Queue a text frame; False if the connection is closed or could not take it.
@@ -59,6 +79,8 @@ class Backend(abc.ABC):
     """
 
     on_undelivered: UndeliveredHook = staticmethod(lambda peer, counts: None)
+    # Called with a local session whose userId a signed registration took over.
+    on_replaced: ReplacedHook = staticmethod(lambda session: None)
 
     def start(self, spawn: Spawn) -> None:
         """Start background tasks (per worker, after gevent has patched)."""
@@ -83,8 +105,14 @@ class Backend(abc.ABC):
         """A connection closed: release its userId (if still its own) and forget it."""
 
     @abc.abstractmethod
-    def claim(self, session: Session, user_id: str, public_key: str) -> bool:
-        """Bind user_id to session; False if another live session holds it."""
+    def claim(self, session: Session, user_id: str, public_key: str, signed: bool) -> Claim:
+        """Give user_id to session under the rule of ``Claim``; on OK or TAKEN_OVER the
+        session's user_id, public_key and signed are set."""
+
+    @abc.abstractmethod
+    def rebind(self, session: Session, new_public_key: str) -> bool:
+        """Bind session's (bound) userId to a new key if its binding is still the session's
+        current key; False if it changed meanwhile."""
 
     @abc.abstractmethod
     def lookup(self, user_id: str) -> Presence:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from .base import Backend, Presence, Session
+from .base import Backend, Claim, Presence, Session
 
 
 class MemoryBackend(Backend):
@@ -11,7 +11,8 @@ class MemoryBackend(Backend):
     def __init__(self) -> None:
         self._sessions: dict[str, Session] = {}
         self._users: dict[str, Session] = {}
-        self._keys: dict[str, str] = {}  # userId -> last registered key, kept after close
+        # userId -> (last registered key, bound by a signature), kept after close
+        self._bindings: dict[str, tuple[str, bool]] = {}
 
     def attach(self, session: Session) -> None:
         self._sessions[session.id] = session
@@ -21,23 +22,41 @@ class MemoryBackend(Backend):
         if session.user_id is not None and self._users.get(session.user_id) is session:
             del self._users[session.user_id]
 
-    def claim(self, session: Session, user_id: str, public_key: str) -> bool:
+    def claim(self, session: Session, user_id: str, public_key: str, signed: bool) -> Claim:
+        key, bound = self._bindings.get(user_id, (None, False))
+        if bound and not signed:
+            return Claim.BOUND
+        if bound and key != public_key:
+            return Claim.KEY_MISMATCH
         holder = self._users.get(user_id)
+        outcome = Claim.OK
         if holder is not None and holder is not session:
-            return False
-        self._hold(session, user_id, public_key)
-        self._keys[user_id] = public_key
-        return True
+            if not (signed and holder.public_key == public_key):
+                return Claim.TAKEN
+            outcome = Claim.TAKEN_OVER
+        self._hold(session, user_id, public_key, signed)
+        if signed or not bound:
+            self._bindings[user_id] = (public_key, signed)
+        if outcome is Claim.TAKEN_OVER:
+            self.on_replaced(holder)
+        return outcome
 
-    def _hold(self, session: Session, user_id: str, public_key: str) -> None:
+    def _hold(self, session: Session, user_id: str, public_key: str, signed: bool) -> None:
         """Local bookkeeping of a claimed userId (shared with the Redis backend)."""
         self._users[user_id] = session
-        session.user_id, session.public_key = user_id, public_key
+        session.user_id, session.public_key, session.signed = user_id, public_key, signed
+
+    def rebind(self, session: Session, new_public_key: str) -> bool:
+        if self._bindings.get(session.user_id) != (session.public_key, True):
+            return False
+        self._bindings[session.user_id] = (new_public_key, True)
+        session.public_key = new_public_key
+        return True
 
     def lookup(self, user_id: str) -> Presence:
         session = self._users.get(user_id)
         if session is None:
-            return Presence(user_id, False, self._keys.get(user_id))
+            return Presence(user_id, False, self._bindings.get(user_id, (None, False))[0])
         return Presence(user_id, True, session.public_key)
 
     def deliver(self, user_id: str, text: str, origin: str | None = None) -> bool:

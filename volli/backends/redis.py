@@ -10,6 +10,7 @@ script that reads the presence and publishes in one round trip. See docs/scaling
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import secrets
@@ -21,19 +22,47 @@ from redis.backoff import ExponentialBackoff
 from redis.retry import Retry
 
 from ..protocol import CloseCode
-from .base import BackendUnavailable, Presence, Session, Spawn
+from .base import BackendUnavailable, Claim, Presence, Session, Spawn
 from .memory import MemoryBackend
 
 log = logging.getLogger("volli.redis")
 
-# Bind userId -> (node, session, key) unless another session holds it; also used by
-# the heartbeat, where it refreshes the TTL or re-announces a presence Redis lost.
+# The claim rule of base.Claim, atomically. KEYS: presence, binding. ARGV: node, session,
+# publicKey, ttl ms, signed "1"/"0", refresh "1"/"0" (the heartbeat: never takes over).
+# Returns {1} ok, {2, old node, old session} taken over, {0} taken, {-1} bound, {-2} key
+# mismatch.
 CLAIM = """
-local holder = redis.call('HGET', KEYS[1], 'session')
-if holder and holder ~= ARGV[2] then return 0 end
+local b = redis.call('HMGET', KEYS[2], 'publicKey', 'bound')
+local signed = ARGV[5] == '1'
+if b[2] == '1' then
+  if not signed then return {-1} end
+  if b[1] ~= ARGV[3] then return {-2} end
+end
+local h = redis.call('HMGET', KEYS[1], 'session', 'publicKey', 'node')
+local taken_over = false
+if h[1] and h[1] ~= ARGV[2] then
+  if ARGV[6] == '1' or not signed or h[2] ~= ARGV[3] then return {0} end
+  taken_over = true
+end
 redis.call('HSET', KEYS[1], 'node', ARGV[1], 'session', ARGV[2], 'publicKey', ARGV[3])
 redis.call('PEXPIRE', KEYS[1], ARGV[4])
-redis.call('SET', KEYS[2], ARGV[3])
+if signed then
+  redis.call('HSET', KEYS[2], 'publicKey', ARGV[3], 'bound', '1')
+elseif b[2] ~= '1' then
+  redis.call('HSET', KEYS[2], 'publicKey', ARGV[3], 'bound', '0')
+end
+if taken_over then return {2, h[3], h[1]} end
+return {1}
+"""
+
+# Key rotation: KEYS binding, presence; ARGV old key, new key, session.
+REBIND = """
+local b = redis.call('HMGET', KEYS[1], 'publicKey', 'bound')
+if b[2] ~= '1' or b[1] ~= ARGV[1] then return 0 end
+redis.call('HSET', KEYS[1], 'publicKey', ARGV[2])
+if redis.call('HGET', KEYS[2], 'session') == ARGV[3] then
+  redis.call('HSET', KEYS[2], 'publicKey', ARGV[2])
+end
 return 1
 """
 
@@ -55,9 +84,21 @@ if n == 0 then redis.call('DEL', KEYS[1]) end
 return n
 """
 
+_CLAIM_CODES = {1: Claim.OK, 2: Claim.TAKEN_OVER, 0: Claim.TAKEN, -1: Claim.BOUND,
+                -2: Claim.KEY_MISMATCH}
+
 LISTEN_POLL = 1.0  # seconds a listener waits for a message before checking its state
 BACKOFF_FIRST, BACKOFF_CAP = 0.1, 5.0
 HEARTBEAT_BATCH = 500  # claims per pipeline round trip
+
+
+@contextlib.contextmanager
+def _store():
+    """Redis failures reach the hub as BackendUnavailable."""
+    try:
+        yield
+    except redis.RedisError as exc:
+        raise BackendUnavailable(str(exc)) from exc
 
 
 class RedisBackend(MemoryBackend):
@@ -79,6 +120,7 @@ class RedisBackend(MemoryBackend):
             settings.redis_url, socket_timeout=None, socket_connect_timeout=2,
             health_check_interval=10, retry=retry)
         self._claim = self._redis.register_script(CLAIM)
+        self._rebind = self._redis.register_script(REBIND)
         self._release = self._redis.register_script(RELEASE)
         self._route = self._redis.register_script(ROUTE)
         self._subscribed = False
@@ -88,14 +130,36 @@ class RedisBackend(MemoryBackend):
 
     # -- presence ---------------------------------------------------------------------
 
-    def claim(self, session: Session, user_id: str, public_key: str) -> bool:
-        holder = self._users.get(user_id)
-        if holder is not None and holder is not session:
+    def claim(self, session: Session, user_id: str, public_key: str, signed: bool) -> Claim:
+        reply = self._call(self._claim, self._keys_for(user_id),
+                           self._claim_args(session, public_key, signed, refresh=False))
+        outcome = _CLAIM_CODES[int(reply[0])]
+        if outcome in (Claim.OK, Claim.TAKEN_OVER):
+            self._hold(session, user_id, public_key, signed)  # the binding lives in Redis
+        if outcome is Claim.TAKEN_OVER:
+            old_node, old_session = reply[1].decode(), reply[2].decode()
+            if old_node == self.node:
+                self._replace_local(old_session)
+            else:
+                with _store():
+                    self._redis.publish(self._channel_prefix + old_node, f"R\n{old_session}")
+        return outcome
+
+    def _claim_args(self, session: Session, public_key: str, signed: bool, refresh: bool):
+        return [self.node, session.id, public_key, self._ttl_ms, "1" if signed else "0",
+                "1" if refresh else "0"]
+
+    def _replace_local(self, session_id: str) -> None:
+        session = self._sessions.get(session_id)
+        if session is not None:
+            self.on_replaced(session)
+
+    def rebind(self, session: Session, new_public_key: str) -> bool:
+        if not self._call(self._rebind, [self._binding_key(session.user_id),
+                                         self._presence_key(session.user_id)],
+                          [session.public_key, new_public_key, session.id]):
             return False
-        if not self._call(self._claim, self._keys_for(user_id),
-                          [self.node, session.id, public_key, self._ttl_ms]):
-            return False
-        self._hold(session, user_id, public_key)  # the binding lives in Redis, not here
+        session.public_key = new_public_key
         return True
 
     def detach(self, session: Session) -> None:
@@ -107,13 +171,11 @@ class RedisBackend(MemoryBackend):
     def lookup(self, user_id: str) -> Presence:
         if user_id in self._users:
             return super().lookup(user_id)
-        try:
+        with _store():
             pipe = self._redis.pipeline(transaction=False)
             pipe.hget(self._presence_key(user_id), "publicKey")
-            pipe.get(self._binding_key(user_id))
+            pipe.hget(self._binding_key(user_id), "publicKey")
             live, bound = pipe.execute()
-        except redis.RedisError as exc:
-            raise BackendUnavailable(str(exc)) from exc
         if live is not None:
             return Presence(user_id, True, live.decode())
         return Presence(user_id, False, bound.decode() if bound is not None else None)
@@ -123,12 +185,16 @@ class RedisBackend(MemoryBackend):
     def deliver(self, user_id: str, text: str, origin: str | None = None) -> bool:
         if user_id in self._users:
             return super().deliver(user_id, text, origin)
-        payload = f"{user_id}\n{origin or ''}\n{text}"
+        payload = f"D\n{user_id}\n{origin or ''}\n{text}"
         return self._call(self._route, [self._presence_key(user_id)],
                           [self._channel_prefix, payload]) > 0
 
     def _on_message(self, data: bytes) -> None:
-        user_id, origin, text = data.decode().split("\n", 2)
+        kind, rest = data.decode().split("\n", 1)
+        if kind == "R":  # a signed registration elsewhere took this session's userId
+            self._replace_local(rest)
+            return
+        user_id, origin, text = rest.split("\n", 2)
         if not super().deliver(user_id, text, origin or None) and origin:
             # It left this node between the sender's lookup and now.
             self.on_undelivered(user_id, {origin: 1})
@@ -221,10 +287,10 @@ class RedisBackend(MemoryBackend):
             pipe = self._redis.pipeline(transaction=False)
             for user_id, session in batch:
                 self._claim(self._keys_for(user_id),
-                            [self.node, session.id, session.public_key, self._ttl_ms],
-                            client=pipe)
-            for (user_id, session), ok in zip(batch, pipe.execute()):
-                if not ok:
+                            self._claim_args(session, session.public_key, session.signed,
+                                             refresh=True), client=pipe)
+            for (user_id, session), reply in zip(batch, pipe.execute()):
+                if int(reply[0]) != 1:
                     lost.append(session)
                 elif self._users.get(user_id) is not session:
                     # It closed while the batch was in flight: undo the re-announce.
@@ -242,11 +308,9 @@ class RedisBackend(MemoryBackend):
     def _keys_for(self, user_id: str) -> list[str]:
         return [self._presence_key(user_id), self._binding_key(user_id)]
 
-    def _call(self, script, keys: list[str], args: list) -> int:
-        try:
+    def _call(self, script, keys: list[str], args: list):
+        with _store():
             return script(keys=keys, args=args)
-        except redis.RedisError as exc:
-            raise BackendUnavailable(str(exc)) from exc
 
     @staticmethod
     def _close_quietly(pubsub) -> None:

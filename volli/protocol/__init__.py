@@ -2,12 +2,15 @@
 
 from .errors import CloseCode, ErrorCode, ProtocolError
 from .messages import (
-    Discover, Message, Ping, Register, Relay, discover_response_message, encode, error_message,
-    parse, pong_message, registered_message, relayed_message, undelivered_message,
+    Discover, Message, Ping, Register, Relay, RotateKey, discover_response_message, encode,
+    error_message, hello_message, key_rotated_message, parse, pong_message,
+    rate_limited_message, registered_message, relayed_message, session_replaced_message,
+    undelivered_message,
 )
 
 __all__ = [
     "CloseCode", "ErrorCode", "ProtocolError", "Discover", "Message", "Ping", "Register", "Relay",
-    "discover_response_message", "encode", "error_message", "parse", "pong_message",
-    "registered_message", "relayed_message", "undelivered_message",
+    "RotateKey", "discover_response_message", "encode", "error_message", "hello_message",
+    "key_rotated_message", "parse", "pong_message", "rate_limited_message",
+    "registered_message", "relayed_message", "session_replaced_message", "undelivered_message",
 ]

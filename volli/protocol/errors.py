@@ -20,6 +20,10 @@ class ErrorCode(enum.StrEnum):
     ALREADY_REGISTERED = "already-registered"
     USER_ID_TAKEN = "user-id-taken"
     FORBIDDEN_SENDER = "forbidden-sender"
+    BAD_SIGNATURE = "bad-signature"
+    IDENTITY_BOUND = "identity-bound"
+    SIGNATURE_REQUIRED = "signature-required"
+    RATE_LIMITED = "rate-limited"
     PEER_OFFLINE = "peer-offline"
     UNAVAILABLE = "unavailable"
     INTERNAL_ERROR = "internal-error"
@@ -37,6 +41,7 @@ class CloseCode(enum.IntEnum):
     SESSION_REPLACED = 4000
     REGISTER_TIMEOUT = 4001
     SLOW_CONSUMER = 4002
+    RATE_LIMIT_ABUSE = 4029  # kept sending after many rate-limited errors
 
 
 class ProtocolError(Exception):

@@ -15,8 +15,10 @@ import orjson
 
 from .errors import ErrorCode, ProtocolError
 
+PROTOCOL_VERSION = 1
 USER_ID_MAX = 256
 PUBLIC_KEY_MAX = 4096
+SIGNATURE_MAX = 128
 REQUEST_ID_MAX = 128
 
 # C0 and C1 control characters, DEL, and the line/paragraph separators.
@@ -35,6 +37,14 @@ RELAY_PAYLOAD = {"offer": "offer", "answer": "answer", "ice-candidate": "candida
 class Register:
     user_id: str
     public_key: str
+    request_id: RequestId = None
+    signature: str | None = None
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class RotateKey:
+    new_public_key: str
+    signature: str
     request_id: RequestId = None
 
 
@@ -60,7 +70,7 @@ class Ping:
     request_id: RequestId = None
 
 
-Message = Union[Register, Discover, Relay, Ping]
+Message = Union[Register, Discover, Relay, Ping, RotateKey]
 
 
 def parse(text: str | bytes) -> Message:
@@ -77,7 +87,11 @@ def parse(text: str | bytes) -> Message:
         if not isinstance(kind, str):
             raise ProtocolError(ErrorCode.INVALID_MESSAGE, "'type' must be a string")
         if kind == "register":
-            return Register(_user_id(data, "userId"), _public_key(data), request_id)
+            return Register(_user_id(data, "userId"), _public_key(data, "publicKey"), request_id,
+                            _signature(data, required=False))
+        if kind == "rotate-key":
+            return RotateKey(_public_key(data, "newPublicKey"), _signature(data, required=True),
+                             request_id)
         if kind == "discover":
             return Discover(_user_id(data, "userId"), request_id)
         if kind in RELAY_PAYLOAD:
@@ -116,15 +130,25 @@ def _user_id(data: dict[str, Any], field: str) -> str:
     return value
 
 
-def _public_key(data: dict[str, Any]) -> str:
-    value = data.get("publicKey")
+def _public_key(data: dict[str, Any], field: str) -> str:
+    return _base64_field(data, field, PUBLIC_KEY_MAX)
+
+
+def _signature(data: dict[str, Any], required: bool) -> str | None:
+    if data.get("signature") is None and not required:
+        return None
+    return _base64_field(data, "signature", SIGNATURE_MAX)
+
+
+def _base64_field(data: dict[str, Any], field: str, limit: int) -> str:
+    value = data.get(field)
     if not isinstance(value, str) or not value:
-        raise ProtocolError(ErrorCode.INVALID_MESSAGE, "'publicKey' must be a non-empty string")
-    if len(value) > PUBLIC_KEY_MAX:
+        raise ProtocolError(ErrorCode.INVALID_MESSAGE, f"'{field}' must be a non-empty string")
+    if len(value) > limit:
         raise ProtocolError(
-            ErrorCode.INVALID_MESSAGE, f"'publicKey' is longer than {PUBLIC_KEY_MAX} characters")
+            ErrorCode.INVALID_MESSAGE, f"'{field}' is longer than {limit} characters")
     if not _BASE64ISH.fullmatch(value):
-        raise ProtocolError(ErrorCode.INVALID_MESSAGE, "'publicKey' must be base64 text")
+        raise ProtocolError(ErrorCode.INVALID_MESSAGE, f"'{field}' must be base64 text")
     return value
 
 
@@ -155,8 +179,35 @@ def _with_request_id(message: dict[str, Any], request_id: RequestId) -> dict[str
     return message
 
 
-def registered_message(user_id: str, request_id: RequestId = None) -> dict[str, Any]:
-    return _with_request_id({"type": "registered", "userId": user_id}, request_id)
+def hello_message(nonce: str) -> dict[str, Any]:
+    return {"type": "hello", "nonce": nonce, "version": PROTOCOL_VERSION}
+
+
+def registered_message(user_id: str, request_id: RequestId = None,
+                       nonce: str | None = None) -> dict[str, Any]:
+    """``nonce`` (the next one) only after a signed registration consumed the previous."""
+    message = {"type": "registered", "userId": user_id}
+    if nonce is not None:
+        message["nonce"] = nonce
+    return _with_request_id(message, request_id)
+
+
+def key_rotated_message(user_id: str, public_key: str, nonce: str,
+                        request_id: RequestId = None) -> dict[str, Any]:
+    return _with_request_id({"type": "key-rotated", "userId": user_id,
+                             "publicKey": public_key, "nonce": nonce}, request_id)
+
+
+def session_replaced_message() -> dict[str, Any]:
+    return {"type": "session-replaced"}
+
+
+def rate_limited_message(limit: str, retry_after: float,
+                         request_id: RequestId = None) -> dict[str, Any]:
+    message = error_message(ErrorCode.RATE_LIMITED,
+                            f"{limit} limit reached; retry in {retry_after:.1f}s", request_id)
+    message.update(limit=limit, retryAfter=round(retry_after, 3))
+    return message
 
 
 def discover_response_message(user_id: str, online: bool, public_key: str | None,

@@ -30,6 +30,8 @@ class Connection:
         self.id = secrets.token_hex(8)
         self.user_id: str | None = None
         self.public_key: str | None = None
+        self.signed = False
+        self.nonce = ""
         self.remote_addr = remote_addr
         self.close_code: int | None = None
         self._ws = ws

@@ -11,6 +11,7 @@ from simple_websocket import ConnectionClosed
 
 from ..protocol import CloseCode
 from ..runtime import Runtime, get_runtime
+from .client_ip import client_ip
 from .connection import Connection
 from .socket_guard import GuardedSocket
 
@@ -22,35 +23,49 @@ sock = Sock()
 
 @bp.before_request
 def admit():
-    """Refuse before the upgrade when full or draining, so gunicorn keeps slots for /health."""
+    """Refuse before the upgrade (so gunicorn keeps slots for /health): draining or full
+    (503), a foreign Origin (403), too many connections or attempts from one IP (429)."""
     runtime = get_runtime()
-    if runtime.draining:
-        return _refuse("server is shutting down")
-    if runtime.connections >= runtime.settings.max_connections:
-        return _refuse("server is at its connection limit")
+    settings = runtime.settings
     environ = request.environ
+    if runtime.draining:
+        return _refuse(503, "unavailable", "server is shutting down")
+    if runtime.connections >= settings.max_connections:
+        return _refuse(503, "unavailable", "server is at its connection limit")
+    origin = environ.get("HTTP_ORIGIN")
+    if settings.origins and origin is not None \
+            and origin.rstrip("/").lower() not in settings.origins:
+        log.warning("refused origin %r from %s", origin, request.remote_addr)
+        return _refuse(403, "forbidden-origin", "this Origin may not open WebSockets here")
     if "gunicorn.socket" not in environ:
         return jsonify(error="the WebSocket endpoint needs gunicorn's gevent worker"), 500
-    if not runtime.settings.permessage_deflate:
+    address = client_ip(environ, settings.proxies)
+    refusal = runtime.addresses.admit(address, time.monotonic())
+    if refusal:
+        return _refuse(429, "too-many-connections", refusal)
+    g.volli_address = address
+    if not settings.permessage_deflate:
         # simple-websocket accepts any offered deflate; hiding the offer turns it off.
         environ.pop("HTTP_SEC_WEBSOCKET_EXTENSIONS", None)
-    environ["gunicorn.socket"] = GuardedSocket(environ["gunicorn.socket"],
-                                               runtime.settings.send_timeout)
+    environ["gunicorn.socket"] = GuardedSocket(environ["gunicorn.socket"], settings.send_timeout)
     runtime.connections += 1
-    g.volli_admitted = True
     return None
 
 
 @bp.teardown_request
 def release(_exc):
-    if g.pop("volli_admitted", False):
-        get_runtime().connections -= 1
+    address = g.pop("volli_address", None)
+    if address is not None:
+        runtime = get_runtime()
+        runtime.connections -= 1
+        runtime.addresses.release(address)
 
 
-def _refuse(reason: str):
-    response = jsonify(error="unavailable", message=reason)
-    response.status_code = 503
-    response.headers["Retry-After"] = "5"
+def _refuse(status: int, error: str, reason: str):
+    response = jsonify(error=error, message=reason)
+    response.status_code = status
+    if status in (429, 503):
+        response.headers["Retry-After"] = "5"
     return response
 
 
@@ -58,7 +73,7 @@ def _refuse(reason: str):
 def signaling(ws):
     runtime = get_runtime()
     conn = Connection(ws, request.environ["gunicorn.socket"],
-                      runtime.settings.send_queue_limit, request.remote_addr or "",
+                      runtime.settings.send_queue_limit, g.volli_address,
                       on_close=runtime.hub.disconnect)
     opened = time.monotonic()
     runtime.hub.connect(conn)

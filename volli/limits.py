@@ -1,0 +1,109 @@
+"""Rate limits as plain arithmetic on timestamps (no clocks, no I/O: callers pass ``now``)."""
+
+from __future__ import annotations
+
+
+class TokenBucket:
+    """``rate`` tokens per second up to ``burst``; each event takes one."""
+
+    __slots__ = ("rate", "burst", "tokens", "stamp")
+
+    def __init__(self, rate: float, burst: float, now: float) -> None:
+        self.rate, self.burst = rate, burst
+        self.tokens, self.stamp = float(burst), now
+
+    def take(self, now: float) -> float:
+        """0 if allowed (one token spent), else seconds until a token is available."""
+        self.tokens = min(self.burst, self.tokens + (now - self.stamp) * self.rate)
+        self.stamp = now
+        if self.tokens >= 1:
+            self.tokens -= 1
+            return 0.0
+        return (1 - self.tokens) / self.rate
+
+    def full(self, now: float) -> bool:
+        return self.tokens + (now - self.stamp) * self.rate >= self.burst
+
+
+class DistinctInWindow:
+    """At most ``limit`` distinct keys in any window of ``window`` seconds."""
+
+    __slots__ = ("limit", "window", "seen")
+
+    def __init__(self, limit: int, window: float) -> None:
+        self.limit, self.window = limit, window
+        self.seen: dict[str, float] = {}  # key -> when it stops counting
+
+    def allow(self, key: str, now: float) -> float:
+        """0 if allowed, else seconds until a slot frees."""
+        if key in self.seen and self.seen[key] > now:
+            self.seen[key] = now + self.window
+            return 0.0
+        if len(self.seen) >= self.limit:
+            self.seen = {k: t for k, t in self.seen.items() if t > now}
+            if len(self.seen) >= self.limit:
+                return min(self.seen.values()) - now
+        self.seen[key] = now + self.window
+        return 0.0
+
+
+class CountInWindow:
+    """Counts events in fixed windows of ``window`` seconds."""
+
+    __slots__ = ("window", "start", "count")
+
+    def __init__(self, window: float, now: float) -> None:
+        self.window, self.start, self.count = window, now, 0
+
+    def add(self, now: float) -> int:
+        if now - self.start >= self.window:
+            self.start, self.count = now, 0
+        self.count += 1
+        return self.count
+
+
+class ConnectionLimits:
+    """The per-connection limits of docs/protocol.md, built from Settings."""
+
+    __slots__ = ("messages", "discovers", "targets", "violations")
+
+    def __init__(self, settings, now: float) -> None:
+        self.messages = TokenBucket(settings.rate_messages, settings.rate_burst, now)
+        self.discovers = TokenBucket(settings.discover_per_minute / 60.0,
+                                     settings.discover_per_minute, now)
+        self.targets = DistinctInWindow(settings.fanout_per_minute, 60.0)
+        self.violations = CountInWindow(60.0, now)
+
+
+class AddressLimits:
+    """Per client IP: open connections and upgrade attempts (one process's view)."""
+
+    PURGE_AT = 4096  # idle buckets are dropped once this many addresses are tracked
+
+    def __init__(self, max_connections: int, connect_rate: float) -> None:
+        self.max_connections, self.connect_rate = max_connections, connect_rate
+        self.open: dict[str, int] = {}
+        self.attempts: dict[str, TokenBucket] = {}
+
+    def admit(self, address: str, now: float) -> str | None:
+        """Count an upgrade attempt; the reason to refuse it, or None (then it is open)."""
+        if self.connect_rate:
+            bucket = self.attempts.get(address)
+            if bucket is None:
+                if len(self.attempts) >= self.PURGE_AT:
+                    self.attempts = {a: b for a, b in self.attempts.items() if not b.full(now)}
+                bucket = self.attempts[address] = TokenBucket(
+                    self.connect_rate, 2 * self.connect_rate, now)
+            if bucket.take(now):
+                return "too many connection attempts from this address"
+        if self.max_connections and self.open.get(address, 0) >= self.max_connections:
+            return "too many open connections from this address"
+        self.open[address] = self.open.get(address, 0) + 1
+        return None
+
+    def release(self, address: str) -> None:
+        left = self.open.get(address, 0) - 1
+        if left > 0:
+            self.open[address] = left
+        else:
+            self.open.pop(address, None)

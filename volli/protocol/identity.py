@@ -1,0 +1,63 @@
+"""Proof of key ownership: Ed25519 signatures over domain-separated, nonce-bound bytes.
+
+The exact bytes signed are defined in docs/protocol.md (with a test vector); keep both
+in step. Verification uses the ``cryptography`` package, never hand-written crypto.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import secrets
+
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+
+from .errors import ErrorCode, ProtocolError
+
+REGISTER_CONTEXT = "volli/register/v1"
+ROTATE_CONTEXT = "volli/rotate-key/v1"
+NONCE_BYTES = 18  # 24 characters of base64url
+
+
+def new_nonce() -> str:
+    return secrets.token_urlsafe(NONCE_BYTES)
+
+
+def register_payload(nonce: str, user_id: str) -> bytes:
+    """The bytes a client signs to register ``user_id`` on the connection that got ``nonce``."""
+    return f"{REGISTER_CONTEXT}\n{nonce}\n{user_id}".encode()
+
+
+def rotate_payload(nonce: str, user_id: str, new_public_key: str) -> bytes:
+    """The bytes the old key signs to bind ``new_public_key`` to ``user_id``."""
+    return f"{ROTATE_CONTEXT}\n{nonce}\n{user_id}\n{new_public_key}".encode()
+
+
+def ed25519_key(public_key: str, field: str = "publicKey") -> Ed25519PublicKey:
+    """A raw 32-byte Ed25519 public key from standard or URL-safe base64."""
+    raw = _b64decode(public_key, field)
+    if len(raw) != 32:
+        raise ProtocolError(ErrorCode.INVALID_MESSAGE,
+                            f"'{field}' must be a raw 32-byte Ed25519 key in base64 "
+                            "when the message is signed")
+    return Ed25519PublicKey.from_public_bytes(raw)
+
+
+def verify(public_key: str, signature: str, payload: bytes) -> None:
+    """Raise ProtocolError(bad-signature) unless ``signature`` is valid for ``payload``."""
+    key = ed25519_key(public_key)
+    raw = _b64decode(signature, "signature")
+    try:
+        key.verify(raw, payload)
+    except InvalidSignature:
+        raise ProtocolError(ErrorCode.BAD_SIGNATURE,
+                            "signature does not verify for this key, nonce and userId") from None
+
+
+def _b64decode(text: str, field: str) -> bytes:
+    padded = text + "=" * (-len(text) % 4)
+    try:
+        return base64.b64decode(padded.replace("-", "+").replace("_", "/"), validate=True)
+    except (binascii.Error, ValueError):
+        raise ProtocolError(ErrorCode.INVALID_MESSAGE, f"'{field}' is not valid base64") from None
