@@ -122,7 +122,7 @@ def test_relays_carry_their_origin_and_dropped_ones_are_reported_to_senders(hub)
     alice, bob, carol = join(hub, "alice"), join(hub, "bob"), join(hub, "carol")
     hub.receive_text(alice, '{"type":"offer","to":"carol","offer":{}}')
     assert carol.origins[-1] == "alice" and alice.origins[-1] is None
-    hub.disconnect(carol, {"alice": 3, "bob": 1})
+    hub.report_undelivered("carol", {"alice": 3, "bob": 1})
     assert alice.last() == {"type": "error", "code": "peer-offline", "peer": "carol",
                             "undelivered": 3,
                             "message": "3 message(s) to 'carol' were not delivered: it disconnected"}

@@ -57,19 +57,18 @@ class Hub:
         self.backend.attach(session)
         session.send(encode(hello_message(session.nonce)))
 
-    def disconnect(self, session: Session, undelivered: Mapping[str, int] | None = None) -> None:
-        """The session is closing: release it, and tell each sender whose relays to it were
-        still queued (so nothing accepted is dropped without a word)."""
+    def disconnect(self, session: Session) -> None:
+        """The session is closing: release its userId at once."""
         self._limits.pop(session.id, None)
         try:
             self.backend.detach(session)
         except BackendUnavailable:
             log.warning("could not release %r in the shared store; it expires by TTL",
                         session.user_id)
-        if session.user_id is not None and undelivered:
-            self.report_undelivered(session.user_id, undelivered)
 
     def report_undelivered(self, peer: str, undelivered: Mapping[str, int]) -> None:
+        """Tell each sender how many of its relays to ``peer`` were accepted but will never
+        be written (so nothing accepted is dropped without a word)."""
         for origin, count in undelivered.items():
             self.counters["undelivered"] += count
             try:

@@ -73,8 +73,9 @@ def _refuse(status: int, error: str, reason: str):
 def signaling(ws):
     runtime = get_runtime()
     conn = Connection(ws, request.environ["gunicorn.socket"],
-                      runtime.settings.send_queue_limit, g.volli_address,
-                      on_close=runtime.hub.disconnect)
+                      runtime.settings.send_queue_limit, runtime.settings.send_timeout,
+                      g.volli_address, on_close=runtime.hub.disconnect,
+                      on_dropped=runtime.hub.report_undelivered)
     opened = time.monotonic()
     runtime.hub.connect(conn)
     log.info("connection open id=%s ip=%s", conn.id, conn.remote_addr)
