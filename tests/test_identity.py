@@ -70,6 +70,15 @@ def test_signatures_do_not_transfer(key, signature, user):
     assert info.value.code == ErrorCode.BAD_SIGNATURE
 
 
+def test_small_order_keys_never_verify():
+    # With this key and "signature", a bare RFC 8032 check passes for every message.
+    weak_key = base64.b64encode(bytes([1]) + bytes(31)).decode()
+    weak_signature = base64.b64encode(bytes([1]) + bytes(63)).decode()
+    with pytest.raises(ProtocolError) as info:
+        identity.verify(weak_key, weak_signature, identity.register_payload("n", "alice"))
+    assert info.value.code == ErrorCode.BAD_SIGNATURE
+
+
 def test_signed_keys_must_be_raw_ed25519():
     with pytest.raises(ProtocolError) as info:
         identity.verify("base64-encoded-public-key", VECTOR_SIGNATURE, b"x")

@@ -5,8 +5,8 @@ import json
 import pytest
 
 from volli.protocol import (
-    Discover, ErrorCode, Ping, ProtocolError, Register, Relay, encode, error_message, parse,
-    relayed_message,
+    Discover, ErrorCode, Ping, ProtocolError, Register, Relay, encode, encode_relay, error_message,
+    parse, relayed_message,
 )
 from volli.protocol.messages import PUBLIC_KEY_MAX, REQUEST_ID_MAX, USER_ID_MAX
 
@@ -106,3 +106,13 @@ def test_encode_error_message():
                                 "requestId": "r"}
     assert json.loads(encode(error_message(ErrorCode.INVALID_JSON, "bad"))) == {
         "type": "error", "code": "invalid-json", "message": "bad"}
+
+
+def test_relays_deeper_than_the_encoder_can_write_are_refused():
+    deep = '{"type":"offer","to":"b","offer":{"x":' + "[" * 300 + "]" * 300 + "}}"
+    message = parse(deep)  # orjson reads up to 1024 levels
+    with pytest.raises(ProtocolError) as info:
+        encode_relay(message, "a")
+    assert info.value.code == ErrorCode.INVALID_MESSAGE
+    ok = parse('{"type":"offer","to":"b","offer":{"x":' + "[" * 200 + "]" * 200 + "}}")
+    assert json.loads(encode_relay(ok, "a"))["from"] == "a"

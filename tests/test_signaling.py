@@ -169,6 +169,16 @@ def test_oversized_frame_closes_with_1009(server, clients, uid):
     assert small.request({"type": "ping", "pad": "x" * 60_000}) == {"type": "pong"}
 
 
+def test_a_huge_frame_still_gets_its_1009(clients, uid):
+    # The server stops reading mid-frame; its close must not turn into a reset.
+    for _ in range(3):
+        big = clients()
+        big.send(json.dumps({"type": "ping", "pad": "x" * 5_000_000}))
+        with pytest.raises(ConnectionClosed) as info:
+            big.recv(timeout=10)
+        assert info.value.rcvd is not None and info.value.rcvd.code == 1009
+
+
 def test_message_size_cap_is_configurable(make_server, clients):
     srv = make_server({"VOLLI_MAX_MESSAGE_SIZE": "1024"})
     c = clients(srv.url)

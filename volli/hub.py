@@ -15,8 +15,9 @@ from .config import Settings
 from .limits import ConnectionLimits
 from .protocol import (
     CloseCode, Discover, ErrorCode, Message, Ping, ProtocolError, Register, Relay, RotateKey,
-    discover_response_message, encode, error_message, hello_message, key_rotated_message, parse,
-    pong_message, rate_limited_message, registered_message, relayed_message,
+    discover_response_message, encode, encode_relay, error_message, hello_message,
+    key_rotated_message, parse,
+    pong_message, rate_limited_message, registered_message,
     session_replaced_message, undelivered_message,
 )
 from .protocol import identity
@@ -207,7 +208,7 @@ class Hub:
                            self._limits[session.id].targets.allow(message.to, self._clock()),
                            message.request_id):
             return
-        if not self.backend.deliver(message.to, encode(relayed_message(message, sender)), sender):
+        if not self.backend.deliver(message.to, encode_relay(message, sender), sender):
             raise ProtocolError(ErrorCode.PEER_OFFLINE, f"{message.to!r} is not online")
         self.counters["relayed." + message.kind] += 1
 

@@ -3,6 +3,7 @@
 from .errors import CloseCode, ErrorCode, ProtocolError
 from .messages import (
     Discover, Message, Ping, Register, Relay, RotateKey, discover_response_message, encode,
+    encode_relay,
     error_message, hello_message, key_rotated_message, parse, pong_message,
     rate_limited_message, registered_message, relayed_message, session_replaced_message,
     undelivered_message,

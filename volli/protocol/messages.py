@@ -20,6 +20,7 @@ USER_ID_MAX = 256
 PUBLIC_KEY_MAX = 4096
 SIGNATURE_MAX = 128
 REQUEST_ID_MAX = 128
+RELAY_NESTING_MAX = 254  # orjson's limit when writing
 
 # C0 and C1 control characters, DEL, and the line/paragraph separators.
 _CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029]")
@@ -236,3 +237,13 @@ def relayed_message(relay: Relay, sender: str) -> dict[str, Any]:
     """The relay as the target receives it: unchanged, with ``from`` set by the server."""
     relay.body["from"] = sender
     return relay.body
+
+
+def encode_relay(relay: Relay, sender: str) -> str:
+    """The relayed frame; orjson reads deeper JSON than it writes, so refuse that here."""
+    try:
+        return encode(relayed_message(relay, sender))
+    except orjson.JSONEncodeError:
+        raise ProtocolError(ErrorCode.INVALID_MESSAGE,
+                            f"a relayed message may nest at most {RELAY_NESTING_MAX} levels"
+                            ) from None

@@ -15,6 +15,10 @@ import gevent
 from gevent.lock import Semaphore
 
 
+LINGER_SECONDS = 2.0
+LINGER_BYTES = 16 * 1024 * 1024
+
+
 class GuardedSocket:
     def __init__(self, sock: socket.socket, send_timeout: float) -> None:
         self._sock = sock
@@ -40,6 +44,24 @@ class GuardedSocket:
         return len(data)
 
     sendall = send
+
+    def close(self) -> None:
+        """Close after our last frame reached the peer: closing with unread input (say,
+        the rest of a frame over the size cap) would reset the connection and the peer
+        could lose the close frame (1009) sent just before. So send FIN, discard what the
+        peer still sends for a moment, then close."""
+        try:
+            self._sock.shutdown(socket.SHUT_WR)
+            with gevent.Timeout(LINGER_SECONDS, False):
+                discarded = 0
+                while discarded < LINGER_BYTES:
+                    chunk = self._sock.recv(65536)
+                    if not chunk:
+                        break
+                    discarded += len(chunk)
+        except OSError:
+            pass
+        self._sock.close()
 
     def abort(self) -> None:
         """Shut the connection down in both directions; the reader then sees EOF."""
