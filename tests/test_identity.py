@@ -6,11 +6,10 @@ import base64
 import time
 
 import pytest
-from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from websockets.exceptions import ConnectionClosed
 
 from conftest import Client
+from signing import Identity
 from volli.protocol import ErrorCode, ProtocolError
 from volli.protocol import identity
 
@@ -23,28 +22,6 @@ VECTOR_SIGNATURE = ("5vf8lnJ/TzqcHHJn4bcP4Cbts4y5lkfSfXvF48Fgx+SCqi8nB7ETX+44cc6
 VECTOR_NEW_KEY = "Kay64UG8yvCyLhqU000LxzYeUm0L/hLIl5S8kyKWbdc="
 VECTOR_ROTATE_SIGNATURE = ("lYUb25LBpsrxqP2jAcdZWoS0asEJ8omc/H2J4yfHWtHNTcRAAOQ7aClqr0tr5lit91g"
                            "HDn1RXqD9VsDKBCo8Cg==")
-
-
-class Identity:
-    """A client's Ed25519 key pair and the signatures the protocol asks for."""
-
-    def __init__(self, seed: bytes | None = None) -> None:
-        self.key = (Ed25519PrivateKey.from_private_bytes(seed) if seed
-                    else Ed25519PrivateKey.generate())
-        raw = self.key.public_key().public_bytes(serialization.Encoding.Raw,
-                                                 serialization.PublicFormat.Raw)
-        self.public = base64.b64encode(raw).decode()
-
-    def sign(self, payload: bytes) -> str:
-        return base64.b64encode(self.key.sign(payload)).decode()
-
-    def register(self, client: Client, user_id: str, nonce: str | None = None) -> dict:
-        nonce = nonce or client.nonce
-        reply = client.call({"type": "register", "userId": user_id, "publicKey": self.public,
-                             "signature": self.sign(identity.register_payload(nonce, user_id))})
-        if reply["type"] == "registered":
-            client.nonce = reply["nonce"]
-        return reply
 
 
 def test_vector():

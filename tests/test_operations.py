@@ -6,7 +6,6 @@ import os
 import re
 import shlex
 import signal
-import subprocess
 import sys
 import time
 import urllib.request
@@ -14,7 +13,7 @@ import urllib.request
 import pytest
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
-from conftest import ROOT, Client, Server, free_port
+from conftest import ROOT, Client, Server
 
 
 def test_health(server, clients, uid, backend_env):

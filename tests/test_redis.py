@@ -12,6 +12,7 @@ import redis as redis_client
 from websockets.exceptions import ConnectionClosed
 
 from conftest import Client, RedisServer, Server
+from signing import Identity
 
 REGISTERED = re.compile(r"\[(\d+)\] \[INFO\] volli\.hub: registered user=(\S+) id=")
 
@@ -252,3 +253,26 @@ def test_sigterm_with_redis_releases_presence_for_other_servers(nodes, open_clie
         leaving.recv(timeout=10)
     assert info.value.rcvd.code == 1001
     assert staying.call({"type": "discover", "userId": "leaving@volli.app"})["online"] is False
+
+
+def test_signed_takeover_and_binding_work_across_servers(nodes, open_client):
+    a, b = nodes(workers=1), nodes(workers=1)
+    alice = Identity()
+    old, peer = open_client(a), open_client(a)
+    assert alice.register(old, "alice@volli.app")["type"] == "registered"
+    peer.register("peer@volli.app")
+    # Bound across servers: plain registration elsewhere is refused.
+    plain = open_client(b)
+    assert plain.call({"type": "register", "userId": "alice@volli.app",
+                       "publicKey": "AAAA"})["code"] == "identity-bound"
+    new = open_client(b)
+    assert alice.register(new, "alice@volli.app")["type"] == "registered"
+    assert old.recv() == {"type": "session-replaced"}
+    with pytest.raises(ConnectionClosed) as info:
+        old.recv()
+    assert info.value.rcvd.code == 4000
+    for n in range(3):
+        peer.send({"type": "offer", "to": "alice@volli.app", "offer": {"n": n}})
+    assert [new.recv()["offer"]["n"] for _ in range(3)] == [0, 1, 2]
+    assert peer.call({"type": "discover", "userId": "alice@volli.app"})["publicKey"] \
+        == alice.public

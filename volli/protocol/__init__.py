@@ -11,7 +11,7 @@ from .messages import (
 
 __all__ = [
     "CloseCode", "ErrorCode", "ProtocolError", "Discover", "Message", "Ping", "Register", "Relay",
-    "RotateKey", "discover_response_message", "encode", "error_message", "hello_message",
+    "RotateKey", "discover_response_message", "encode", "encode_relay", "error_message", "hello_message",
     "key_rotated_message", "parse", "pong_message", "rate_limited_message",
     "registered_message", "relayed_message", "session_replaced_message", "undelivered_message",
 ]
