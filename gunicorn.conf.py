@@ -6,9 +6,12 @@ worker (preload_app stays off).
 """
 
 import os
+import shutil
 import sys
+import tempfile
 
 from volli.config import ConfigError, check_workers, load
+from volli.logs import gunicorn_logconfig
 
 try:
     _settings = load(os.environ)
@@ -31,6 +34,14 @@ if _settings.tls_certfile:
     certfile, keyfile = _settings.tls_certfile, _settings.tls_keyfile
 accesslog = "-"
 errorlog = "-"
+logconfig_dict = gunicorn_logconfig(_settings.log_format)
+
+# prometheus_client's multiprocess mode: every worker writes its metrics to files here and
+# /metrics adds them up. Set before any worker imports prometheus_client; a directory of
+# our own making is emptied at start and removed at exit.
+_own_metrics_dir = "PROMETHEUS_MULTIPROC_DIR" not in os.environ
+if _own_metrics_dir:
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="volli-metrics-")
 
 
 def on_starting(server):
@@ -38,6 +49,22 @@ def on_starting(server):
     problem = check_workers(_settings, server.cfg.workers)
     if problem:
         sys.exit(f"invalid Volli configuration: {problem}")
+    metrics_dir = os.environ["PROMETHEUS_MULTIPROC_DIR"]
+    os.makedirs(metrics_dir, exist_ok=True)
+    for name in os.listdir(metrics_dir):  # values of an earlier run would be added in
+        os.remove(os.path.join(metrics_dir, name))
+
+
+def child_exit(server, worker):
+    # A dead worker's connections and users must leave the live gauges.
+    from prometheus_client import multiprocess
+
+    multiprocess.mark_process_dead(worker.pid)
+
+
+def on_exit(server):
+    if _own_metrics_dir:
+        shutil.rmtree(os.environ["PROMETHEUS_MULTIPROC_DIR"], ignore_errors=True)
 
 
 def post_worker_init(worker):

@@ -11,10 +11,10 @@ _discover = _hub._handlers[Discover]
 _receive_text = _hub.receive_text
 
 
-def _faulty_discover(session, message):
+def _faulty_discover(session, message, received_at):
     if message.user_id == "explode@fault":
         raise RuntimeError("injected fault in a handler")
-    return _discover(session, message)
+    return _discover(session, message, received_at)
 
 
 def _faulty_receive_text(session, text):

@@ -20,6 +20,7 @@ class RecordingSession:
         self.public_key = None
         self.signed = False
         self.nonce = ""
+        self.remote_addr = "192.0.2.1"
         self.sent: list[dict] = []
         self.origins: list[str | None] = []
         self.closed_with = None
@@ -63,7 +64,7 @@ def test_register_discover_relay(hub):
                             "publicKey": "AAAA"}
     hub.receive_text(alice, '{"type":"offer","to":"bob","offer":{"sdp":"x"}}')
     assert bob.last() == {"type": "offer", "to": "bob", "offer": {"sdp": "x"}, "from": "alice"}
-    assert hub.counters["relayed.offer"] == 1
+    assert hub.metrics["relayed.offer"] == 1
 
 
 def test_rules(hub):
@@ -103,7 +104,7 @@ def test_late_close_of_an_old_session_keeps_the_new_registration(hub):
 def test_internal_error_is_answered_not_raised(hub):
     alice = join(hub, "alice")
 
-    def broken(session, message):
+    def broken(session, message, received_at):
         raise RuntimeError("boom")
 
     hub._handlers[Ping] = broken
@@ -127,7 +128,7 @@ def test_relays_carry_their_origin_and_dropped_ones_are_reported_to_senders(hub)
                             "undelivered": 3,
                             "message": "3 message(s) to 'carol' were not delivered: it disconnected"}
     assert bob.last()["undelivered"] == 1
-    assert hub.counters["undelivered"] == 4
+    assert hub.metrics["undelivered"] == 4
 
 
 def test_offline_users_keep_their_last_key(hub):

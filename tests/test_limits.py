@@ -35,8 +35,8 @@ def test_distinct_targets_in_a_window():
 def test_address_limits():
     limits = AddressLimits(max_connections=2, connect_rate=1)
     assert limits.admit("1.1.1.1", 0) is None and limits.admit("1.1.1.1", 0) is None
-    assert "attempts" in limits.admit("1.1.1.1", 0)  # burst of 2 used up
-    assert "open connections" in limits.admit("1.1.1.1", 5)
+    assert limits.admit("1.1.1.1", 0) == "ip-rate"  # burst of 2 used up
+    assert limits.admit("1.1.1.1", 5) == "ip-connections"
     limits.release("1.1.1.1")
     assert limits.admit("1.1.1.1", 10) is None
     assert limits.admit("2.2.2.2", 10) is None

@@ -24,7 +24,7 @@ def create_app(overrides: Mapping[str, Any] | None = None,
         "ping_interval": settings.ping_interval,
         "max_message_size": settings.max_message_size,
     }
-    logs.configure(settings.log_level)
+    logs.configure(settings.log_level, settings.log_format)
     Runtime.init_app(app, settings)
     websocket.sock.init_app(app)
     app.register_blueprint(websocket.bp)

@@ -66,6 +66,12 @@ def _parse_trusted_proxies(text: str) -> str:
     return text
 
 
+def _parse_log_format(text: str) -> str:
+    if text.lower() not in {"text", "json"}:
+        raise ValueError("expected text or json")
+    return text.lower()
+
+
 def _parse_log_level(text: str) -> str:
     level = text.strip().upper()
     if level not in {"DEBUG", "INFO", "WARNING", "ERROR"}:
@@ -171,6 +177,21 @@ class Settings:
     tls_keyfile: str = _setting(
         "VOLLI_TLS_KEYFILE", "", str, "PEM private key for VOLLI_TLS_CERTFILE.")
 
+    log_format: str = _setting(
+        "VOLLI_LOG_FORMAT", "text", _parse_log_format,
+        "text, or json for one JSON object per log line (volli's and gunicorn's).")
+    metrics_token: str = _setting(
+        "VOLLI_METRICS_TOKEN", "", str,
+        "If set, /metrics requires the header Authorization: Bearer <token>.")
+    turn_secret: str = _setting(
+        "VOLLI_TURN_SECRET", "", str,
+        "Shared secret of a TURN server using coturn's use-auth-secret; enables ice-servers.")
+    turn_uris: str = _setting(
+        "VOLLI_TURN_URIS", "", str,
+        "Comma-separated TURN/STUN URIs handed out, e.g. turn:turn.example.com:3478.")
+    turn_ttl: int = _setting(
+        "VOLLI_TURN_TTL", 86400, _int, "Seconds a TURN credential stays valid.", 60)
+
     @property
     def origins(self) -> frozenset[str]:
         return frozenset(o.strip().rstrip("/").lower()
@@ -232,6 +253,8 @@ def load(environ: Mapping[str, str], overrides: Mapping[str, Any] | None = None)
     workers_problem = check_workers(settings, settings.workers)
     if workers_problem:
         problems.append(f"WEB_CONCURRENCY={settings.workers}: {workers_problem}")
+    if bool(settings.turn_secret) != bool(settings.turn_uris):
+        problems.append("VOLLI_TURN_SECRET and VOLLI_TURN_URIS must be set together")
     if bool(settings.tls_certfile) != bool(settings.tls_keyfile):
         problems.append("VOLLI_TLS_CERTFILE and VOLLI_TLS_KEYFILE must be set together")
     for path in (settings.tls_certfile, settings.tls_keyfile):

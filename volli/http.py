@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
-from flask import Blueprint, jsonify
+import hmac
 
-from . import __version__
+from flask import Blueprint, Response, jsonify, request
+
+from . import __version__, metrics
 from .runtime import get_runtime
 
 bp = Blueprint("http", __name__)
@@ -35,3 +37,18 @@ def ready():
     response = jsonify(ready=ok, reason=reason, backend=runtime.backend.name)
     response.status_code = 200 if ok else 503
     return response
+
+
+@bp.get("/metrics")
+def prometheus_metrics():
+    """Prometheus text format, summed over every worker of this server."""
+    token = get_runtime().settings.metrics_token
+    if token:
+        supplied = request.headers.get("Authorization", "")
+        if not hmac.compare_digest(supplied.encode(), f"Bearer {token}".encode()):
+            response = jsonify(error="unauthorized", message="a bearer token is required")
+            response.status_code = 401
+            response.headers["WWW-Authenticate"] = "Bearer"
+            return response
+    body, content_type = metrics.exposition()
+    return Response(body, content_type=content_type)

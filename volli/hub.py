@@ -5,7 +5,6 @@ request is answered with, and the per-connection limits. It sees connections onl
 
 from __future__ import annotations
 
-import collections
 import logging
 import time
 from typing import Callable, Mapping
@@ -13,6 +12,7 @@ from typing import Callable, Mapping
 from .backends import Backend, BackendUnavailable, Claim, Session
 from .config import Settings
 from .limits import ConnectionLimits
+from .metrics import Metrics
 from .protocol import (
     CloseCode, Discover, ErrorCode, Message, Ping, ProtocolError, Register, Relay, RotateKey,
     discover_response_message, encode, encode_relay, error_message, hello_message,
@@ -41,10 +41,10 @@ class Hub:
         backend.on_undelivered = self.report_undelivered
         backend.on_replaced = self.replace
         self._limits: dict[str, ConnectionLimits] = {}
-        # Keys: "received", "received.<type>", "relayed.<type>", "errors", "errors.<code>",
-        # "undelivered", "registered.signed", "registered.unsigned".
-        self.counters: collections.Counter[str] = collections.Counter()
-        self._handlers: dict[type, Callable[[Session, Message], None]] = {
+        self.metrics = Metrics()
+        backend.on_failure = self.metrics.redis_failure
+        # Each handler gets the session, the message and when its frame was received.
+        self._handlers: dict[type, Callable[[Session, Message, float], None]] = {
             Register: self._register,
             Discover: self._discover,
             Relay: self._relay,
@@ -60,7 +60,8 @@ class Hub:
 
     def disconnect(self, session: Session) -> None:
         """The session is closing: release its userId at once."""
-        self._limits.pop(session.id, None)
+        if self._limits.pop(session.id, None) is not None and session.user_id is not None:
+            self.metrics.unregistered()
         try:
             self.backend.detach(session)
         except BackendUnavailable:
@@ -71,7 +72,7 @@ class Hub:
         """Tell each sender how many of its relays to ``peer`` were accepted but will never
         be written (so nothing accepted is dropped without a word)."""
         for origin, count in undelivered.items():
-            self.counters["undelivered"] += count
+            self.metrics.undelivered(count)
             try:
                 self.backend.deliver(origin, encode(undelivered_message(peer, count)))
             except BackendUnavailable:
@@ -86,15 +87,18 @@ class Hub:
 
     def receive_text(self, session: Session, text: str) -> None:
         """Handle one text frame. Never raises: a failure becomes an ``error`` reply."""
-        self.counters["received"] += 1
-        if not self._within_rate(session):
+        received_at = self._clock()
+        if not self._within_rate(session, received_at):
+            self.metrics.received("refused")
             return
         message = None
         try:
             message = parse(text)
-            self.counters["received." + _type_name(message)] += 1
-            self._handlers[type(message)](session, message)
+            self.metrics.received(_type_name(message))
+            self._handlers[type(message)](session, message, received_at)
         except ProtocolError as exc:
+            if message is None:
+                self.metrics.received("invalid")
             request_id = exc.request_id if message is None else message.request_id
             self._reply_error(session, exc.code, exc.message, request_id)
         except BackendUnavailable:
@@ -106,8 +110,8 @@ class Hub:
                               getattr(message, "request_id", None))
 
     def receive_binary(self, session: Session) -> None:
-        self.counters["received"] += 1
-        if self._within_rate(session):
+        self.metrics.received("binary")
+        if self._within_rate(session, self._clock()):
             self._reply_error(session, ErrorCode.BINARY_FRAME,
                               "binary frames are not supported; send JSON text frames")
 
@@ -120,19 +124,19 @@ class Hub:
 
     # -- limits -----------------------------------------------------------------------
 
-    def _within_rate(self, session: Session) -> bool:
+    def _within_rate(self, session: Session, now: float) -> bool:
         limits = self._limits.get(session.id)
         return self._check(session, "message-rate",
-                           limits.messages.take(self._clock()) if limits else 0.0, None)
+                           limits.messages.take(now) if limits else 0.0, None)
 
     def _limited(self, session: Session, limit: str, wait: float, request_id) -> None:
-        self.counters["errors"] += 1
-        self.counters["errors." + ErrorCode.RATE_LIMITED] += 1
-        self.counters["limited." + limit] += 1
+        self.metrics.error(ErrorCode.RATE_LIMITED)
+        self.metrics.refused(limit)
         limits = self._limits.get(session.id)
         if limits and limits.violations.add(self._clock()) > self.settings.rate_abuse_close:
             log.warning("closing session %s (user=%s): kept sending while rate-limited",
                         session.id, session.user_id)
+            self.metrics.refused("abuse-close")
             session.close(CloseCode.RATE_LIMIT_ABUSE, "rate limit abuse")
             return
         session.send(encode(rate_limited_message(limit, wait, request_id)))
@@ -146,11 +150,10 @@ class Hub:
 
     def _reply_error(self, session: Session, code: ErrorCode, text: str,
                      request_id: str | int | None = None) -> None:
-        self.counters["errors"] += 1
-        self.counters["errors." + code] += 1
+        self.metrics.error(code)
         session.send(encode(error_message(code, text, request_id)))
 
-    def _register(self, session: Session, message: Register) -> None:
+    def _register(self, session: Session, message: Register, received_at: float) -> None:
         if session.user_id is not None:
             raise ProtocolError(ErrorCode.ALREADY_REGISTERED,
                                 f"this connection is already registered as {session.user_id!r}")
@@ -168,12 +171,13 @@ class Hub:
         next_nonce = None
         if signed:
             session.nonce = next_nonce = identity.new_nonce()  # one registration per nonce
-        self.counters["registered.signed" if signed else "registered.unsigned"] += 1
-        log.info("registered user=%s id=%s signed=%s%s", message.user_id, session.id, signed,
+        self.metrics.registered(signed)
+        log.info("registered user=%s id=%s ip=%s signed=%s%s", message.user_id, session.id,
+                 session.remote_addr, signed,
                  " (took over)" if outcome is Claim.TAKEN_OVER else "")
         session.send(encode(registered_message(message.user_id, message.request_id, next_nonce)))
 
-    def _rotate_key(self, session: Session, message: RotateKey) -> None:
+    def _rotate_key(self, session: Session, message: RotateKey, received_at: float) -> None:
         user_id = _require_registered(session)
         if not session.signed:
             raise ProtocolError(ErrorCode.SIGNATURE_REQUIRED,
@@ -189,30 +193,30 @@ class Hub:
         session.send(encode(key_rotated_message(user_id, message.new_public_key, session.nonce,
                                                 message.request_id)))
 
-    def _discover(self, session: Session, message: Discover) -> None:
+    def _discover(self, session: Session, message: Discover, received_at: float) -> None:
         _require_registered(session)
         if not self._check(session, "discover-rate",
-                           self._limits[session.id].discovers.take(self._clock()),
+                           self._limits[session.id].discovers.take(received_at),
                            message.request_id):
             return
         presence = self.backend.lookup(message.user_id)
         session.send(encode(discover_response_message(
             message.user_id, presence.online, presence.public_key, message.request_id)))
 
-    def _relay(self, session: Session, message: Relay) -> None:
+    def _relay(self, session: Session, message: Relay, received_at: float) -> None:
         sender = _require_registered(session)
         if message.sender is not None and message.sender != sender:
             raise ProtocolError(ErrorCode.FORBIDDEN_SENDER,
                                 f"'from' must be your own userId {sender!r}")
         if not self._check(session, "fan-out",
-                           self._limits[session.id].targets.allow(message.to, self._clock()),
+                           self._limits[session.id].targets.allow(message.to, received_at),
                            message.request_id):
             return
         if not self.backend.deliver(message.to, encode_relay(message, sender), sender):
             raise ProtocolError(ErrorCode.PEER_OFFLINE, f"{message.to!r} is not online")
-        self.counters["relayed." + message.kind] += 1
+        self.metrics.relayed(message.kind, self._clock() - received_at)
 
-    def _ping(self, session: Session, message: Ping) -> None:
+    def _ping(self, session: Session, message: Ping, received_at: float) -> None:
         session.send(encode(pong_message(message.request_id)))
 
 

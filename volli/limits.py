@@ -86,7 +86,8 @@ class AddressLimits:
         self.attempts: dict[str, TokenBucket] = {}
 
     def admit(self, address: str, now: float) -> str | None:
-        """Count an upgrade attempt; the reason to refuse it, or None (then it is open)."""
+        """Count an upgrade attempt; the limit that refuses it ("ip-rate" or
+        "ip-connections"), or None (then it is open)."""
         if self.connect_rate:
             bucket = self.attempts.get(address)
             if bucket is None:
@@ -95,9 +96,9 @@ class AddressLimits:
                 bucket = self.attempts[address] = TokenBucket(
                     self.connect_rate, 2 * self.connect_rate, now)
             if bucket.take(now):
-                return "too many connection attempts from this address"
+                return "ip-rate"
         if self.max_connections and self.open.get(address, 0) >= self.max_connections:
-            return "too many open connections from this address"
+            return "ip-connections"
         self.open[address] = self.open.get(address, 0) + 1
         return None
 

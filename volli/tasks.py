@@ -24,10 +24,10 @@ def start_worker_tasks(app: Flask, is_alive: Callable[[], bool]) -> list[gevent.
 
 
 def stats_line(runtime: Runtime) -> str:
-    counters = runtime.hub.counters
-    relayed = sum(v for k, v in counters.items() if k.startswith("relayed."))
+    totals = runtime.hub.metrics
     return (f"stats online={runtime.backend.online_count()} connections={runtime.connections} "
-            f"received={counters['received']} relayed={relayed} errors={counters['errors']}")
+            f"received={totals['received']} relayed={totals['relayed']} "
+            f"errors={totals['errors']}")
 
 
 def stats_loop(runtime: Runtime) -> None:

@@ -46,6 +46,7 @@ class Session(Protocol):
     user_id: str | None
     public_key: str | None
     signed: bool  # registered with a verified signature
+    remote_addr: str  # the client's IP, for logs
     nonce: str  # the current one-time nonce for signed requests
 
     def send(self, text: str, origin: str | None = None) -> bool:
@@ -81,6 +82,8 @@ class Backend(abc.ABC):
     on_undelivered: UndeliveredHook = staticmethod(lambda peer, counts: None)
     # Called with a local session whose userId a signed registration took over.
     on_replaced: ReplacedHook = staticmethod(lambda session: None)
+    # Called with the name of a shared-store operation that failed.
+    on_failure: Callable[[str], None] = staticmethod(lambda operation: None)
 
     def start(self, spawn: Spawn) -> None:
         """Start background tasks (per worker, after gevent has patched)."""

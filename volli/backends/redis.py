@@ -92,15 +92,6 @@ BACKOFF_FIRST, BACKOFF_CAP = 0.1, 5.0
 HEARTBEAT_BATCH = 500  # claims per pipeline round trip
 
 
-@contextlib.contextmanager
-def _store():
-    """Redis failures reach the hub as BackendUnavailable."""
-    try:
-        yield
-    except redis.RedisError as exc:
-        raise BackendUnavailable(str(exc)) from exc
-
-
 class RedisBackend(MemoryBackend):
     def __init__(self, settings) -> None:
         super().__init__()
@@ -131,7 +122,7 @@ class RedisBackend(MemoryBackend):
     # -- presence ---------------------------------------------------------------------
 
     def claim(self, session: Session, user_id: str, public_key: str, signed: bool) -> Claim:
-        reply = self._call(self._claim, self._keys_for(user_id),
+        reply = self._call("claim", self._claim, self._keys_for(user_id),
                            self._claim_args(session, public_key, signed, refresh=False))
         outcome = _CLAIM_CODES[int(reply[0])]
         if outcome in (Claim.OK, Claim.TAKEN_OVER):
@@ -141,7 +132,7 @@ class RedisBackend(MemoryBackend):
             if old_node == self.node:
                 self._replace_local(old_session)
             else:
-                with _store():
+                with self._store("takeover"):
                     self._redis.publish(self._channel_prefix + old_node, f"R\n{old_session}")
         return outcome
 
@@ -155,8 +146,8 @@ class RedisBackend(MemoryBackend):
             self.on_replaced(session)
 
     def rebind(self, session: Session, new_public_key: str) -> bool:
-        if not self._call(self._rebind, [self._binding_key(session.user_id),
-                                         self._presence_key(session.user_id)],
+        keys = [self._binding_key(session.user_id), self._presence_key(session.user_id)]
+        if not self._call("rebind", self._rebind, keys,
                           [session.public_key, new_public_key, session.id]):
             return False
         session.public_key = new_public_key
@@ -166,12 +157,13 @@ class RedisBackend(MemoryBackend):
         mine = session.user_id is not None and self._users.get(session.user_id) is session
         super().detach(session)
         if mine:
-            self._call(self._release, [self._presence_key(session.user_id)], [session.id])
+            self._call("release", self._release, [self._presence_key(session.user_id)],
+                       [session.id])
 
     def lookup(self, user_id: str) -> Presence:
         if user_id in self._users:
             return super().lookup(user_id)
-        with _store():
+        with self._store("lookup"):
             pipe = self._redis.pipeline(transaction=False)
             pipe.hget(self._presence_key(user_id), "publicKey")
             pipe.hget(self._binding_key(user_id), "publicKey")
@@ -186,7 +178,7 @@ class RedisBackend(MemoryBackend):
         if user_id in self._users:
             return super().deliver(user_id, text, origin)
         payload = f"D\n{user_id}\n{origin or ''}\n{text}"
-        return self._call(self._route, [self._presence_key(user_id)],
+        return self._call("publish", self._route, [self._presence_key(user_id)],
                           [self._channel_prefix, payload]) > 0
 
     def _on_message(self, data: bytes) -> None:
@@ -244,6 +236,7 @@ class RedisBackend(MemoryBackend):
                     if message is not None and message["type"] == "message":
                         self._dispatch(message["data"])
             except (redis.RedisError, OSError) as exc:
+                self.on_failure("listener")
                 self._subscribed = False
                 if lost_at is None:
                     lost_at = time.monotonic()
@@ -271,6 +264,7 @@ class RedisBackend(MemoryBackend):
                 for session in lost:
                     session.close(CloseCode.SESSION_REPLACED, "userId registered elsewhere")
             except redis.RedisError as exc:
+                self.on_failure("heartbeat")
                 if self._store_ok:
                     log.error("redis unreachable: %s; serving local users only", exc)
                 self._store_ok = False
@@ -308,8 +302,17 @@ class RedisBackend(MemoryBackend):
     def _keys_for(self, user_id: str) -> list[str]:
         return [self._presence_key(user_id), self._binding_key(user_id)]
 
-    def _call(self, script, keys: list[str], args: list):
-        with _store():
+    @contextlib.contextmanager
+    def _store(self, operation: str):
+        """Redis failures are counted and reach the hub as BackendUnavailable."""
+        try:
+            yield
+        except redis.RedisError as exc:
+            self.on_failure(operation)
+            raise BackendUnavailable(str(exc)) from exc
+
+    def _call(self, operation: str, script, keys: list[str], args: list):
+        with self._store(operation):
             return script(keys=keys, args=args)
 
     @staticmethod

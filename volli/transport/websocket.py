@@ -29,26 +29,27 @@ def admit():
     settings = runtime.settings
     environ = request.environ
     if runtime.draining:
-        return _refuse(503, "unavailable", "server is shutting down")
+        return _refuse(runtime, 503, "draining", "server is shutting down")
     if runtime.connections >= settings.max_connections:
-        return _refuse(503, "unavailable", "server is at its connection limit")
+        return _refuse(runtime, 503, "max-connections", "server is at its connection limit")
     origin = environ.get("HTTP_ORIGIN")
     if settings.origins and origin is not None \
             and origin.rstrip("/").lower() not in settings.origins:
         log.warning("refused origin %r from %s", origin, request.remote_addr)
-        return _refuse(403, "forbidden-origin", "this Origin may not open WebSockets here")
+        return _refuse(runtime, 403, "origin", "this Origin may not open WebSockets here")
     if "gunicorn.socket" not in environ:
         return jsonify(error="the WebSocket endpoint needs gunicorn's gevent worker"), 500
     address = client_ip(environ, settings.proxies)
     refusal = runtime.addresses.admit(address, time.monotonic())
     if refusal:
-        return _refuse(429, "too-many-connections", refusal)
+        return _refuse(runtime, 429, refusal, _IP_REFUSALS[refusal])
     g.volli_address = address
     if not settings.permessage_deflate:
         # simple-websocket accepts any offered deflate; hiding the offer turns it off.
         environ.pop("HTTP_SEC_WEBSOCKET_EXTENSIONS", None)
     environ["gunicorn.socket"] = GuardedSocket(environ["gunicorn.socket"], settings.send_timeout)
     runtime.connections += 1
+    runtime.hub.metrics.connection(+1)
     return None
 
 
@@ -58,11 +59,19 @@ def release(_exc):
     if address is not None:
         runtime = get_runtime()
         runtime.connections -= 1
+        runtime.hub.metrics.connection(-1)
         runtime.addresses.release(address)
 
 
-def _refuse(status: int, error: str, reason: str):
-    response = jsonify(error=error, message=reason)
+_ERRORS = {503: "unavailable", 403: "forbidden-origin", 429: "too-many-connections"}
+_IP_REFUSALS = {"ip-rate": "too many connection attempts from this address",
+                "ip-connections": "too many open connections from this address"}
+
+
+def _refuse(runtime: Runtime, status: int, reason: str, message: str):
+    """An HTTP refusal before the upgrade; ``reason`` labels the refusal metric."""
+    runtime.hub.metrics.refused(reason)
+    response = jsonify(error=_ERRORS[status], message=message)
     response.status_code = status
     if status in (429, 503):
         response.headers["Retry-After"] = "5"

@@ -1,0 +1,95 @@
+"""What Volli counts: per-worker totals for the stats log line, and Prometheus metrics.
+
+With several gunicorn workers, prometheus_client runs in its multiprocess mode: each
+worker writes its values to files in ``PROMETHEUS_MULTIPROC_DIR`` (gunicorn.conf.py sets
+the directory up, and removes a dead worker's live gauges), and ``/metrics`` in any worker
+adds them up. The variable must be set before this module is imported.
+"""
+
+from __future__ import annotations
+
+import collections
+import os
+
+from prometheus_client import (
+    CONTENT_TYPE_LATEST, REGISTRY, CollectorRegistry, Counter, Gauge, Histogram,
+    generate_latest, multiprocess,
+)
+
+CONNECTIONS = Gauge("volli_connections", "Open WebSocket connections.",
+                    multiprocess_mode="livesum")
+USERS = Gauge("volli_registered_users", "Users registered on connections of this server.",
+              multiprocess_mode="livesum")
+RECEIVED = Counter("volli_messages_received", "Frames received, by message type.", ["type"])
+RELAYED = Counter("volli_messages_relayed", "Relays accepted for their target, by type.",
+                  ["type"])
+ERRORS = Counter("volli_errors", "error messages sent, by code.", ["code"])
+UNDELIVERED = Counter("volli_relays_undelivered",
+                      "Accepted relays dropped with a closing receiver (senders are told).")
+RELAY_LATENCY = Histogram(
+    "volli_relay_latency_seconds",
+    "From a relay's frame received to its enqueue for the target (or its publish to the "
+    "target's worker).",
+    buckets=(0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.5))
+REFUSED = Counter("volli_refused", "Refusals by limit: upgrades (503/429/403) and "
+                  "rate-limited messages.", ["reason"])
+REGISTRATIONS = Counter("volli_registrations", "Successful registrations.", ["signed"])
+REDIS_FAILURES = Counter("volli_redis_failures", "Redis operations that failed.", ["operation"])
+
+
+class Metrics:
+    """One call per event updates both the Prometheus metric and this worker's totals."""
+
+    def __init__(self) -> None:
+        self.totals: collections.Counter[str] = collections.Counter()
+
+    def received(self, kind: str) -> None:
+        self.totals["received"] += 1
+        RECEIVED.labels(kind).inc()
+
+    def relayed(self, kind: str, seconds: float) -> None:
+        self.totals["relayed"] += 1
+        self.totals["relayed." + kind] += 1
+        RELAYED.labels(kind).inc()
+        RELAY_LATENCY.observe(seconds)
+
+    def error(self, code: str) -> None:
+        self.totals["errors"] += 1
+        self.totals["errors." + code] += 1
+        ERRORS.labels(code).inc()
+
+    def refused(self, reason: str) -> None:
+        self.totals["refused." + reason] += 1
+        REFUSED.labels(reason).inc()
+
+    def registered(self, signed: bool) -> None:
+        self.totals["registered.signed" if signed else "registered.unsigned"] += 1
+        REGISTRATIONS.labels("true" if signed else "false").inc()
+        USERS.inc()
+
+    def unregistered(self) -> None:
+        USERS.dec()
+
+    def undelivered(self, count: int) -> None:
+        self.totals["undelivered"] += count
+        UNDELIVERED.inc(count)
+
+    def connection(self, delta: int) -> None:
+        CONNECTIONS.inc(delta)
+
+    def redis_failure(self, operation: str) -> None:
+        self.totals["redis_failures." + operation] += 1
+        REDIS_FAILURES.labels(operation).inc()
+
+    def __getitem__(self, key: str) -> int:
+        return self.totals[key]
+
+
+def exposition() -> tuple[bytes, str]:
+    """The Prometheus text for this server: all live and past workers added up."""
+    if "PROMETHEUS_MULTIPROC_DIR" in os.environ:
+        registry = CollectorRegistry()
+        multiprocess.MultiProcessCollector(registry)
+    else:
+        registry = REGISTRY
+    return generate_latest(registry), CONTENT_TYPE_LATEST
