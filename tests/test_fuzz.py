@@ -74,13 +74,14 @@ HONEST_KEYS = {ALICE: "YWxpY2Uta2V5", BOB: "Ym9iLWtleQ==", PROBE: "cHJvYmUta2V5"
 FUZZ_IDS = ["mallory@fuzz.volli", "trudy@fuzz.volli", "ghost@fuzz.volli"]
 KNOWN_IDS = [ALICE, BOB, *FUZZ_IDS]
 
-KNOWN_TYPES = ["register", "discover", "offer", "answer", "ice-candidate", "ping", "rotate-key"]
+KNOWN_TYPES = ["register", "discover", "offer", "answer", "ice-candidate", "ping", "rotate-key",
+               "ice-servers"]
 RELAY_PAYLOAD = {"offer": "offer", "answer": "answer", "ice-candidate": "candidate"}
 FIELDS = ["type", "userId", "publicKey", "signature", "newPublicKey", "to", "from", "offer",
           "answer", "candidate", "requestId"]
 TYPE_FIELDS = {"register": ["userId", "publicKey", "signature"],
                "rotate-key": ["newPublicKey", "signature"],
-               "discover": ["userId"], "ping": [],
+               "discover": ["userId"], "ping": [], "ice-servers": [],
                "offer": ["to", "from", "offer"], "answer": ["to", "from", "answer"],
                "ice-candidate": ["to", "from", "candidate"]}
 OPTIONAL_FIELDS = {"signature", "from"}
@@ -579,6 +580,11 @@ class Oracle:
             return self._relay(kind, data, rid)
         if kind == "ping":
             return Expect("reply", reply=with_request_id({"type": "pong"}, rid))
+        if kind == "ice-servers":  # the fuzzed server has no TURN configured
+            if self.own is None:
+                return error("not-registered", rid)
+            return Expect("reply", reply=with_request_id(
+                {"type": "ice-servers", "iceServers": []}, rid))
         return error("unknown-type", rid)
 
     def _register(self, data: dict[str, Any], rid: Any) -> Expect:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import re
 import signal
 import time
 
@@ -13,8 +12,8 @@ from websockets.exceptions import ConnectionClosed
 
 from conftest import Client, RedisServer, Server
 from signing import Identity
+from workers import spread_users
 
-REGISTERED = re.compile(r"\[(\d+)\] \[INFO\] volli\.hub: registered user=(\S+) id=")
 
 
 @pytest.fixture
@@ -52,34 +51,6 @@ def open_client():
     yield open_one
     for client in opened:
         client.close()
-
-
-def worker_of(servers: list[Server]) -> dict[str, int]:
-    """userId -> pid of the worker that registered it, from the servers' logs."""
-    return {user: int(pid) for srv in servers for pid, user in REGISTERED.findall(srv.log())}
-
-
-def spread_users(servers, open_client, workers_total: int, limit: int = 80):
-    """Register users alternately on the servers until every worker holds one.
-    Returns {userId: client} with one user per worker, and the full userId->pid map."""
-    clients: dict[str, Client] = {}
-    for i in range(limit):
-        user = f"u{i}@volli.app"
-        clients[user] = open_client(servers[i % len(servers)])
-        clients[user].register(user, public_key=f"key{i}")
-        if i % 4 == 3 or i == limit - 1:
-            deadline = time.monotonic() + 5
-            while len(worker_of(servers)) < len(clients) and time.monotonic() < deadline:
-                time.sleep(0.05)
-            pids = worker_of(servers)
-            if len(set(pids.values())) == workers_total:
-                break
-    pids = worker_of(servers)
-    assert len(set(pids.values())) == workers_total, f"users landed on {set(pids.values())}"
-    one_per_worker = {}
-    for user, pid in pids.items():
-        one_per_worker.setdefault(pid, user)
-    return {user: clients[user] for user in one_per_worker.values()}, pids
 
 
 def assert_all_relay(reps: dict[str, Client]) -> None:

@@ -12,9 +12,11 @@ from typing import Callable, Mapping
 from .backends import Backend, BackendUnavailable, Claim, Session
 from .config import Settings
 from .limits import ConnectionLimits
+from . import turn
 from .metrics import Metrics
 from .protocol import (
-    CloseCode, Discover, ErrorCode, Message, Ping, ProtocolError, Register, Relay, RotateKey,
+    CloseCode, Discover, ErrorCode, IceServers, Message, Ping, ProtocolError, Register, Relay,
+    RotateKey, ice_servers_message,
     discover_response_message, encode, encode_relay, error_message, hello_message,
     key_rotated_message, parse,
     pong_message, rate_limited_message, registered_message,
@@ -50,7 +52,9 @@ class Hub:
             Relay: self._relay,
             Ping: self._ping,
             RotateKey: self._rotate_key,
+            IceServers: self._ice_servers,
         }
+        self._turn_uris = [u.strip() for u in settings.turn_uris.split(",") if u.strip()]
 
     def connect(self, session: Session) -> None:
         session.nonce = identity.new_nonce()
@@ -176,6 +180,8 @@ class Hub:
                  session.remote_addr, signed,
                  " (took over)" if outcome is Claim.TAKEN_OVER else "")
         session.send(encode(registered_message(message.user_id, message.request_id, next_nonce)))
+        if self._turn_uris:
+            session.send(encode(ice_servers_message(self._ice_server_list(session))))
 
     def _rotate_key(self, session: Session, message: RotateKey, received_at: float) -> None:
         user_id = _require_registered(session)
@@ -216,6 +222,15 @@ class Hub:
             raise ProtocolError(ErrorCode.PEER_OFFLINE, f"{message.to!r} is not online")
         self.metrics.relayed(message.kind, self._clock() - received_at)
 
+    def _ice_servers(self, session: Session, message: IceServers, received_at: float) -> None:
+        _require_registered(session)
+        servers = self._ice_server_list(session) if self._turn_uris else []
+        session.send(encode(ice_servers_message(servers, message.request_id)))
+
+    def _ice_server_list(self, session: Session) -> list[dict]:
+        return turn.ice_servers(self.settings.turn_secret, self._turn_uris, session.user_id,
+                                self.settings.turn_ttl, time.time())
+
     def _ping(self, session: Session, message: Ping, received_at: float) -> None:
         session.send(encode(pong_message(message.request_id)))
 
@@ -229,4 +244,5 @@ def _require_registered(session: Session) -> str:
 def _type_name(message: Message) -> str:
     if isinstance(message, Relay):
         return message.kind
-    return {RotateKey: "rotate-key"}.get(type(message), type(message).__name__.lower())
+    return {RotateKey: "rotate-key", IceServers: "ice-servers"}.get(
+        type(message), type(message).__name__.lower())

@@ -2,15 +2,16 @@
 
 from .errors import CloseCode, ErrorCode, ProtocolError
 from .messages import (
-    Discover, Message, Ping, Register, Relay, RotateKey, discover_response_message, encode,
-    encode_relay,
+    Discover, IceServers, Message, Ping, Register, Relay, RotateKey, discover_response_message,
+    encode, encode_relay, ice_servers_message,
     error_message, hello_message, key_rotated_message, parse, pong_message,
     rate_limited_message, registered_message, relayed_message, session_replaced_message,
     undelivered_message,
 )
 
 __all__ = [
-    "CloseCode", "ErrorCode", "ProtocolError", "Discover", "Message", "Ping", "Register", "Relay",
+    "CloseCode", "ErrorCode", "ProtocolError", "Discover", "IceServers", "ice_servers_message",
+    "Message", "Ping", "Register", "Relay",
     "RotateKey", "discover_response_message", "encode", "encode_relay", "error_message", "hello_message",
     "key_rotated_message", "parse", "pong_message", "rate_limited_message",
     "registered_message", "relayed_message", "session_replaced_message", "undelivered_message",

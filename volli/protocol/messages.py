@@ -71,7 +71,14 @@ class Ping:
     request_id: RequestId = None
 
 
-Message = Union[Register, Discover, Relay, Ping, RotateKey]
+@dataclasses.dataclass(frozen=True, slots=True)
+class IceServers:
+    """A request for ICE servers (STUN/TURN with fresh credentials)."""
+
+    request_id: RequestId = None
+
+
+Message = Union[Register, Discover, Relay, Ping, RotateKey, IceServers]
 
 
 def parse(text: str | bytes) -> Message:
@@ -99,6 +106,8 @@ def parse(text: str | bytes) -> Message:
             return _relay(kind, data, request_id)
         if kind == "ping":
             return Ping(request_id)
+        if kind == "ice-servers":
+            return IceServers(request_id)
         raise ProtocolError(ErrorCode.UNKNOWN_TYPE, f"unknown message type {kind[:64]!r}")
     except ProtocolError as exc:
         exc.request_id = request_id
@@ -197,6 +206,11 @@ def key_rotated_message(user_id: str, public_key: str, nonce: str,
                         request_id: RequestId = None) -> dict[str, Any]:
     return _with_request_id({"type": "key-rotated", "userId": user_id,
                              "publicKey": public_key, "nonce": nonce}, request_id)
+
+
+def ice_servers_message(servers: list[dict[str, Any]],
+                        request_id: RequestId = None) -> dict[str, Any]:
+    return _with_request_id({"type": "ice-servers", "iceServers": servers}, request_id)
 
 
 def session_replaced_message() -> dict[str, Any]:
