@@ -7,6 +7,10 @@ cd "$(dirname "$0")/.."
 # System packages the tests start for real (Debian names).
 need=()
 command -v redis-server >/dev/null || need+=(redis-server)
+# nginx lives in /usr/sbin, which a non-root PATH may lack.
+command -v nginx >/dev/null || [ -x /usr/sbin/nginx ] || need+=(nginx)
+command -v turnserver >/dev/null || need+=(coturn)
+command -v systemd-analyze >/dev/null || need+=(systemd)
 if [ ${#need[@]} -gt 0 ]; then
     sudo=""
     [ "$(id -u)" -eq 0 ] || sudo="sudo"
