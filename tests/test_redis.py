@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import os
+import re
 import signal
 import time
+import urllib.request
 
 import pytest
 import redis as redis_client
@@ -195,6 +197,11 @@ def test_redis_restart_local_service_continues_then_presence_is_rebuilt(nodes, o
     bob.send({"type": "answer", "to": "alice@volli.app", "answer": {"n": 4}})
     assert alice.recv()["answer"] == {"n": 4}
     assert "redis listener recovered" in a.log()
+    with urllib.request.urlopen(f"http://127.0.0.1:{a.port}/metrics", timeout=5) as response:
+        metrics = response.read().decode()
+    failures = re.search(r'^volli_redis_failures_total\{operation="listener"\} (\S+)$',
+                         metrics, re.M)
+    assert failures and float(failures.group(1)) >= 1, metrics
 
 
 def test_bindings_survive_a_full_restart_of_the_servers(nodes, open_client):
