@@ -20,7 +20,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from conftest import RedisServer, Server, free_port
 from signing import Identity
 from volli import turn
-from workers import spread_users
+from workers import spread_users, worker_of
 
 
 def scrape(srv: Server, token: str | None = None) -> dict[tuple[str, tuple], float]:
@@ -91,8 +91,10 @@ def test_metrics_add_up_over_two_workers(tmp_path, redis, open_client):
             assert value(samples, "volli_registrations_total", signed="false") == len(pids)
             assert value(samples, "volli_messages_received_total", type="register") == registered
         # A killed worker's live gauges go; its counters stay.
-        victim = pids[users[0]]
-        on_victim = sum(1 for pid in pids.values() if pid == victim)
+        everyone = worker_of([srv])  # now including signed@volli.app
+        assert len(everyone) == registered
+        victim = everyone[users[0]]
+        on_victim = sum(1 for pid in everyone.values() if pid == victim)
         os.kill(victim, signal.SIGKILL)
         deadline = time.monotonic() + 15
         while value(scrape(srv), "volli_connections") != registered - on_victim:
