@@ -11,6 +11,8 @@ command -v redis-server >/dev/null || need+=(redis-server)
 command -v nginx >/dev/null || [ -x /usr/sbin/nginx ] || need+=(nginx)
 command -v turnserver >/dev/null || need+=(coturn)
 command -v systemd-analyze >/dev/null || need+=(systemd)
+# Real WebRTC in a browser (driven by Playwright; never `playwright install`).
+[ -x /usr/bin/chromium ] || need+=(chromium)
 if [ ${#need[@]} -gt 0 ]; then
     sudo=""
     [ "$(id -u)" -eq 0 ] || sudo="sudo"

@@ -1,0 +1,19 @@
+"""Browser-facing files: the JavaScript client and the demo page (static, no build step)."""
+
+from __future__ import annotations
+
+from flask import Blueprint, send_from_directory
+
+bp = Blueprint("web", __name__, static_folder="static", static_url_path="/static")
+
+
+@bp.get("/demo")
+def demo():
+    return send_from_directory(bp.static_folder, "demo.html")
+
+
+@bp.get("/volli-signaling.js")
+def client_module():
+    """The ES module, also at a stable top-level path for <script type="module">."""
+    return send_from_directory(bp.static_folder, "volli-signaling.js",
+                               mimetype="text/javascript")
