@@ -9,20 +9,17 @@ import logging
 import time
 from typing import Callable, Mapping
 
+from . import turn
 from .backends import Backend, BackendUnavailable, Claim, Session
 from .config import Settings
 from .limits import ConnectionLimits
-from . import turn
 from .metrics import Metrics
 from .protocol import (
     CloseCode, Discover, ErrorCode, IceServers, Message, Ping, ProtocolError, Register, Relay,
-    RotateKey, ice_servers_message,
-    discover_response_message, encode, encode_relay, error_message, hello_message,
-    key_rotated_message, parse,
-    pong_message, rate_limited_message, registered_message,
-    session_replaced_message, undelivered_message,
+    RotateKey, discover_response_message, encode, encode_relay, error_message, hello_message,
+    ice_servers_message, identity, key_rotated_message, parse, pong_message,
+    rate_limited_message, registered_message, session_replaced_message, undelivered_message,
 )
-from .protocol import identity
 
 log = logging.getLogger("volli.hub")
 
