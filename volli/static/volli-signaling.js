@@ -1,1 +1,500 @@
-export {};
+/**
+ * volli-signaling.js: the browser client for the Volli WebRTC signaling server.
+ *
+ * A dependency-free ES module (no build step). It speaks the protocol of
+ * docs/protocol.md over one WebSocket: registers (optionally signed with an Ed25519
+ * CryptoKeyPair), discovers users, relays offers, answers and ICE candidates, keeps the
+ * connection alive with application pings, and reconnects with exponential backoff.
+ * Guide and examples: docs/client-js.md.
+ *
+ * @example
+ * import { VolliSignaling } from "/volli-signaling.js";
+ * const sig = new VolliSignaling(null, { userId: "alice@volli.app" });
+ * sig.on("offer", (msg) => console.log("offer from", msg.from, msg.offer));
+ * await sig.connect();
+ *
+ * @module volli-signaling
+ */
+
+/** Protocol version this client speaks (the `version` of the server's `hello`). */
+export const PROTOCOL_VERSION = 1;
+
+/** Close codes after which the client never reconnects: 4000 session replaced, 4029 abuse. */
+export const NO_RECONNECT_CODES = Object.freeze([4000, 4029]);
+
+/** `register` error codes that a reconnect retries; any other one stops the client. */
+const RETRYABLE_REGISTER_ERRORS = new Set(["user-id-taken", "unavailable", "rate-limited",
+  "internal-error"]);
+
+const REGISTER_CONTEXT = "volli/register/v1";
+const ROTATE_CONTEXT = "volli/rotate-key/v1";
+const ED25519 = { name: "Ed25519" };
+
+/**
+ * An error from the server (`{type:"error", code, message}`) or from this client.
+ * Client-side codes: `not-connected`, `disconnected`, `timeout`, `closed`, `connect-failed`,
+ * `unsupported`.
+ */
+export class VolliError extends Error {
+  /**
+   * @param {string} code machine-readable code; branch on this
+   * @param {string} message human-readable text
+   * @param {object} [reply] the server's error message, when it came from the server
+   */
+  constructor(code, message, reply) {
+    super(message);
+    this.name = "VolliError";
+    this.code = code;
+    this.reply = reply;
+  }
+}
+
+/** `ws(s)://<this page's host>/signaling`, the endpoint of the server that served the page. */
+export function defaultUrl() {
+  const scheme = globalThis.location?.protocol === "https:" ? "wss" : "ws";
+  return `${scheme}://${globalThis.location.host}/signaling`;
+}
+
+function subtle() {
+  // WebCrypto only exists in secure contexts: https://, or http://localhost / 127.0.0.1.
+  if (!globalThis.crypto?.subtle) {
+    throw new VolliError("unsupported",
+      "WebCrypto is unavailable: signing needs a secure context (https or localhost)");
+  }
+  return globalThis.crypto.subtle;
+}
+
+function base64(bytes) {
+  let text = "";
+  for (const b of new Uint8Array(bytes)) text += String.fromCharCode(b);
+  return btoa(text);
+}
+
+/**
+ * A new Ed25519 key pair for signed registration.
+ * The private key is not extractable unless asked; a CryptoKeyPair can be stored in
+ * IndexedDB as is, so an identity can outlive the page without ever exporting it.
+ * @param {{extractable?: boolean}} [options]
+ * @returns {Promise<CryptoKeyPair>}
+ */
+export async function generateKeyPair({ extractable = false } = {}) {
+  try {
+    return await subtle().generateKey(ED25519, extractable, ["sign", "verify"]);
+  } catch (err) {
+    if (err instanceof VolliError) throw err;
+    throw new VolliError("unsupported", `this browser cannot generate Ed25519 keys: ${err}`);
+  }
+}
+
+/**
+ * The raw 32-byte public key in standard base64: the `publicKey` of a signed `register`.
+ * @param {CryptoKey} publicKey
+ * @returns {Promise<string>}
+ */
+export async function exportPublicKey(publicKey) {
+  return base64(await subtle().exportKey("raw", publicKey));
+}
+
+/**
+ * The base64 Ed25519 signature over the UTF-8 bytes
+ * `volli/register/v1\n<nonce>\n<userId>` (docs/protocol.md, section 3a).
+ * @param {CryptoKey} privateKey
+ * @param {string} nonce the `hello` nonce, or the `nonce` of the last signed reply
+ * @param {string} userId
+ * @returns {Promise<string>}
+ */
+export async function signRegistration(privateKey, nonce, userId) {
+  return sign(privateKey, `${REGISTER_CONTEXT}\n${nonce}\n${userId}`);
+}
+
+async function sign(privateKey, text) {
+  return base64(await subtle().sign(ED25519, privateKey, new TextEncoder().encode(text)));
+}
+
+function toJSON(value) {
+  return value && typeof value.toJSON === "function" ? value.toJSON() : value;
+}
+
+/**
+ * @typedef {object} VolliOptions
+ * @property {string} userId the user ID to register (required)
+ * @property {CryptoKeyPair} [keyPair] Ed25519 key pair: registration is then signed
+ * @property {string} [publicKey="unsigned"] `publicKey` of an unsigned registration (any
+ *   base64 text; stored by the server and returned by `discover`)
+ * @property {boolean} [reconnect=true] reconnect after an established session drops
+ * @property {number} [pingInterval=20] seconds between application pings; 0 turns them off
+ * @property {number} [pingTimeout=10] seconds without a pong before the socket is dropped
+ * @property {number} [requestTimeout=10] seconds before a request promise rejects (`timeout`)
+ * @property {number} [reconnectDelay=0.5] first reconnect delay in seconds (doubled each try)
+ * @property {number} [maxReconnectDelay=30] cap of the reconnect delay in seconds
+ */
+
+/**
+ * A signaling connection for one user.
+ *
+ * Events (CustomEvent; the payload is `event.detail`, also passed to `on()` handlers):
+ * - `open` `{url}`: the WebSocket opened (registration follows)
+ * - `registered` `{userId, nonce?, reconnected}`: registered, first time or after a reconnect
+ * - `offer`, `answer`, `ice-candidate`: relayed messages, with `from` set by the server
+ * - `ice-servers` `{iceServers}`: ICE servers from the server (also in `.iceServers`)
+ * - `error`: a server error not tied to a pending request (e.g. `peer-offline` for a relay),
+ *   or a registration failure that stopped the client; detail is the error message
+ * - `session-replaced` `{code?, reason?}`: another connection took over this user ID
+ * - `reconnecting` `{attempt, delay}`: a reconnect is scheduled in `delay` seconds
+ * - `close` `{code, reason, willReconnect}`: the WebSocket closed
+ * - `statechange` `{state}`: `.state` changed
+ * - `message`: every message from the server, before any other handling
+ */
+export class VolliSignaling extends EventTarget {
+  /**
+   * @param {string|null} url `ws://host/signaling`; null for {@link defaultUrl}
+   * @param {VolliOptions} options
+   */
+  constructor(url, options) {
+    super();
+    if (!options?.userId) throw new TypeError("options.userId is required");
+    this.url = url || defaultUrl();
+    this.userId = options.userId;
+    this.keyPair = options.keyPair ?? null;
+    this.publicKey = options.publicKey ?? "unsigned";
+    this.reconnect = options.reconnect ?? true;
+    this.pingInterval = options.pingInterval ?? 20;
+    this.pingTimeout = options.pingTimeout ?? 10;
+    this.requestTimeout = options.requestTimeout ?? 10;
+    this.reconnectDelay = options.reconnectDelay ?? 0.5;
+    this.maxReconnectDelay = options.maxReconnectDelay ?? 30;
+    /** `idle`, `connecting`, `registered`, `reconnecting` or `closed`. */
+    this.state = "idle";
+    /** ICE servers from the last `ice-servers` message (RTCPeerConnection's shape). */
+    this.iceServers = [];
+    /** The nonce the next signed operation signs. */
+    this.nonce = null;
+    this._ws = null;
+    this._pending = new Map(); // requestId -> {resolve, reject, timer}
+    this._relays = new Map(); // recent relay requestIds -> {type, to}, to explain errors
+    this._nextId = 1;
+    this._attempt = 0;
+    this._timer = null; // reconnect timer
+    this._pinger = null;
+    this._ready = null; // {promise, resolve, reject} of connect()
+    this._established = false; // registered at least once since connect()
+    this._stopped = false; // close() called, session replaced or fatal error
+  }
+
+  /**
+   * Subscribe to an event; `handler(detail, event)`. Returns a function that unsubscribes.
+   * @param {string} type
+   * @param {(detail: any, event: CustomEvent) => void} handler
+   */
+  on(type, handler) {
+    const listener = (event) => handler(event.detail, event);
+    this.addEventListener(type, listener);
+    return () => this.removeEventListener(type, listener);
+  }
+
+  /**
+   * Open the connection and register. Resolves with the `registered` message; rejects
+   * (VolliError) if the first attempt fails: the socket closes first (`connect-failed`)
+   * or `register` is refused (the server's code, e.g. `user-id-taken`). Reconnects only
+   * happen after a session has been established.
+   * @returns {Promise<object>}
+   */
+  connect() {
+    if (this._ready && this.state !== "closed") return this._ready.promise;
+    let resolve, reject;
+    const promise = new Promise((res, rej) => { resolve = res; reject = rej; });
+    promise.catch(() => {}); // callers that ignore the result must not see unhandled rejections
+    this._ready = { promise, resolve, reject };
+    this._established = false;
+    this._stopped = false;
+    this._attempt = 0;
+    this._open();
+    return promise;
+  }
+
+  /** Close for good: no reconnect. Pending requests reject with `disconnected`. */
+  close() {
+    this._stopped = true;
+    clearTimeout(this._timer);
+    const ws = this._ws;
+    if (ws) {
+      try { ws.close(1000, "client closing"); } catch { /* already closing */ }
+      this._closed(ws, 1000, "closed by client");
+    } else if (this.state !== "closed") { // idle, or waiting to reconnect
+      this._ready?.reject(new VolliError("closed", "closed by client"));
+      this._setState("closed");
+      this._emit("close", { code: 1000, reason: "closed by client", willReconnect: false });
+    }
+  }
+
+  /**
+   * Look a user up. Resolves with the `discover-response` `{userId, online, publicKey}`.
+   * @param {string} userId
+   * @returns {Promise<object>}
+   */
+  discover(userId) {
+    return this.request({ type: "discover", userId });
+  }
+
+  /**
+   * Ask for ICE servers (a fresh TURN credential when the server has TURN). Resolves with
+   * the list, `[]` without TURN; also updates `.iceServers` and fires `ice-servers`.
+   * @returns {Promise<RTCIceServer[]>}
+   */
+  async requestIceServers() {
+    return (await this.request({ type: "ice-servers" })).iceServers ?? [];
+  }
+
+  /**
+   * An application-level ping. Resolves with the round-trip time in milliseconds.
+   * @param {number} [timeout] seconds
+   * @returns {Promise<number>}
+   */
+  async ping(timeout = this.requestTimeout) {
+    const start = performance.now();
+    await this.request({ type: "ping" }, timeout);
+    return performance.now() - start;
+  }
+
+  /**
+   * Bind a new key to this user ID (docs/protocol.md, section 3a). Only on a connection
+   * registered with a signature; later registrations (reconnects) sign with the new key.
+   * @param {CryptoKeyPair} newKeyPair
+   * @returns {Promise<object>} the `key-rotated` reply
+   */
+  async rotateKey(newKeyPair) {
+    if (!this.keyPair) throw new VolliError("signature-required", "not registered with a key");
+    const newPublicKey = await exportPublicKey(newKeyPair.publicKey);
+    const signature = await sign(this.keyPair.privateKey,
+      `${ROTATE_CONTEXT}\n${this.nonce}\n${this.userId}\n${newPublicKey}`);
+    const reply = await this.request({ type: "rotate-key", newPublicKey, signature });
+    this.keyPair = newKeyPair;
+    if (reply.nonce) this.nonce = reply.nonce;
+    return reply;
+  }
+
+  /**
+   * Relay an offer to `to`. Returns the requestId it carries; a failure (e.g.
+   * `peer-offline`) arrives as an `error` event whose detail has this `requestId` and
+   * `request: {type, to}`. Throws `not-connected` unless registered.
+   * @param {string} to
+   * @param {RTCSessionDescriptionInit|RTCSessionDescription} offer
+   */
+  sendOffer(to, offer) {
+    return this._relay("offer", to, { offer: toJSON(offer) });
+  }
+
+  /** Relay an answer to `to`; as {@link VolliSignaling#sendOffer}. */
+  sendAnswer(to, answer) {
+    return this._relay("answer", to, { answer: toJSON(answer) });
+  }
+
+  /**
+   * Relay an ICE candidate to `to`: an RTCIceCandidate (sent as `.toJSON()`), a plain
+   * RTCIceCandidateInit, or null for end of candidates. As {@link VolliSignaling#sendOffer}.
+   */
+  sendCandidate(to, candidate) {
+    return this._relay("ice-candidate", to, { candidate: toJSON(candidate) ?? null });
+  }
+
+  /**
+   * Send a request and resolve with the reply carrying its requestId; reject with a
+   * VolliError carrying the server's `code` on an `error` reply, `timeout` after `timeout`
+   * seconds, `disconnected` if the socket closes first.
+   * @param {object} message
+   * @param {number} [timeout] seconds
+   * @returns {Promise<object>}
+   */
+  request(message, timeout = this.requestTimeout) {
+    const ws = this._ws;
+    if (!ws || ws.readyState !== WebSocket.OPEN) {
+      return Promise.reject(new VolliError("not-connected", "the connection is not open"));
+    }
+    const requestId = this._nextId++;
+    return new Promise((resolve, reject) => {
+      const timer = setTimeout(() => {
+        this._pending.delete(requestId);
+        reject(new VolliError("timeout", `no reply to ${message.type} within ${timeout}s`));
+      }, timeout * 1000);
+      this._pending.set(requestId, { resolve, reject, timer });
+      ws.send(JSON.stringify({ ...message, requestId }));
+    });
+  }
+
+  /**
+   * Send any message as is (JSON). Throws `not-connected` if the socket is not open.
+   * @param {object} message
+   */
+  send(message) {
+    const ws = this._ws;
+    if (!ws || ws.readyState !== WebSocket.OPEN) {
+      throw new VolliError("not-connected", "the connection is not open");
+    }
+    ws.send(JSON.stringify(message));
+  }
+
+  // ---- internals -------------------------------------------------------------------------
+
+  _emit(type, detail) {
+    this.dispatchEvent(new CustomEvent(type, { detail }));
+  }
+
+  _setState(state) {
+    if (this.state === state) return;
+    this.state = state;
+    this._emit("statechange", { state });
+  }
+
+  _relay(type, to, fields) {
+    if (this.state !== "registered") {
+      throw new VolliError("not-connected", `cannot send ${type}: not registered`);
+    }
+    const requestId = this._nextId++;
+    this._relays.set(requestId, { type, to });
+    if (this._relays.size > 256) this._relays.delete(this._relays.keys().next().value);
+    this.send({ type, to, ...fields, requestId });
+    return requestId;
+  }
+
+  _open() {
+    this._setState(this._established ? "reconnecting" : "connecting");
+    let ws;
+    try {
+      ws = new WebSocket(this.url);
+    } catch (err) { // e.g. a malformed URL
+      this._stopped = true;
+      this._setState("closed");
+      this._ready?.reject(new VolliError("connect-failed", String(err)));
+      return;
+    }
+    this._ws = ws;
+    ws.onopen = () => this._emit("open", { url: this.url });
+    ws.onmessage = (event) => this._received(ws, event.data);
+    ws.onclose = (event) => this._closed(ws, event.code, event.reason);
+  }
+
+  _received(ws, data) {
+    if (ws !== this._ws) return;
+    let msg;
+    try {
+      msg = JSON.parse(data);
+    } catch {
+      return; // the server only sends JSON text; ignore anything else
+    }
+    this._emit("message", msg);
+    const pending = msg.requestId != null ? this._pending.get(msg.requestId) : undefined;
+    if (pending) {
+      this._pending.delete(msg.requestId);
+      clearTimeout(pending.timer);
+    }
+    switch (msg.type) {
+      case "hello":
+        this.nonce = msg.nonce;
+        this._register(ws);
+        return;
+      case "offer":
+      case "answer":
+      case "ice-candidate":
+        this._emit(msg.type, msg);
+        return;
+      case "ice-servers":
+        this.iceServers = msg.iceServers ?? [];
+        this._emit("ice-servers", msg);
+        break;
+      case "session-replaced":
+        this._stopped = true;
+        this._emit("session-replaced", msg);
+        return;
+      case "error":
+        if (pending) {
+          pending.reject(new VolliError(msg.code, msg.message, msg));
+        } else {
+          this._emit("error", { ...msg, request: this._relays.get(msg.requestId) });
+        }
+        return;
+    }
+    pending?.resolve(msg);
+  }
+
+  async _register(ws) {
+    try {
+      const message = { type: "register", userId: this.userId, publicKey: this.publicKey };
+      if (this.keyPair) {
+        message.publicKey = await exportPublicKey(this.keyPair.publicKey);
+        message.signature = await signRegistration(this.keyPair.privateKey, this.nonce,
+          this.userId);
+      }
+      if (ws !== this._ws) return;
+      const reply = await this.request(message);
+      if (ws !== this._ws) return;
+      if (reply.nonce) this.nonce = reply.nonce;
+      const reconnected = this._established;
+      this._established = true;
+      this._attempt = 0;
+      this._setState("registered");
+      this._startPinging(ws);
+      this._emit("registered", { ...reply, reconnected });
+      this._ready.resolve(reply);
+    } catch (err) {
+      if (ws !== this._ws) return; // the socket closed meanwhile: _closed() decides
+      if (!this._established || !RETRYABLE_REGISTER_ERRORS.has(err.code)) {
+        this._stopped = true; // a refusal that retrying would not change
+        this._ready.reject(err);
+        if (this._established) this._emit("error", err.reply ?? { code: err.code, message: err.message });
+      }
+      try { ws.close(1000, "register failed"); } catch { /* closing */ }
+      this._closed(ws, 1000, `register failed: ${err.code}`);
+    }
+  }
+
+  _startPinging(ws) {
+    clearInterval(this._pinger);
+    if (!this.pingInterval) return;
+    this._pinger = setInterval(() => {
+      this.ping(this.pingTimeout).catch((err) => {
+        if (err.code === "timeout" && ws === this._ws) {
+          // A dead TCP path can take minutes to show up as a close: drop it now.
+          try { ws.close(); } catch { /* closing */ }
+          this._closed(ws, 1006, "pong timeout");
+        }
+      });
+    }, this.pingInterval * 1000);
+  }
+
+  _closed(ws, code, reason) {
+    if (ws !== this._ws) return; // a socket we already gave up on
+    this._ws = null;
+    ws.onopen = ws.onmessage = ws.onclose = null;
+    clearInterval(this._pinger);
+    for (const { reject, timer } of this._pending.values()) {
+      clearTimeout(timer);
+      reject(new VolliError("disconnected", `connection closed (${code})`));
+    }
+    this._pending.clear();
+    if (code === 4000 && !this._stopped) { // takeover without the message (Redis outage)
+      this._emit("session-replaced", { code, reason });
+    }
+    if (NO_RECONNECT_CODES.includes(code)) this._stopped = true;
+    const willReconnect = this.reconnect && this._established && !this._stopped;
+    if (!this._established) {
+      this._ready.reject(new VolliError("connect-failed",
+        `connection closed before registering (${code}${reason ? ` ${reason}` : ""})`));
+    }
+    this._setState(willReconnect ? "reconnecting" : "closed");
+    this._emit("close", { code, reason, willReconnect });
+    if (willReconnect) this._scheduleReconnect();
+  }
+
+  _scheduleReconnect() {
+    const base = Math.min(this.maxReconnectDelay, this.reconnectDelay * 2 ** this._attempt);
+    const delay = base / 2 + Math.random() * base / 2; // "equal jitter"
+    this._attempt += 1;
+    this._emit("reconnecting", { attempt: this._attempt, delay });
+    clearTimeout(this._timer);
+    this._timer = setTimeout(() => {
+      if (!this._stopped) this._open();
+    }, delay * 1000);
+  }
+}
+
+export default VolliSignaling;

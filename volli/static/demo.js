@@ -1,0 +1,463 @@
+// The Volli demo page: two people connect, one calls the other, and they chat over a
+// WebRTC data channel. Volli carries only the signaling (offer, answer, ICE candidates).
+// Negotiation follows the "perfect negotiation" pattern, so adding the camera mid-call
+// renegotiates from either side; the caller's data channel starts the first offer.
+import { VolliSignaling, generateKeyPair } from "/volli-signaling.js";
+
+const $ = (id) => document.getElementById(id);
+
+/** @type {VolliSignaling|null} */
+let sig = null;
+/** The current call: {peer, pc, dc, polite, makingOffer, ignoreOffer, queued, connected, ended} */
+let call = null;
+/** @type {MediaStream|null} */
+let localStream = null;
+
+// ---- small UI helpers -------------------------------------------------------------------
+
+function randomId() {
+  // crypto.getRandomValues works on plain http too (randomUUID needs a secure context).
+  const bytes = crypto.getRandomValues(new Uint8Array(3));
+  return "user-" + Array.from(bytes, (b) => b.toString(16).padStart(2, "0")).join("");
+}
+
+function log(text, cls = "") {
+  const li = document.createElement("li");
+  li.textContent = `${new Date().toLocaleTimeString()}  ${text}`;
+  if (cls) li.className = cls;
+  const list = $("log");
+  list.append(li);
+  while (list.children.length > 200) list.firstElementChild.remove();
+  list.scrollTop = list.scrollHeight;
+}
+
+function setStatus(state, text) {
+  $("status").dataset.state = state;
+  $("status").textContent = text;
+}
+
+function setCallStatus(state, text) {
+  $("call-status").dataset.state = state;
+  $("call-status").textContent = text;
+}
+
+function addMessage(cls, who, text) {
+  const li = document.createElement("li");
+  li.className = cls;
+  if (who) {
+    const name = document.createElement("span");
+    name.className = "who";
+    name.textContent = who;
+    li.append(name);
+  }
+  li.append(document.createTextNode(text));
+  $("messages").append(li);
+  $("messages").scrollTop = $("messages").scrollHeight;
+}
+
+function updateButtons() {
+  const registered = sig?.state === "registered";
+  $("connect").disabled = !!sig;
+  $("user-id").disabled = !!sig;
+  $("sign").disabled = !!sig || $("sign").dataset.unsupported === "1";
+  $("disconnect").disabled = !sig;
+  $("call").disabled = !registered;
+  $("hangup").disabled = !call;
+  const open = !!call?.connected && call.dc?.readyState === "open";
+  $("chat-input").disabled = !open;
+  $("send").disabled = !open;
+}
+
+function relay(send) {
+  try {
+    send();
+  } catch (err) {
+    log(`could not send: ${err.code ?? ""} ${err.message}`, "err");
+  }
+}
+
+// ---- identity: one Ed25519 key per browser profile, kept in IndexedDB -------------------
+
+function keyStore(mode, action) {
+  return new Promise((resolve, reject) => {
+    const open = indexedDB.open("volli-demo", 1);
+    open.onupgradeneeded = () => open.result.createObjectStore("keys");
+    open.onerror = () => reject(open.error);
+    open.onsuccess = () => {
+      const db = open.result;
+      const tx = db.transaction("keys", mode);
+      const request = action(tx.objectStore("keys"));
+      tx.oncomplete = () => { db.close(); resolve(request.result); };
+      tx.onerror = () => { db.close(); reject(tx.error); };
+    };
+  });
+}
+
+async function identityKey() {
+  let keyPair = await keyStore("readonly", (s) => s.get("identity")).catch(() => undefined);
+  if (!keyPair) {
+    keyPair = await generateKeyPair(); // private key not extractable; IndexedDB stores it as is
+    await keyStore("readwrite", (s) => s.put(keyPair, "identity")).catch(() => {});
+  }
+  return keyPair;
+}
+
+async function checkSigning() {
+  let why = "";
+  if (!window.isSecureContext || !crypto.subtle) {
+    why = "(needs https or localhost)";
+  } else {
+    try {
+      await generateKeyPair();
+    } catch {
+      why = "(this browser has no Ed25519 in WebCrypto)";
+    }
+  }
+  if (why) {
+    $("sign").checked = false;
+    $("sign").dataset.unsupported = "1";
+    $("sign").disabled = true;
+    $("sign-note").textContent = why;
+  }
+}
+
+// ---- signaling --------------------------------------------------------------------------
+
+async function connect(event) {
+  event.preventDefault();
+  const userId = $("user-id").value.trim();
+  if (!userId || sig) return;
+  let keyPair = null;
+  if ($("sign").checked) {
+    try {
+      keyPair = await identityKey();
+    } catch (err) {
+      setStatus("error", `No signing key: ${err.message}`);
+      return;
+    }
+  }
+  const s = new VolliSignaling(null, { userId, keyPair });
+  sig = s;
+  wire(s);
+  updateButtons();
+  setStatus("connecting", "Connecting…");
+  try {
+    await s.connect();
+  } catch (err) {
+    if (sig === s || sig === null) { // (the close event may have cleared it already)
+      sig = null;
+      setStatus("error", `Could not register: ${err.code}: ${err.message}`);
+      updateButtons();
+    }
+    return;
+  }
+  try {
+    const servers = await s.requestIceServers();
+    log(`ICE servers from Volli: ${servers.length ? servers.map((x) => x.urls).join(", ") : "none (direct connections only)"}`);
+  } catch (err) {
+    log(`ice-servers failed: ${err.code}`, "err");
+  }
+}
+
+function disconnect() {
+  endCall("You disconnected");
+  if (sig) {
+    const s = sig;
+    sig = null;
+    s.close();
+  }
+  setStatus("idle", "Not connected");
+  updateButtons();
+}
+
+function wire(s) {
+  const mine = (handler) => (detail) => { if (s === sig) handler(detail); };
+  s.on("open", mine(() => log(`WebSocket open: ${s.url}`)));
+  s.on("registered", mine((msg) => {
+    const how = s.keyPair ? "signed" : "unsigned";
+    setStatus("registered", `Registered as ${msg.userId} (${how})`);
+    log(`registered as ${msg.userId} (${how})${msg.reconnected ? " again after a reconnect" : ""}`);
+    updateButtons();
+  }));
+  s.on("reconnecting", mine(({ attempt, delay }) => {
+    setStatus("reconnecting", `Connection lost: reconnecting in ${delay.toFixed(1)} s (attempt ${attempt})`);
+    updateButtons();
+  }));
+  s.on("close", mine(({ code, reason, willReconnect }) => {
+    log(`WebSocket closed: ${code}${reason ? ` ${reason}` : ""}`, willReconnect ? "" : "err");
+    if (!willReconnect) {
+      sig = null; // connect again by hand
+      if ($("status").dataset.state !== "replaced") {
+        setStatus("idle", `Disconnected (${code}${reason ? `: ${reason}` : ""})`);
+      }
+    }
+    updateButtons();
+  }));
+  s.on("session-replaced", mine(() => {
+    setStatus("replaced", "Session replaced: this user ID connected somewhere else");
+    log("session replaced by another connection of the same key", "err");
+  }));
+  s.on("error", mine((err) => {
+    const about = err.request ? ` (${err.request.type} to ${err.request.to})` : "";
+    log(`error ${err.code}${about}: ${err.message}`, "err");
+    if (err.code === "peer-offline" && call && !call.connected &&
+        (err.request?.to === call.peer || err.peer === call.peer)) {
+      endCall(`${call.peer} is not online`, "failed");
+    }
+  }));
+  s.on("ice-servers", mine((msg) => { // unsolicited: right after registering, with TURN
+    if (msg.requestId == null) log(`ice-servers: ${msg.iceServers.length} server(s)`);
+  }));
+  s.on("offer", mine(onOffer));
+  s.on("answer", mine(onAnswer));
+  s.on("ice-candidate", mine(onCandidate));
+}
+
+// ---- the call ---------------------------------------------------------------------------
+
+function newCall(peer, initiator) {
+  endCall();
+  const pc = new RTCPeerConnection({ iceServers: sig?.iceServers ?? [] });
+  const c = {
+    peer, pc, dc: null, initiator,
+    // Perfect negotiation needs exactly one polite side: the one with the larger user ID.
+    polite: sig.userId > peer,
+    makingOffer: false, ignoreOffer: false, queued: [], connected: false, ended: false,
+  };
+  call = c;
+  pc.onicecandidate = ({ candidate }) => {
+    if (call === c && sig) relay(() => sig.sendCandidate(peer, candidate));
+  };
+  pc.onnegotiationneeded = async () => {
+    try {
+      c.makingOffer = true;
+      await pc.setLocalDescription();
+      if (call === c && sig) {
+        relay(() => sig.sendOffer(peer, pc.localDescription));
+        log(`→ offer to ${peer}`);
+      }
+    } catch (err) {
+      log(`negotiation failed: ${err}`, "err");
+    } finally {
+      c.makingOffer = false;
+    }
+  };
+  pc.onsignalingstatechange = pc.oniceconnectionstatechange = pc.onconnectionstatechange =
+    () => refresh(c);
+  pc.ontrack = ({ track, streams }) => {
+    if (call === c) $("remote-video").srcObject = streams[0] ?? new MediaStream([track]);
+  };
+  pc.ondatachannel = ({ channel }) => attachChannel(c, channel);
+  if (localStream) for (const track of localStream.getTracks()) pc.addTrack(track, localStream);
+  if (initiator) attachChannel(c, pc.createDataChannel("chat"));
+  $("peer-id").value = peer;
+  $("peer-name").textContent = peer;
+  refresh(c);
+  updateButtons();
+  return c;
+}
+
+function attachChannel(c, dc) {
+  c.dc = dc;
+  dc.onopen = () => refresh(c);
+  dc.onmessage = ({ data }) => { if (call === c) addMessage("peer", c.peer, String(data)); };
+  dc.onclose = () => {
+    if (call === c && c.connected) endCall(`${c.peer} hung up`);
+    else refresh(c);
+  };
+}
+
+function refresh(c) {
+  if (call !== c) return;
+  const { pc, dc } = c;
+  $("signaling-state").textContent = pc.signalingState;
+  $("ice-state").textContent = pc.iceConnectionState;
+  $("peer-state").textContent = pc.connectionState;
+  $("channel-state").textContent = dc ? `"${dc.label}" ${dc.readyState}` : "–";
+  if (pc.connectionState === "connected" && dc?.readyState === "open") {
+    if (!c.connected) {
+      c.connected = true;
+      setCallStatus("connected", "Connected (peer-to-peer)");
+      addMessage("system", "", `Connected to ${c.peer}. Messages go directly between your browsers.`);
+      log(`peer-to-peer connection to ${c.peer} is up`);
+      showRoute(c);
+    }
+  } else if (pc.connectionState === "failed") {
+    setCallStatus("failed", "Connection failed (no network path between the peers)");
+  } else if (pc.connectionState === "disconnected") {
+    setCallStatus("connecting", "Connection interrupted, waiting…");
+  } else if (!c.connected) {
+    setCallStatus("connecting", c.initiator ? `Calling ${c.peer}…` : `Call from ${c.peer}: connecting…`);
+  }
+  updateButtons();
+}
+
+async function showRoute(c) {
+  try {
+    const stats = await c.pc.getStats();
+    let pair;
+    stats.forEach((r) => {
+      if (r.type === "transport" && r.selectedCandidatePairId) pair = stats.get(r.selectedCandidatePairId);
+    });
+    if (!pair) return;
+    const local = stats.get(pair.localCandidateId);
+    const remote = stats.get(pair.remoteCandidateId);
+    // A peer-reflexive (prflx) remote was learnt from a connectivity check that beat the
+    // trickled candidate; Chromium hides its address.
+    const show = (x) => `${x.candidateType} ${x.address || x.ip || "(hidden)"}:${x.port}/${x.protocol}`;
+    $("route").textContent = `${show(local)} ⇄ ${show(remote)}`;
+    if (call === c && [local.candidateType, remote.candidateType].includes("relay")) {
+      setCallStatus("connected", "Connected (through a TURN relay)");
+    }
+  } catch (err) {
+    log(`getStats failed: ${err}`, "err");
+  }
+}
+
+function endCall(reason = "", state = "ended") {
+  const c = call;
+  if (!c) return;
+  call = null;
+  c.ended = true;
+  try { c.dc?.close(); } catch { /* closed */ }
+  c.pc.close();
+  $("remote-video").srcObject = null;
+  for (const id of ["peer-name", "signaling-state", "ice-state", "peer-state", "channel-state", "route"]) {
+    $(id).textContent = "–";
+  }
+  if (reason) {
+    setCallStatus(state, reason);
+    addMessage("system", "", reason);
+    log(reason);
+  }
+  updateButtons();
+}
+
+function startCall(event) {
+  event.preventDefault();
+  const peer = $("peer-id").value.trim();
+  if (!peer || sig?.state !== "registered") return;
+  if (peer === sig.userId) {
+    setCallStatus("failed", "Enter the other person's user ID, not yours");
+    return;
+  }
+  log(`calling ${peer}`);
+  newCall(peer, true);
+}
+
+async function onOffer(msg) {
+  let c = call;
+  if (!c || c.peer !== msg.from) {
+    log(`incoming call from ${msg.from}`);
+    c = newCall(msg.from, false);
+  }
+  log(`← offer from ${msg.from}`);
+  const collision = c.makingOffer || c.pc.signalingState !== "stable";
+  c.ignoreOffer = !c.polite && collision;
+  if (c.ignoreOffer) {
+    log("ignored a colliding offer (we are the impolite side)");
+    return;
+  }
+  try {
+    await c.pc.setRemoteDescription(msg.offer); // rolls back our own offer if we are polite
+    await flushCandidates(c);
+    await c.pc.setLocalDescription();
+    if (call === c && sig) {
+      relay(() => sig.sendAnswer(c.peer, c.pc.localDescription));
+      log(`→ answer to ${c.peer}`);
+    }
+  } catch (err) {
+    log(`could not answer: ${err}`, "err");
+  }
+}
+
+async function onAnswer(msg) {
+  const c = call;
+  if (!c || c.peer !== msg.from) return;
+  log(`← answer from ${msg.from}`);
+  try {
+    await c.pc.setRemoteDescription(msg.answer);
+    await flushCandidates(c);
+  } catch (err) {
+    log(`bad answer: ${err}`, "err");
+  }
+}
+
+async function onCandidate(msg) {
+  const c = call;
+  if (!c || c.peer !== msg.from || msg.candidate == null) return; // null: end of candidates
+  if (!c.pc.remoteDescription) {
+    c.queued.push(msg.candidate); // arrived before the offer/answer was applied
+    return;
+  }
+  await addCandidate(c, msg.candidate);
+}
+
+async function flushCandidates(c) {
+  for (const candidate of c.queued.splice(0)) await addCandidate(c, candidate);
+}
+
+async function addCandidate(c, candidate) {
+  try {
+    await c.pc.addIceCandidate(candidate);
+  } catch (err) {
+    if (!c.ignoreOffer) log(`bad ICE candidate: ${err}`, "err");
+  }
+}
+
+// ---- chat and camera --------------------------------------------------------------------
+
+function sendChat(event) {
+  event.preventDefault();
+  const input = $("chat-input");
+  const text = input.value.trim();
+  if (!text || !call?.dc || call.dc.readyState !== "open") return;
+  call.dc.send(text);
+  addMessage("me", "You", text);
+  input.value = "";
+  input.focus();
+}
+
+async function toggleCamera() {
+  if (localStream) {
+    for (const track of localStream.getTracks()) track.stop();
+    if (call) {
+      for (const sender of call.pc.getSenders()) if (sender.track) call.pc.removeTrack(sender);
+    }
+    localStream = null;
+    $("local-video").srcObject = null;
+    $("camera").textContent = "Start camera";
+    return;
+  }
+  if (!navigator.mediaDevices?.getUserMedia) {
+    $("camera-note").textContent = "No camera access here (needs https or localhost).";
+    return;
+  }
+  try {
+    localStream = await navigator.mediaDevices.getUserMedia({ video: true, audio: false });
+  } catch (err) {
+    $("camera-note").textContent = `No camera: ${err.name}`;
+    return;
+  }
+  $("camera-note").textContent = "";
+  $("camera").textContent = "Stop camera";
+  $("local-video").srcObject = localStream;
+  if (call) for (const track of localStream.getTracks()) call.pc.addTrack(track, localStream);
+}
+
+// ---- start ------------------------------------------------------------------------------
+
+const params = new URLSearchParams(location.search);
+$("user-id").value = params.get("user") || randomId();
+if (params.get("peer")) $("peer-id").value = params.get("peer");
+$("connect-form").addEventListener("submit", connect);
+$("disconnect").addEventListener("click", disconnect);
+$("call-form").addEventListener("submit", startCall);
+$("hangup").addEventListener("click", () => endCall("You hung up"));
+$("chat-form").addEventListener("submit", sendChat);
+$("camera").addEventListener("click", toggleCamera);
+window.addEventListener("pagehide", () => sig?.close());
+checkSigning();
+updateButtons();
+// For debugging from the console.
+window.volliDemo = { get signaling() { return sig; }, get call() { return call; } };
