@@ -196,6 +196,29 @@ def redis_server(tmp_path_factory):
     srv.stop()
 
 
+@pytest.fixture
+def redis(tmp_path):
+    """A fresh redis-server for one test (one that may stop and restart it)."""
+    srv = RedisServer(tmp_path)
+    yield srv
+    srv.stop()
+
+
+@pytest.fixture
+def open_client():
+    """Open clients to given servers; all closed at the end of the test."""
+    opened: list[Client] = []
+
+    def open_one(srv: Server) -> Client:
+        client = Client(srv.url)
+        opened.append(client)
+        return client
+
+    yield open_one
+    for client in opened:
+        client.close()
+
+
 @pytest.fixture(scope="session", params=["memory", "redis"])
 def backend_env(request) -> dict[str, str]:
     """Behaviour tests run against both backends: settings that select one."""

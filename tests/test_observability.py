@@ -17,7 +17,7 @@ import urllib.request
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from conftest import RedisServer, Server, free_port
+from conftest import Server, free_port
 from signing import Identity
 from volli import turn
 from workers import spread_users, worker_of
@@ -35,29 +35,6 @@ def scrape(srv: Server, token: str | None = None) -> dict[tuple[str, tuple], flo
 
 def value(samples, name: str, **labels: str) -> float:
     return samples.get((name, tuple(sorted(labels.items()))), 0.0)
-
-
-@pytest.fixture
-def redis(tmp_path):
-    srv = RedisServer(tmp_path)
-    yield srv
-    srv.stop()
-
-
-@pytest.fixture
-def open_client():
-    from conftest import Client
-
-    opened = []
-
-    def open_one(srv):
-        client = Client(srv.url)
-        opened.append(client)
-        return client
-
-    yield open_one
-    for client in opened:
-        client.close()
 
 
 def test_metrics_add_up_over_two_workers(tmp_path, redis, open_client):

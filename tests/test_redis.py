@@ -12,17 +12,10 @@ import pytest
 import redis as redis_client
 from websockets.exceptions import ConnectionClosed
 
-from conftest import Client, RedisServer, Server
+from conftest import Client, Server
 from signing import Identity
 from workers import spread_users
 
-
-
-@pytest.fixture
-def redis(tmp_path):
-    srv = RedisServer(tmp_path)
-    yield srv
-    srv.stop()
 
 
 @pytest.fixture
@@ -39,20 +32,6 @@ def nodes(tmp_path, redis):
     yield start
     for srv in started:
         srv.stop()
-
-
-@pytest.fixture
-def open_client():
-    opened: list[Client] = []
-
-    def open_one(srv: Server) -> Client:
-        client = Client(srv.url)
-        opened.append(client)
-        return client
-
-    yield open_one
-    for client in opened:
-        client.close()
 
 
 def assert_all_relay(reps: dict[str, Client]) -> None:
