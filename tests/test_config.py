@@ -88,3 +88,12 @@ def _show(value) -> str:
         return str(int(value))
     return str(value)
 
+
+
+def test_protocol_doc_lists_every_error_and_close_code():
+    from volli.protocol import CloseCode, ErrorCode
+
+    doc = (ROOT / "docs" / "protocol.md").read_text()
+    missing = [code.value for code in ErrorCode if f"| `{code.value}` |" not in doc]
+    missing += [str(code.value) for code in CloseCode if f"| {code.value} |" not in doc]
+    assert not missing, f"docs/protocol.md lacks table rows for {missing}"
