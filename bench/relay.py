@@ -1,11 +1,12 @@
 #!/usr/bin/env python
-"""Relay load bench: Volli against a bare flask-sock relay, same load, same run.
+"""Relay load bench: Volli against a bare flask-sock relay and peerjs-server, same load and run.
 
 Run from the repo root:  python bench/relay.py            (full run, about 1 minute on 2 cores)
                          python bench/relay.py --quick    (smoke run, about 10 seconds)
 
 For each server (Volli via ./gunicorn.conf.py, then the baseline bench/baseline_app.py under
-the same gunicorn gevent worker) it starts gunicorn on a free 127.0.0.1 port, then measures:
+the same gunicorn gevent worker, then peerjs-server, npm "peer", with its own node CLI) it
+starts the server on a free 127.0.0.1 port, then measures:
 
 1. idle memory: worker RSS before/after K registered idle connections, per connection;
 2. throughput: N sender/receiver pairs, each sender keeps at most --window offers in flight
@@ -27,6 +28,11 @@ in-memory Volli figures:
   more connections if one worker holds too few (bounded), and pairs each sender with a
   receiver on the other worker, half in each direction. Server CPU is both workers plus
   redis-server, also shown apart.
+
+peerjs-server is installed with npm at bench time into bench/.peerjs/ (git-ignored, never
+committed) unless it is there at PEERJS_VERSION already; --no-peerjs leaves it out. A small
+per-server protocol adapter (Protocol / PeerjsProtocol) holds how a client registers and how
+offers look; the pairs/window/pacing/latency logic is the same for all servers.
 
 The load comes from --procs client processes (python-websockets asyncio client). Every loop
 is bounded in count and time; servers are stopped with SIGTERM, then SIGKILL, on their
@@ -50,7 +56,9 @@ import socket
 import subprocess
 import sys
 import tempfile
+import secrets
 import time
+import urllib.parse
 import urllib.request
 from pathlib import Path
 from typing import Any
@@ -69,6 +77,13 @@ NOISY_CORES = 0.35  # CPU use by other processes in a window above which a run i
 CROSS_STEPS = 10  # rounds of "open more connections" when placing cross-worker pairs
 CROSS_EXTRA = 5  # at most this many times 2 x pairs extra connections for that placement
 REGISTERED_LINE = re.compile(rb"\[(\d+)\] \[INFO\] volli\.hub: registered user=(\S+) id=")
+# peerjs-server: installed with npm at bench time into an ignored folder, never committed.
+PEERJS_VERSION = "1.0.2"  # npm package "peer"
+PEERJS_DIR = ROOT / "bench" / ".peerjs"
+PEERJS_PKG = PEERJS_DIR / "node_modules" / "peer"
+PEERJS_CLI = PEERJS_PKG / "dist" / "bin" / "peerjs.js"
+PEERJS_PATH = "/bench"  # --path; the WebSocket endpoint is <path>/peerjs
+PEERJS_KEY = "peerjs"  # the CLI's default --key
 
 # Servers the bench can run. "volli" is the reference of the --redis section's ratios.
 SCENARIOS: dict[str, dict[str, Any]] = {
@@ -76,6 +91,8 @@ SCENARIOS: dict[str, dict[str, Any]] = {
               "label": "Volli, 1 worker, memory backend"},
     "baseline": {"app": "baseline", "workers": 1, "redis": False, "cross": False,
                  "label": "bare flask-sock relay, 1 worker"},
+    "peerjs": {"app": "peerjs", "workers": 1, "redis": False, "cross": False,
+               "label": f"peerjs-server (npm peer@{PEERJS_VERSION}), Node.js, one process"},
     "redis-1w": {"app": "volli", "workers": 1, "redis": True, "cross": False,
                  "label": "Volli, 1 worker, Redis backend (all users local)"},
     "redis-2w": {"app": "volli", "workers": 2, "redis": True, "cross": True,
@@ -107,11 +124,90 @@ def make_sdp(size: int) -> str:
     return ("\r\n".join(lines) + "\r\n")[:size]
 
 
-def offer_parts(to: str, sdp: str) -> tuple[str, str]:
-    """Prefix and suffix of an offer frame; the send timestamp goes between them."""
-    prefix = ('{"type":"offer","to":' + json.dumps(to) +
-              ',"offer":{"type":"offer","sdp":' + json.dumps(sdp) + ',"t":')
-    return prefix, "}}"
+# --------------------------------------------------------------------------------------------
+# Per-server protocol adapters (client side). The load logic (pairs, window, pacing, latency)
+# is the same for every server; only how a client registers, how an offer frame looks and
+# which fields a relayed offer carries differ.
+
+# What the client processes are told to load: (protocol name, WebSocket URL).
+Target = tuple[str, str]
+
+
+class Protocol:
+    """Volli's protocol (the baseline speaks the same): {"type":"register",...} answered by
+    {"type":"registered"}; offers {"type":"offer","to":id,"offer":{...}} arrive with "from"."""
+
+    offer_type = "offer"  # "type" of a relayed offer at the receiver
+    from_key = "from"  # field naming the sender in a relayed offer
+    body_key = "offer"  # field holding the payload (with the "t" stamp) in a relayed offer
+    error_types = frozenset({"error"})  # replies that stand for offers that won't arrive
+
+    def offer_parts(self, to: str, sdp: str) -> tuple[str, str]:
+        """Prefix and suffix of an offer frame; the send timestamp goes between them."""
+        prefix = ('{"type":"offer","to":' + json.dumps(to) +
+                  ',"offer":{"type":"offer","sdp":' + json.dumps(sdp) + ',"t":')
+        return prefix, "}}"
+
+    def rejected(self, msg: dict[str, Any]) -> int:
+        """How many offers an error reply on the sender's connection accounts for."""
+        count = msg.get("undelivered")
+        return count if isinstance(count, int) and count > 0 else 1
+
+    async def open(self, url: str, user_id: str, opts: dict[str, Any]):
+        ws = await _connect(url, opts)
+        try:
+            await ws.send(json.dumps({"type": "register", "userId": user_id,
+                                      "publicKey": "AAAA"}))
+            async with asyncio.timeout(10):
+                reply = _loads(await ws.recv())
+                if reply.get("type") == "hello":  # Volli greets first; the baseline does not
+                    reply = _loads(await ws.recv())
+            if reply.get("type") != "registered" or reply.get("userId") != user_id:
+                raise RuntimeError(f"register {user_id!r}: unexpected reply {reply!r}")
+        except BaseException:
+            with contextlib.suppress(Exception):
+                await ws.close()
+            raise
+        return ws
+
+
+class PeerjsProtocol(Protocol):
+    """peerjs-server (npm "peer"): the id, a token and the key go in the query string of
+    <path>/peerjs, and the server answers {"type":"OPEN"}. Offers are
+    {"type":"OFFER","dst":id,"payload":{...}}; the server relays {type, src, dst, payload}.
+    A relay to a peer whose socket fails comes back as LEAVE; one to an unknown id is queued
+    and, after expire_timeout, answered with EXPIRE (once per src/dst pair)."""
+
+    offer_type = "OFFER"
+    from_key = "src"
+    body_key = "payload"
+    error_types = frozenset({"ERROR", "LEAVE", "EXPIRE", "ID-TAKEN"})
+
+    def offer_parts(self, to: str, sdp: str) -> tuple[str, str]:
+        prefix = ('{"type":"OFFER","dst":' + json.dumps(to) +
+                  ',"payload":{"type":"offer","sdp":' + json.dumps(sdp) + ',"t":')
+        return prefix, "}}"
+
+    def rejected(self, msg: dict[str, Any]) -> int:
+        return 1
+
+    async def open(self, url: str, user_id: str, opts: dict[str, Any]):
+        query = urllib.parse.urlencode({"key": PEERJS_KEY, "id": user_id,
+                                        "token": secrets.token_hex(8)})
+        ws = await _connect(f"{url}?{query}", opts)
+        try:
+            async with asyncio.timeout(10):
+                reply = _loads(await ws.recv())
+            if reply.get("type") != "OPEN":
+                raise RuntimeError(f"connect {user_id!r}: unexpected reply {reply!r}")
+        except BaseException:
+            with contextlib.suppress(Exception):
+                await ws.close()
+            raise
+        return ws
+
+
+PROTOCOLS: dict[str, Protocol] = {"volli": Protocol(), "peerjs": PeerjsProtocol()}
 
 
 # --------------------------------------------------------------------------------------------
@@ -316,6 +412,8 @@ class Server:
                 # One loopback address and a deliberate flood: the abuse limits stay on the
                 # hot path (they are still checked per message) but never trigger.
                 "VOLLI_IP_MAX_CONNECTIONS": "0", "VOLLI_IP_CONNECT_RATE": "0",
+                # Load clients send no Origin; a list keeps the all-origins warning quiet.
+                "VOLLI_ALLOWED_ORIGINS": "http://bench.invalid",
                 "VOLLI_RATE_MESSAGES": "1000000000", "VOLLI_RATE_BURST": "1000000000",
                 "VOLLI_FANOUT_PER_MINUTE": "1000000", "VOLLI_DISCOVER_PER_MINUTE": "1000000",
             })
@@ -347,6 +445,10 @@ class Server:
     @property
     def url(self) -> str:
         return f"ws://127.0.0.1:{self.port}/signaling"
+
+    @property
+    def target(self) -> Target:
+        return ("volli", self.url)  # the baseline speaks Volli's protocol
 
     def command_line(self) -> str:
         extra = [f"{k}={self.env[k]}" for k in ("WEB_CONCURRENCY", "VOLLI_REDIS_URL",
@@ -457,6 +559,125 @@ class Server:
             self._log = None
 
 
+def peerjs_installed_version() -> str | None:
+    with contextlib.suppress(OSError, ValueError):
+        return json.loads((PEERJS_PKG / "package.json").read_text()).get("version")
+    return None
+
+
+def ensure_peerjs(timeout: float = 300.0) -> str:
+    """Install npm "peer" at PEERJS_VERSION into bench/.peerjs (ignored by git) unless it is
+    there already. Returns node's version; raises RuntimeError with the reason otherwise."""
+    node = shutil.which("node")
+    if node is None:
+        raise RuntimeError("node is not on PATH")
+    node_version = subprocess.run([node, "--version"], capture_output=True, text=True,
+                                  timeout=30).stdout.strip()
+    if peerjs_installed_version() == PEERJS_VERSION and PEERJS_CLI.exists():
+        return node_version
+    npm = shutil.which("npm")
+    if npm is None:
+        raise RuntimeError("npm is not on PATH")
+    cmd = [npm, "install", "--no-audit", "--no-fund", "--prefix", str(PEERJS_DIR),
+           f"peer@{PEERJS_VERSION}"]
+    print(f"[peerjs] installing: {' '.join(cmd)}", flush=True)
+    PEERJS_DIR.mkdir(parents=True, exist_ok=True)
+    try:
+        done = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout,
+                              stdin=subprocess.DEVNULL)
+    except subprocess.TimeoutExpired:
+        raise RuntimeError(f"npm install did not finish within {timeout:.0f}s") from None
+    if done.returncode != 0 or peerjs_installed_version() != PEERJS_VERSION:
+        raise RuntimeError(f"npm install failed ({done.returncode}): "
+                           f"{(done.stderr or done.stdout)[-1500:]}")
+    return node_version
+
+
+class PeerjsServer(Server):
+    """peerjs-server's own CLI (node <pkg>/dist/bin/peerjs.js) on 127.0.0.1: one Node.js
+    process, which is both the "master" and the measured "worker" (its CPU line sums all its
+    threads: V8's GC helpers and libuv's pool included)."""
+
+    def __init__(self, name: str, log_dir: Path, deflate: bool,
+                 redis: RedisServer | None = None) -> None:
+        self.name = name
+        self.app = "peerjs"
+        self.nworkers = 1
+        self.redis = None
+        self.port = free_port()
+        self.log_path = log_dir / f"{name}-{self.port}.log"
+        env = {**os.environ}
+        for var in ("PORT", "PEERSERVER_PATH", "NODE_OPTIONS"):
+            env.pop(var, None)
+        # --concurrent_limit: the same 20000 slots as the others (its default is 5000).
+        # --alive_timeout: the bench sends no HEARTBEAT, so a long one keeps the checker
+        # (which still runs every 300 ms over all clients) from closing idle connections.
+        # --allow_discovery: GET <path>/peerjs/peers lists ids, for the memory run's count.
+        self.cmd = [shutil.which("node") or "node", str(PEERJS_CLI),
+                    "--host", "127.0.0.1", "--port", str(self.port), "--path", PEERJS_PATH,
+                    "--key", PEERJS_KEY, "--concurrent_limit", "20000",
+                    "--alive_timeout", "3600000", "--allow_discovery"]
+        self.env = env
+        self.proc = None
+        self.workers = []
+        self._log = None
+        self._scan_offset = 0
+        self._scan_rest = b""
+        self.registered = {}
+
+    @property
+    def url(self) -> str:
+        return f"ws://127.0.0.1:{self.port}{PEERJS_PATH}/peerjs"
+
+    @property
+    def target(self) -> Target:
+        return ("peerjs", self.url)
+
+    def command_line(self) -> str:
+        return " ".join(os.path.relpath(c, ROOT) if c.startswith(str(ROOT)) else c
+                        for c in self.cmd)
+
+    def start(self, deadline: float = 30.0) -> None:
+        self._log = open(self.log_path, "wb")
+        self.proc = subprocess.Popen(self.cmd, cwd=ROOT, env=self.env, stdout=self._log,
+                                     stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                     start_new_session=True)
+        end = time.monotonic() + deadline
+        while time.monotonic() < end:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"{self.name}: node exited with {self.proc.returncode}:\n"
+                                   f"{self.log_tail()}")
+            with contextlib.suppress(OSError, ValueError):
+                if self.health().get("status") == "ok":
+                    self.workers = [self.proc.pid]
+                    return
+            time.sleep(0.1)
+        raise RuntimeError(f"{self.name}: not ready in {deadline}s:\n{self.log_tail()}")
+
+    def health(self) -> dict[str, Any]:
+        base = f"http://127.0.0.1:{self.port}{PEERJS_PATH}"
+        with urllib.request.urlopen(f"{base}/", timeout=5) as r:
+            if "PeerJS" not in json.loads(r.read()).get("name", ""):
+                raise ValueError("not a PeerJS server")
+        with urllib.request.urlopen(f"{base}/{PEERJS_KEY}/peers", timeout=10) as r:
+            return {"status": "ok", "online": len(json.loads(r.read()))}
+
+    def check_worker(self) -> None:
+        if self.proc is None or self.proc.poll() is not None:
+            raise RuntimeError(f"{self.name}: node exited; log:\n{self.log_tail()}")
+
+    def log_tail(self, n: int = 12) -> str:
+        lines = [line for line in self.log().splitlines()
+                 if not line.startswith(("Client connected: ", "Client disconnected: "))]
+        return "\n".join(lines[-n:])
+
+
+def make_server(name: str, log_dir: Path, deflate: bool,
+                redis: RedisServer | None = None) -> Server:
+    cls = PeerjsServer if SCENARIOS[name]["app"] == "peerjs" else Server
+    return cls(name, log_dir, deflate, redis)
+
+
 _LOG_PATTERNS = [
     ("traceback", re.compile(r"Traceback")),
     ("error/critical lines", re.compile(r"\[(ERROR|CRITICAL)\]")),
@@ -464,6 +685,8 @@ _LOG_PATTERNS = [
                                        r"Worker exiting.*code|Booting worker", re.I)),
     ("slow-consumer / internal-error closes", re.compile(r"code=(4002|1011|1009)\b")),
     ("volli warnings (Redis, undelivered, ...)", re.compile(r"\[WARNING\] volli")),
+    # peerjs's CLI prints uncaught exceptions as "Error: ..." and goes on.
+    ("uncaught errors (peerjs log)", re.compile(r"^(Error: |Warning: )")),
 ]
 
 
@@ -497,12 +720,13 @@ class Pair:
     __slots__ = ("sender", "receiver", "sender_id", "receiver_id", "prefix", "suffix", "sent",
                  "received", "in_window", "event", "errors", "unexpected", "bad_from",
                  "samples", "sender_done", "failure", "sender_errors", "rejected",
-                 "error_sample")
+                 "error_sample", "proto")
 
-    def __init__(self, sender, receiver, sender_id, receiver_id, sdp) -> None:
+    def __init__(self, sender, receiver, sender_id, receiver_id, sdp, proto: Protocol) -> None:
         self.sender, self.receiver = sender, receiver
         self.sender_id, self.receiver_id = sender_id, receiver_id
-        self.prefix, self.suffix = offer_parts(receiver_id, sdp)
+        self.proto = proto
+        self.prefix, self.suffix = proto.offer_parts(receiver_id, sdp)
         self.sent = self.received = self.in_window = 0
         self.errors = self.unexpected = self.bad_from = 0
         # Error replies on the sender's connection, and how many offers they account for
@@ -522,28 +746,15 @@ async def _connect(url: str, opts: dict[str, Any]):
                          max_size=None, open_timeout=10, close_timeout=2, ping_interval=None)
 
 
-async def _open_registered(url: str, user_id: str, opts: dict[str, Any], sem: asyncio.Semaphore):
+async def _open_registered(target: Target, user_id: str, opts: dict[str, Any],
+                           sem: asyncio.Semaphore):
     async with sem:
-        ws = await _connect(url, opts)
-        try:
-            await ws.send(json.dumps({"type": "register", "userId": user_id,
-                                      "publicKey": "AAAA"}))
-            async with asyncio.timeout(10):
-                reply = _loads(await ws.recv())
-                if reply.get("type") == "hello":  # Volli greets first; the baseline does not
-                    reply = _loads(await ws.recv())
-            if reply.get("type") != "registered" or reply.get("userId") != user_id:
-                raise RuntimeError(f"register {user_id!r}: unexpected reply {reply!r}")
-        except BaseException:
-            with contextlib.suppress(Exception):
-                await ws.close()
-            raise
-        return ws
+        return await PROTOCOLS[target[0]].open(target[1], user_id, opts)
 
 
-async def _open_many(url: str, ids: list[str], opts: dict[str, Any]) -> list:
+async def _open_many(target: Target, ids: list[str], opts: dict[str, Any]) -> list:
     sem = asyncio.Semaphore(opts["connect_concurrency"])
-    results = await asyncio.gather(*(_open_registered(url, u, opts, sem) for u in ids),
+    results = await asyncio.gather(*(_open_registered(target, u, opts, sem) for u in ids),
                                    return_exceptions=True)
     errors = [r for r in results if isinstance(r, BaseException)]
     socks = [r for r in results if not isinstance(r, BaseException)]
@@ -574,15 +785,17 @@ def _wait_parent(conn, expect: str | tuple[str, ...], timeout: float):
     return msg
 
 
-async def _make_pairs(url: str, idx: int, n: int, tag: str, opts: dict[str, Any]) -> list[Pair]:
+async def _make_pairs(target: Target, idx: int, n: int, tag: str,
+                      opts: dict[str, Any]) -> list[Pair]:
     sids = [f"{tag}-p{idx}-s{i}" for i in range(n)]
     rids = [f"{tag}-p{idx}-r{i}" for i in range(n)]
-    socks = await _open_many(url, sids + rids, opts)
+    socks = await _open_many(target, sids + rids, opts)
     sdp = make_sdp(opts["sdp_size"])
-    return [Pair(socks[i], socks[n + i], sids[i], rids[i], sdp) for i in range(n)]
+    proto = PROTOCOLS[target[0]]
+    return [Pair(socks[i], socks[n + i], sids[i], rids[i], sdp, proto) for i in range(n)]
 
 
-async def _make_cross_pairs(conn, url: str, idx: int, tag: str,
+async def _make_cross_pairs(conn, target: Target, idx: int, tag: str,
                             opts: dict[str, Any]) -> list[Pair]:
     """Register connections as the parent asks ("open", k), report their ids, and pair
     them as the parent decides ("pairs", [(sender, receiver), ...]) once it has read from
@@ -593,14 +806,15 @@ async def _make_cross_pairs(conn, url: str, idx: int, tag: str,
             msg = _wait_parent(conn, ("open", "pairs"), 120)
             if msg[0] == "open":
                 ids = [f"{tag}-p{idx}-c{len(socks) + i}" for i in range(msg[1])]
-                socks.update(zip(ids, await _open_many(url, ids, opts)))
+                socks.update(zip(ids, await _open_many(target, ids, opts)))
                 conn.send(("opened", ids))
                 continue
             chosen = msg[1]
             used = {u for pair in chosen for u in pair}
             await _close_all([ws for u, ws in socks.items() if u not in used])
             sdp = make_sdp(opts["sdp_size"])
-            return [Pair(socks[s], socks[r], s, r, sdp) for s, r in chosen]
+            proto = PROTOCOLS[target[0]]
+            return [Pair(socks[s], socks[r], s, r, sdp, proto) for s, r in chosen]
         raise RuntimeError(f"no pairs from the parent after {CROSS_STEPS} rounds")
     except BaseException:
         await _close_all(list(socks.values()))
@@ -612,6 +826,8 @@ async def _receiver(p: Pair, t_a: float, t_b: float, t_a_ns: int, t_b_ns: int,
     ws = p.receiver
     monotonic, monotonic_ns = time.monotonic, time.monotonic_ns
     expected_from = p.sender_id
+    offer_type, from_key, body_key = p.proto.offer_type, p.proto.from_key, p.proto.body_key
+    error_types = p.proto.error_types
     async with asyncio.timeout_at(deadline):
         for _ in range(limit):  # no sender sends more than max_messages
             data = await ws.recv()
@@ -619,18 +835,18 @@ async def _receiver(p: Pair, t_a: float, t_b: float, t_a_ns: int, t_b_ns: int,
             now = monotonic()
             msg = _loads(data)
             kind = msg.get("type")
-            if kind == "offer":
-                if msg.get("from") != expected_from:
+            if kind == offer_type:
+                if msg.get(from_key) != expected_from:
                     p.bad_from += 1
                 p.received += 1
                 p.event.set()
                 if t_a <= now <= t_b:
                     p.in_window += 1
                 if record:
-                    t = msg["offer"]["t"]
+                    t = msg[body_key]["t"]
                     if t_a_ns <= t <= t_b_ns:
                         p.samples.append(now_ns - t)
-            elif kind == "error":
+            elif kind in error_types:
                 p.errors += 1
             else:
                 p.unexpected += 1
@@ -639,13 +855,13 @@ async def _receiver(p: Pair, t_a: float, t_b: float, t_a_ns: int, t_b_ns: int,
 async def _sender_reader(p: Pair, deadline: float, limit: int) -> None:
     """Error replies on the sender's own connection (peer-offline, unavailable, ...): each
     stands for offers that will not arrive, so the closed loop does not wait for them."""
+    error_types = p.proto.error_types
     async with asyncio.timeout_at(deadline):
         for _ in range(limit):
             msg = _loads(await p.sender.recv())
-            if msg.get("type") == "error":
+            if msg.get("type") in error_types:
                 p.sender_errors += 1
-                count = msg.get("undelivered")
-                p.rejected += count if isinstance(count, int) and count > 0 else 1
+                p.rejected += p.proto.rejected(msg)
                 if p.error_sample is None:
                     p.error_sample = f"to sender {p.sender_id}: {json.dumps(msg)[:300]}"
                 p.event.set()
@@ -713,13 +929,13 @@ async def _cpu_sampler(t_a: float, t_b: float, out: dict[str, float]) -> None:
     out["b"] = sum(os.times()[:2])
 
 
-async def _relay_phase(conn, url: str, idx: int, kind: str, n: int, tag: str, cross: bool,
+async def _relay_phase(conn, target: Target, idx: int, kind: str, n: int, tag: str, cross: bool,
                        opts: dict[str, Any]) -> dict[str, Any]:
     t0 = time.monotonic()
     if cross:
-        pairs = await _make_cross_pairs(conn, url, idx, tag, opts)
+        pairs = await _make_cross_pairs(conn, target, idx, tag, opts)
     else:
-        pairs = await _make_pairs(url, idx, n, tag, opts)
+        pairs = await _make_pairs(target, idx, n, tag, opts)
     tasks: list[asyncio.Task] = []
     failures: list[str] = []
     lags: list[float] = []
@@ -791,10 +1007,10 @@ async def _relay_phase(conn, url: str, idx: int, kind: str, n: int, tag: str, cr
     }
 
 
-async def _memory_phase(conn, url: str, idx: int, k: int, tag: str,
+async def _memory_phase(conn, target: Target, idx: int, k: int, tag: str,
                         opts: dict[str, Any]) -> dict[str, Any]:
     t0 = time.monotonic()
-    socks = await _open_many(url, [f"{tag}-p{idx}-idle{i}" for i in range(k)], opts)
+    socks = await _open_many(target, [f"{tag}-p{idx}-idle{i}" for i in range(k)], opts)
     try:
         conn.send(("ready", time.monotonic() - t0))
         _wait_parent(conn, "close", 120)
@@ -804,9 +1020,10 @@ async def _memory_phase(conn, url: str, idx: int, k: int, tag: str,
     return {"opened": len(socks), "close_seconds": time.monotonic() - t1}
 
 
-async def _warmup_phase(url: str, idx: int, tag: str, opts: dict[str, Any]) -> dict[str, Any]:
+async def _warmup_phase(target: Target, idx: int, tag: str,
+                        opts: dict[str, Any]) -> dict[str, Any]:
     """A few relays through the server, so lazily loaded code is loaded before measuring."""
-    pairs = await _make_pairs(url, idx, 2, tag, opts)
+    pairs = await _make_pairs(target, idx, 2, tag, opts)
     try:
         for p in pairs:
             for _ in range(5):
@@ -815,7 +1032,7 @@ async def _warmup_phase(url: str, idx: int, tag: str, opts: dict[str, Any]) -> d
             for p in pairs:
                 for _ in range(5):
                     msg = _loads(await p.receiver.recv())
-                    if msg.get("type") != "offer":
+                    if msg.get("type") != p.proto.offer_type:
                         raise RuntimeError(f"warm-up got {msg!r}")
     finally:
         await _close_all([s for p in pairs for s in (p.sender, p.receiver)])
@@ -832,13 +1049,13 @@ def client_main(conn, idx: int, opts: dict[str, Any]) -> None:
         if cmd[0] == "quit":
             return
         try:
-            name, url, tag = cmd[0], cmd[1], cmd[2]
+            name, target, tag = cmd[0], cmd[1], cmd[2]
             if name == "warmup":
-                result = asyncio.run(_warmup_phase(url, idx, tag, opts))
+                result = asyncio.run(_warmup_phase(target, idx, tag, opts))
             elif name == "memory":
-                result = asyncio.run(_memory_phase(conn, url, idx, cmd[3], tag, opts))
+                result = asyncio.run(_memory_phase(conn, target, idx, cmd[3], tag, opts))
             else:
-                result = asyncio.run(_relay_phase(conn, url, idx, name, cmd[3], tag, cmd[4],
+                result = asyncio.run(_relay_phase(conn, target, idx, name, cmd[3], tag, cmd[4],
                                                   opts))
             conn.send(("result", result))
         except BaseException as exc:  # report, then keep serving (the parent decides)
@@ -984,7 +1201,7 @@ def run_relay(server: Server, clients: Clients, kind: str, args, tag: str) -> di
     per_proc = split(args.pairs, nprocs)
     cross = SCENARIOS[server.name]["cross"]
     for c, n in zip(clients.conns, per_proc):
-        c.send((kind, server.url, tag, n, cross))
+        c.send((kind, server.target, tag, n, cross))
     placement = place_cross_pairs(server, clients, per_proc) if cross else None
     setup = clients.gather("ready", 120)
     if kind == "throughput":
@@ -1115,7 +1332,7 @@ def run_memory(server: Server, clients: Clients, args, tag: str) -> dict[str, An
     before = server.rss_kb()
     t0 = time.monotonic()
     for c, k in zip(clients.conns, per_proc):
-        c.send(("memory", server.url, tag, k))
+        c.send(("memory", server.target, tag, k))
     setup = clients.gather("ready", 180)
     open_seconds = time.monotonic() - t0
     time.sleep(args.settle)
@@ -1151,9 +1368,9 @@ def print_placement(name: str, phase: str, r: dict[str, Any]) -> None:
 
 def run_server(name: str, clients: Clients, args, log_dir: Path,
                redis: RedisServer | None = None) -> dict[str, Any]:
-    """One round against one server: start it, warm up, memory (volli and baseline only),
-    throughput, latency, stop."""
-    server = Server(name, log_dir, args.deflate, redis)
+    """One round against one server: start it, warm up, memory (not for the --redis
+    servers), throughput, latency, stop."""
+    server = make_server(name, log_dir, args.deflate, redis)
     result: dict[str, Any] = {"command": server.command_line(), "log": str(server.log_path),
                               "label": SCENARIOS[name]["label"]}
     print(f"[{name}] starting: {server.command_line()}  (port {server.port})", flush=True)
@@ -1161,7 +1378,7 @@ def run_server(name: str, clients: Clients, args, log_dir: Path,
         server.start()
         result["worker_pids"] = server.workers
         tag = f"{name}{server.port}"
-        clients.send_all(("warmup", server.url, tag + "w"))
+        clients.send_all(("warmup", server.target, tag + "w"))
         clients.gather("result", 30)
         if args.idle > 0 and not SCENARIOS[name]["redis"]:
             result["memory"] = m = run_memory(server, clients, args, tag + "m")
@@ -1316,26 +1533,31 @@ def table(res: dict[str, list[dict[str, Any]]], args) -> str:
         (f"latency max (ms) @ {args.rate:g} msg/s", ("latency", "max_ms"), ".2f"),
         ("latency run: achieved rate (msg/s)", ("latency", "rate"), ",.0f"),
         ("latency run: server CPU utilisation (cores)", ("latency", "server_util"), ".2f"),
+        ("latency run: msgs per server CPU-second (same rate for all)",
+         ("latency", "msgs_per_cpu_s"), ",.0f"),
         (f"idle memory per registered conn (kB, K={args.idle})", ("memory", "kb_per_conn"),
          ".1f"),
-        ("worker RSS with K idle conns (MB)", ("memory", "rss_after_kb"), None),
+        ("server process RSS with K idle conns (MB)", ("memory", "rss_after_kb"), None),
         ("lost messages (throughput + latency, all rounds)", None, "d"),
         ("error replies received (all rounds)", None, "d"),
     ]
-    lines = ["| figure | Volli | baseline | ratio (Volli/baseline) |",
-             "|---|---:|---:|---:|"]
+    names = ("volli", "baseline", "peerjs")
+    lines = ["| figure | Volli | baseline | peerjs | ratio Volli/baseline | "
+             "ratio Volli/peerjs |",
+             "|---|---:|---:|---:|---:|---:|"]
     for label, path, spec in rows:
         if path is None:
             key = "lost" if label.startswith("lost") else "errors"
-            vals = [total(name, key) for name in ("volli", "baseline")]
-            lines.append(f"| {label} | {fmt(vals[0], spec)} | {fmt(vals[1], spec)} | - |")
+            vals = [total(name, key) for name in names]
+            lines.append(f"| {label} | " + " | ".join(fmt(x, spec) for x in vals) +
+                         " | - | - |")
             continue
-        v, b = get("volli", *path), get("baseline", *path)
+        v, b, pj = (get(name, *path) for name in names)
         if spec is None:  # kB -> MB
-            v = v / 1024 if v is not None else None
-            b = b / 1024 if b is not None else None
+            v, b, pj = (x / 1024 if x is not None else None for x in (v, b, pj))
             spec = ".1f"
-        lines.append(f"| {label} | {fmt(v, spec)} | {fmt(b, spec)} | {ratio(v, b)} |")
+        lines.append(f"| {label} | {fmt(v, spec)} | {fmt(b, spec)} | {fmt(pj, spec)} | "
+                     f"{ratio(v, b)} | {ratio(v, pj)} |")
     return "\n".join(lines)
 
 
@@ -1370,8 +1592,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--rounds", type=int, default=1,
                     help="rounds; the order alternates (V,B then B,V) and the table shows "
                          "medians")
-    ap.add_argument("--only", choices=["volli", "baseline"],
-                    help="run one of volli/baseline only (--redis still adds its servers)")
+    ap.add_argument("--only", choices=["volli", "baseline", "peerjs"],
+                    help="run one of volli/baseline/peerjs only (--redis still adds its "
+                         "servers)")
+    ap.add_argument("--no-peerjs", action="store_true",
+                    help=f"leave out peerjs-server (otherwise npm peer@{PEERJS_VERSION} is "
+                         f"installed into bench/.peerjs/ if it is not there, and run)")
     ap.add_argument("--redis", action="store_true",
                     help="also run Volli with the Redis backend (private redis-server): one "
                          "worker, and two workers with every pair cross-worker; reported "
@@ -1393,8 +1619,10 @@ def main(argv: list[str] | None = None) -> int:
         ap.error("--procs must not exceed --pairs")
     if min(args.duration, args.latency_duration, args.rate) <= 0:
         ap.error("durations and --rate must be positive")
-    if args.redis and args.only == "baseline":
-        ap.error("--redis reports against the volli run: not with --only baseline")
+    if args.redis and args.only in ("baseline", "peerjs"):
+        ap.error(f"--redis reports against the volli run: not with --only {args.only}")
+    if args.no_peerjs and args.only == "peerjs":
+        ap.error("--only peerjs contradicts --no-peerjs")
     if args.redis and not (shutil.which("redis-server") or os.path.exists(
             "/usr/bin/redis-server")):
         ap.error("--redis needs redis-server on PATH")
@@ -1427,7 +1655,21 @@ def main(argv: list[str] | None = None) -> int:
     if signal.getsignal(signal.SIGINT) is not signal.SIG_IGN:
         signal.signal(signal.SIGINT, interrupt)
     clients = Clients(args.procs, opts)
-    names = [n for n in ("volli", "baseline") if not args.only or n == args.only]
+    names = [n for n in ("volli", "baseline", "peerjs") if not args.only or n == args.only]
+    peerjs_info: dict[str, Any] = {}
+    if args.no_peerjs:
+        names.remove("peerjs")
+    elif "peerjs" in names:
+        try:
+            peerjs_info = {"package": f"peer@{PEERJS_VERSION}", "dir": str(PEERJS_DIR),
+                           "node": ensure_peerjs()}
+            print(f"[peerjs] using npm peer@{PEERJS_VERSION} from {PEERJS_DIR} "
+                  f"(node {peerjs_info['node']})", flush=True)
+        except (RuntimeError, OSError, subprocess.SubprocessError) as exc:
+            peerjs_info = {"failure": str(exc)}
+            names.remove("peerjs")
+            print(f"[peerjs] SKIPPED, could not install or run it: {exc}", file=sys.stderr,
+                  flush=True)
     if args.redis:
         names += ["redis-1w", "redis-2w"]
     results: dict[str, list[dict[str, Any]]] = {n: [] for n in names}
@@ -1480,6 +1722,8 @@ def main(argv: list[str] | None = None) -> int:
               "ones, which favours the single worker; the latency run's\nmsgs per server "
               "CPU-second compares all three at the same paced rate.\n")
     problems, noise = [], []
+    if peerjs_info.get("failure"):
+        problems.append(f"peerjs: not run: {peerjs_info['failure']}")
     for name, rounds in results.items():
         for i, r in enumerate(rounds):
             where = f"{name}" + (f" round {i + 1}" if len(rounds) > 1 else "")
@@ -1547,27 +1791,31 @@ def main(argv: list[str] | None = None) -> int:
             "latency_p99_ms": median([lookup(r, ("latency", "p99_ms")) for r in rs]),
             "latency_max_ms": median([lookup(r, ("latency", "max_ms")) for r in rs]),
             "idle_kb_per_conn": median([lookup(r, ("memory", "kb_per_conn")) for r in rs]),
+            "latency_msgs_per_server_cpu_s": median([lookup(r, ("latency", "msgs_per_cpu_s"))
+                                                     for r in rs]),
             "msgs_per_worker_cpu_s": median([lookup(r, ("throughput", "msgs_per_worker_cpu_s"))
                                              for r in rs]),
             "redis_cpu_s": median([lookup(r, ("throughput", "redis_cpu")) for r in rs]),
         } for name, rs in results.items()}
-        if "volli" in summary and "baseline" in summary:
-            summary["ratio_volli_over_baseline"] = {
-                k: (v / summary["baseline"][k]) if v and summary["baseline"][k] else None
-                for k, v in summary["volli"].items()}
+        for other in ("baseline", "peerjs"):
+            if "volli" in summary and other in summary:
+                summary[f"ratio_volli_over_{other}"] = {
+                    k: (v / summary[other][k]) if v and summary[other][k] else None
+                    for k, v in summary["volli"].items()}
         for name in ("redis-1w", "redis-2w"):
             if name in summary and "volli" in summary:
                 summary[f"ratio_{name}_over_volli"] = {
                     k: (v / summary["volli"][k]) if v and summary["volli"][k] else None
                     for k, v in summary[name].items()}
         payload = {"args": vars(args), "elapsed_seconds": elapsed, "cpus": os.cpu_count(),
-                   "python": sys.version.split()[0], "summary": summary,
+                   "python": sys.version.split()[0], "peerjs": peerjs_info, "summary": summary,
                    "results": results, "problems": problems, "noise": noise}
         Path(args.json).write_text(json.dumps(payload, indent=2, default=str))
         print(f"results written to {args.json}")
     if interrupted:
         return 130
-    return 1 if any(r.get("failure") for rs in results.values() for r in rs) else 0
+    return 1 if peerjs_info.get("failure") or any(
+        r.get("failure") for rs in results.values() for r in rs) else 0
 
 
 if __name__ == "__main__":
