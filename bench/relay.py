@@ -46,6 +46,7 @@ import asyncio
 import contextlib
 import gc
 import json
+import math
 import multiprocessing as mp
 import os
 import re
@@ -63,6 +64,10 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import machine  # noqa: E402
+import rawws  # noqa: E402
+
 try:
     import orjson
 
@@ -71,6 +76,12 @@ except ImportError:  # pragma: no cover - orjson is a Volli dependency
     _loads = json.loads
 
 ROOT = Path(__file__).resolve().parent.parent
+# Where the Volli server's code comes from: the working tree, or a tree exported from a git
+# ref by --volli-ref (so a run measures exactly one commit while volli/ is being edited).
+VOLLI_TREE = ROOT
+# WebSocket slots each server gets (Volli's VOLLI_MAX_CONNECTIONS + 100, the baseline's
+# --worker-connections, peerjs's --concurrent_limit); main() raises it for large K.
+SLOTS = 20000
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 PHASE_SLACK = 30.0  # extra seconds the parent waits on a client process beyond a phase's plan
 NOISY_CORES = 0.35  # CPU use by other processes in a window above which a run is flagged
@@ -397,8 +408,10 @@ class Server:
         self.redis = redis if spec["redis"] else None
         self.port = free_port()
         self.log_path = log_dir / f"{name}-{self.port}.log"
+        tree = VOLLI_TREE if self.app == "volli" else ROOT
+        self.cwd = tree
         env = {**os.environ, "HOST": "127.0.0.1", "PORT": str(self.port),
-               "PYTHONPATH": str(ROOT)}
+               "PYTHONPATH": str(tree)}
         # The bench decides the worker count and the backend of each server.
         for var in ("WEB_CONCURRENCY", "GUNICORN_CMD_ARGS", "VOLLI_REDIS_URL",
                     "VOLLI_REDIS_PREFIX"):
@@ -406,7 +419,7 @@ class Server:
         py = [sys.executable, "-m", "gunicorn"]
         if self.app == "volli":
             env.update({
-                "VOLLI_MAX_CONNECTIONS": "19900",  # gunicorn.conf.py adds 100 -> 20000 slots
+                "VOLLI_MAX_CONNECTIONS": str(SLOTS - 100),  # gunicorn.conf.py adds 100
                 "VOLLI_STATS_INTERVAL": "3600",
                 "VOLLI_PERMESSAGE_DEFLATE": "1" if deflate else "0",
                 # One loopback address and a deliberate flood: the abuse limits stay on the
@@ -428,7 +441,7 @@ class Server:
             # -c: without it gunicorn, started from the repo root, would read Volli's
             # ./gunicorn.conf.py (its post_worker_init hook needs the Volli app).
             self.cmd = py + ["-c", "bench/gunicorn_baseline.py", "-k", "gevent", "-w", "1",
-                             "--worker-connections", "20000",
+                             "--worker-connections", str(SLOTS),
                              "-b", f"127.0.0.1:{self.port}", "bench.baseline_app:app"]
         self.env = env
         self.proc: subprocess.Popen | None = None
@@ -457,7 +470,7 @@ class Server:
 
     def start(self, deadline: float = 30.0) -> None:
         self._log = open(self.log_path, "wb")
-        self.proc = subprocess.Popen(self.cmd, cwd=ROOT, env=self.env, stdout=self._log,
+        self.proc = subprocess.Popen(self.cmd, cwd=self.cwd, env=self.env, stdout=self._log,
                                      stderr=subprocess.STDOUT, start_new_session=True)
         expect_backend = "redis" if self.redis is not None else "memory"
         end = time.monotonic() + deadline
@@ -609,13 +622,13 @@ class PeerjsServer(Server):
         env = {**os.environ}
         for var in ("PORT", "PEERSERVER_PATH", "NODE_OPTIONS"):
             env.pop(var, None)
-        # --concurrent_limit: the same 20000 slots as the others (its default is 5000).
+        # --concurrent_limit: the same SLOTS as the others (its default is 5000).
         # --alive_timeout: the bench sends no HEARTBEAT, so a long one keeps the checker
         # (which still runs every 300 ms over all clients) from closing idle connections.
         # --allow_discovery: GET <path>/peerjs/peers lists ids, for the memory run's count.
         self.cmd = [shutil.which("node") or "node", str(PEERJS_CLI),
                     "--host", "127.0.0.1", "--port", str(self.port), "--path", PEERJS_PATH,
-                    "--key", PEERJS_KEY, "--concurrent_limit", "20000",
+                    "--key", PEERJS_KEY, "--concurrent_limit", str(SLOTS),
                     "--alive_timeout", "3600000", "--allow_discovery"]
         self.env = env
         self.proc = None
@@ -1007,19 +1020,6 @@ async def _relay_phase(conn, target: Target, idx: int, kind: str, n: int, tag: s
     }
 
 
-async def _memory_phase(conn, target: Target, idx: int, k: int, tag: str,
-                        opts: dict[str, Any]) -> dict[str, Any]:
-    t0 = time.monotonic()
-    socks = await _open_many(target, [f"{tag}-p{idx}-idle{i}" for i in range(k)], opts)
-    try:
-        conn.send(("ready", time.monotonic() - t0))
-        _wait_parent(conn, "close", 120)
-    finally:
-        t1 = time.monotonic()
-        await _close_all(socks)
-    return {"opened": len(socks), "close_seconds": time.monotonic() - t1}
-
-
 async def _warmup_phase(target: Target, idx: int, tag: str,
                         opts: dict[str, Any]) -> dict[str, Any]:
     """A few relays through the server, so lazily loaded code is loaded before measuring."""
@@ -1052,8 +1052,8 @@ def client_main(conn, idx: int, opts: dict[str, Any]) -> None:
             name, target, tag = cmd[0], cmd[1], cmd[2]
             if name == "warmup":
                 result = asyncio.run(_warmup_phase(target, idx, tag, opts))
-            elif name == "memory":
-                result = asyncio.run(_memory_phase(conn, target, idx, cmd[3], tag, opts))
+            elif name == "rtt":
+                result = _rtt_phase(target, tag, cmd[3], cmd[4], opts)
             else:
                 result = asyncio.run(_relay_phase(conn, target, idx, name, cmd[3], tag, cmd[4],
                                                   opts))
@@ -1062,19 +1062,137 @@ def client_main(conn, idx: int, opts: dict[str, Any]) -> None:
             conn.send(("failed", f"{type(exc).__name__}: {exc}"))
 
 
+def _rtt_phase(target: Target, tag: str, count: int, limit_s: float,
+               opts: dict[str, Any]) -> dict[str, Any]:
+    """One pair, sequential round trips on two blocking raw connections (bench/rawws.py,
+    TCP_NODELAY): A sends an offer to B; B, on receipt, answers A; A's time from its send
+    to the answer's arrival is one sample. The same thread plays both ends, so a sample
+    includes B's parse-and-answer (a few microseconds of Python) but no scheduling between
+    processes. 50 unrecorded round trips first; bounded by ``count`` and ``limit_s``."""
+    proto, url = target
+    tgt = rawws.Target(proto, url)
+    a_id, b_id = f"{tag}-a", f"{tag}-b"
+    a = rawws.BlockingWS(tgt, a_id)
+    b = rawws.BlockingWS(tgt, b_id)
+    sdp = make_sdp(opts["sdp_size"])
+    if proto == "peerjs":
+        offer_head = ('{"type":"OFFER","dst":' + json.dumps(b_id) +
+                      ',"payload":{"type":"offer","sdp":' + json.dumps(sdp) + ',"i":')
+        answer_head = ('{"type":"ANSWER","dst":' + json.dumps(a_id) +
+                       ',"payload":{"type":"answer","sdp":' + json.dumps(sdp) + ',"i":')
+        kinds, from_key, body = ("OFFER", "ANSWER"), "src", "payload"
+    else:
+        offer_head = ('{"type":"offer","to":' + json.dumps(b_id) +
+                      ',"offer":{"type":"offer","sdp":' + json.dumps(sdp) + ',"i":')
+        answer_head = ('{"type":"answer","to":' + json.dumps(a_id) +
+                       ',"answer":{"type":"answer","sdp":' + json.dumps(sdp) + ',"i":')
+        kinds, from_key, body = ("offer", "answer"), "from", None
+    samples: list[int] = []
+    bad = 0
+    bad_sample = None
+    perf = time.perf_counter_ns
+    for s in (a.sock, b.sock):
+        s.settimeout(5.0)
+    end = time.monotonic() + limit_s
+    gc.collect()
+    gc.disable()
+    cpu0 = sum(os.times()[:2])
+    t0 = time.monotonic()
+    try:
+        for i in range(-50, count):
+            if time.monotonic() > end:
+                break
+            t = perf()
+            a.send_text((offer_head + str(i) + "}}").encode())
+            got = _loads(b.recv_text())
+            ok = got.get("type") == kinds[0] and got.get(from_key) == a_id and \
+                got[body or "offer"]["i"] == i
+            b.send_text((answer_head + str(i) + "}}").encode())
+            back = _loads(a.recv_text())
+            dt = perf() - t
+            ok = ok and back.get("type") == kinds[1] and back.get(from_key) == b_id and \
+                back[body or "answer"]["i"] == i
+            if not ok:
+                bad += 1
+                bad_sample = bad_sample or f"{json.dumps(got)[:150]} / {json.dumps(back)[:150]}"
+            if i >= 0:
+                samples.append(dt)
+        wall = time.monotonic() - t0
+        cpu = sum(os.times()[:2]) - cpu0
+    finally:
+        gc.enable()
+        a.close()
+        b.close()
+    samples.sort()
+    return {"round_trips": len(samples), "asked": count, "bad": bad, "bad_sample": bad_sample,
+            "wall_s": wall, "client_cpu": cpu,
+            "p50_ms": percentile(samples, 0.50) / 1e6, "p99_ms": percentile(samples, 0.99) / 1e6,
+            "max_ms": samples[-1] / 1e6 if samples else float("nan"),
+            "mean_ms": sum(samples) / len(samples) / 1e6 if samples else float("nan")}
+
+
+def raw_client_main(conn, idx: int, opts: dict[str, Any]) -> None:
+    """A lean client process (bench/rawws.py, epoll): opens, holds and closes many registered
+    connections for the connections phase, one step at a time as the parent asks:
+    ("conns", target, [ids per step], sources) -> per step it waits for ("go",), opens that
+    step's connections, reports ("ready", stats) and keeps answering pings until the next
+    ("go",) or ("close",); then closes all and reports ("result", ...)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    for _ in range(10_000):
+        if not conn.poll(900):
+            return
+        cmd = conn.recv()
+        if cmd[0] == "quit":
+            return
+        pool = None
+        try:
+            _, (proto, url), steps, sources = cmd
+            rawws.raise_nofile(sum(len(ids) for ids in steps) + 200)
+            pool = rawws.Pool(rawws.Target(proto, url), sources, opts["conn_concurrency"],
+                              opts["handshake_timeout"])
+            step_results = []
+            msg = _wait_parent(conn, ("go", "close"), 300)
+            for ids in steps:
+                if msg[0] == "close":
+                    break
+                cpu0 = sum(os.times()[:2])
+                r = pool.open(ids, time.monotonic() + opts["open_timeout"],
+                              max_failures=opts["max_failures"])
+                r["client_cpu"] = sum(os.times()[:2]) - cpu0
+                r.update(pool.stats())
+                step_results.append(r)
+                conn.send(("ready", r))
+                end = time.monotonic() + 600
+                while not conn.poll(0) and time.monotonic() < end:
+                    pool.service(time.monotonic() + 0.05)
+                msg = _wait_parent(conn, ("go", "close"), 1)
+            if msg[0] != "close":
+                _wait_parent(conn, "close", 600)
+            held = pool.stats()
+            closed = pool.close_all(time.monotonic() + 30)
+            pool = None
+            conn.send(("result", {"steps": step_results, "held": held, "closed": closed}))
+        except BaseException as exc:
+            if pool is not None:
+                with contextlib.suppress(Exception):
+                    pool.close_all(time.monotonic() + 5)
+            conn.send(("failed", f"{type(exc).__name__}: {exc}"))
+
+
 # --------------------------------------------------------------------------------------------
 # Orchestration (parent)
 
 
 class Clients:
-    def __init__(self, nprocs: int, opts: dict[str, Any]) -> None:
+    def __init__(self, nprocs: int, opts: dict[str, Any], main=None,
+                 name: str = "relay-client") -> None:
         ctx = mp.get_context("spawn")
         self.conns = []
         self.procs = []
         for i in range(nprocs):
             parent, child = ctx.Pipe()
-            p = ctx.Process(target=client_main, args=(child, i, opts), daemon=True,
-                            name=f"relay-client-{i}")
+            p = ctx.Process(target=main or client_main, args=(child, i, opts), daemon=True,
+                            name=f"{name}-{i}")
             p.start()
             self.conns.append(parent)
             self.procs.append(p)
@@ -1259,6 +1377,7 @@ def run_relay(server: Server, clients: Clients, kind: str, args, tag: str) -> di
     out["worker_util"] = [c / wall for c in worker_cpu]
     out["server_util"] = out["server_cpu"] / wall
     out["client_util"] = [c / wall for c in out["client_cpu"]]
+    out["client_util_sum"] = sum(out["client_util"])
     out["other_busy_cores"], out["other_top"] = other_cpu_delta(other_a, other_b, wall)
     out["total_cpu"] = out["server_cpu"] + (out["redis_cpu"] or 0.0)
     out["total_util"] = out["total_cpu"] / wall
@@ -1326,35 +1445,111 @@ def bottleneck(r: dict[str, Any]) -> tuple[str, bool]:
     return f"{verdict}: " + usage(r), client_bound
 
 
-def run_memory(server: Server, clients: Clients, args, tag: str) -> dict[str, Any]:
-    per_proc = split(args.idle, len(clients.conns))
+def run_connections(server: Server, raw: Clients, args, tag: str) -> dict[str, Any]:
+    """Connections phase, with the lean client processes (bench/rawws.py): open K1 (e.g.
+    5,000) registered connections as fast as --conn-concurrency handshakes in flight per
+    process allow (connections per second, server CPU per connection), let them settle and
+    read the server's RSS (memory per idle connection at K1); then the same up to K2 (e.g.
+    20,000); then close all. The connections come from several source addresses."""
+    ks = args.idle_ks
+    nprocs = len(raw.conns)
+    total = ks[-1]
+    nsources = max(nprocs, math.ceil(total / 20_000))
+    sources = rawws.source_addresses(nsources)
+    steps_ids: list[list[list[str]]] = [[] for _ in range(nprocs)]
+    prev = 0
+    for k in ks:
+        ids = [f"{tag}-c{i}" for i in range(prev, k)]
+        for i in range(nprocs):
+            steps_ids[i].append(ids[i::nprocs])
+        prev = k
+    for i, c in enumerate(raw.conns):
+        c.send(("conns", server.target, steps_ids[i], sources[i::nprocs] or sources))
+    ours = {os.getpid(), server.proc.pid, *server.workers, *raw.pids()}
     time.sleep(args.settle)
-    before = server.rss_kb()
-    t0 = time.monotonic()
-    for c, k in zip(clients.conns, per_proc):
-        c.send(("memory", server.target, tag, k))
-    setup = clients.gather("ready", 180)
-    open_seconds = time.monotonic() - t0
-    time.sleep(args.settle)
-    after = server.rss_kb()
-    online = server.health().get("online")
-    clients.send_all(("close",))
-    results = clients.gather("result", 60)
+    rss0 = server.rss_kb()
+    steps: list[dict[str, Any]] = []
+    prev = 0
+    try:
+        for k in ks:
+            cpu_a, other_a = server.cpu(), other_cpu(ours)
+            mach_a = machine_cpu()
+            raw.send_all(("go",))
+            got = raw.gather("ready", args.conn_open_timeout + PHASE_SLACK)
+            cpu_b, other_b = server.cpu(), other_cpu(ours)
+            mach_b = machine_cpu()
+            t0 = min(r["t_start"] for r in got)
+            t1 = max(r["t_end"] for r in got)
+            wall = max(t1 - t0, 1e-6)
+            opened = sum(r["opened"] for r in got)
+            failed = sum(r["failed"] for r in got)
+            reasons: dict[str, int] = {}
+            for r in got:
+                for why, n in r["failures"].items():
+                    reasons[why] = reasons.get(why, 0) + n
+            time.sleep(args.settle)
+            rss = server.rss_kb()
+            online = None
+            with contextlib.suppress(Exception):
+                online = server.health().get("online")
+            client_cpu = [r["client_cpu"] for r in got]
+            step = {
+                "k": k, "new": k - prev, "opened": opened, "failed": failed,
+                "failure_reasons": reasons, "seconds": wall,
+                "conn_per_s": opened / wall,
+                "server_cpu": cpu_b - cpu_a,
+                "server_util": (cpu_b - cpu_a) / wall,
+                "server_cpu_ms_per_conn": (cpu_b - cpu_a) / opened * 1e3 if opened else None,
+                "client_cpu": client_cpu, "client_util": [c / wall for c in client_cpu],
+                "client_util_sum": sum(client_cpu) / wall,
+                "machine_busy_cores": (mach_b[0] - mach_a[0]) / wall,
+                "handshake_p50_ms": max((r["handshake_p50_ms"] or 0) for r in got),
+                "handshake_p99_ms": max((r["handshake_p99_ms"] or 0) for r in got),
+                "rss_kb": rss, "online_reported": online,
+                "kb_per_conn": (rss - rss0) / k,
+            }
+            step["other_busy_cores"], step["other_top"] = other_cpu_delta(other_a, other_b,
+                                                                          wall)
+            steps.append(step)
+            prev = k
+            print(f"[{server.name}] connections: {opened:,} new in {wall:.1f}s = "
+                  f"{step['conn_per_s']:,.0f}/s (server {step['server_util']:.0%} of a core, "
+                  f"{step['server_cpu_ms_per_conn'] or 0:.2f} ms CPU/conn; clients "
+                  f"{step['client_util_sum']:.0%}), {failed} failed; RSS "
+                  f"{rss / 1024:.0f} MB at {k:,} = {step['kb_per_conn']:.1f} kB/conn"
+                  + (f"; failures {reasons}" if reasons else ""), flush=True)
+            if failed:
+                break
+    finally:
+        raw.send_all(("close",))
+        results = raw.gather("result", 120)
     time.sleep(args.settle)
     after_close = server.rss_kb()
     server.check_worker()
-    return {
-        "idle": args.idle,
-        "opened": sum(r["opened"] for r in results),
-        "online_reported": online,
-        "open_seconds": open_seconds,
-        "client_setup_seconds": max(setup),
-        "rss_before_kb": before,
-        "rss_after_kb": after,
-        "rss_after_close_kb": after_close,
-        "kb_per_conn": (after - before) / args.idle,
-        "close_seconds": max(r["close_seconds"] for r in results),
-    }
+    dropped: dict[str, int] = {}
+    for r in results:
+        for why, n in r["held"]["dropped"].items():
+            dropped[why] = dropped.get(why, 0) + n
+    return {"ks": ks, "sources": sources, "rss_before_kb": rss0, "steps": steps,
+            "rss_after_close_kb": after_close, "dropped": dropped,
+            "forced_closes": sum(r["closed"]["forced"] for r in results),
+            "close_seconds": max(r["closed"]["seconds"] for r in results)}
+
+
+def run_rtt(server: Server, clients: Clients, args, tag: str) -> dict[str, Any]:
+    """Round trips of one pair, from client process 0; server CPU over the same time."""
+    cpu_a = server.cpu()
+    t0 = time.monotonic()
+    clients.conns[0].send(("rtt", server.target, tag, args.rtt_count, args.rtt_limit))
+    r = clients.recv(0, "result", args.rtt_limit + PHASE_SLACK)
+    wall = time.monotonic() - t0
+    r["server_cpu"] = server.cpu() - cpu_a
+    r["server_cpu_us_per_rt"] = (r["server_cpu"] / r["round_trips"] * 1e6
+                                 if r["round_trips"] else None)
+    r["client_util"] = r["client_cpu"] / r["wall_s"] if r["wall_s"] else None
+    r["server_util"] = r["server_cpu"] / wall
+    server.check_worker()
+    return r
 
 
 def print_placement(name: str, phase: str, r: dict[str, Any]) -> None:
@@ -1367,9 +1562,10 @@ def print_placement(name: str, phase: str, r: dict[str, Any]) -> None:
 
 
 def run_server(name: str, clients: Clients, args, log_dir: Path,
-               redis: RedisServer | None = None) -> dict[str, Any]:
-    """One round against one server: start it, warm up, memory (not for the --redis
-    servers), throughput, latency, stop."""
+               redis: RedisServer | None = None, raw: Clients | None = None) -> dict[str, Any]:
+    """One round against one server: start it, warm up, connections (conn/s and memory at
+    K1 and K2; not for the --redis servers), throughput, latency, round trips (not for the
+    --redis servers), stop."""
     server = make_server(name, log_dir, args.deflate, redis)
     result: dict[str, Any] = {"command": server.command_line(), "log": str(server.log_path),
                               "label": SCENARIOS[name]["label"]}
@@ -1380,12 +1576,9 @@ def run_server(name: str, clients: Clients, args, log_dir: Path,
         tag = f"{name}{server.port}"
         clients.send_all(("warmup", server.target, tag + "w"))
         clients.gather("result", 30)
-        if args.idle > 0 and not SCENARIOS[name]["redis"]:
-            result["memory"] = m = run_memory(server, clients, args, tag + "m")
-            print(f"[{name}] memory: {m['kb_per_conn']:.1f} kB/conn over {m['opened']} idle "
-                  f"(RSS {m['rss_before_kb']/1024:.1f} -> {m['rss_after_kb']/1024:.1f} MB, "
-                  f"{m['rss_after_close_kb']/1024:.1f} MB after close; "
-                  f"opened in {m['open_seconds']:.1f}s)", flush=True)
+        if args.idle_ks and raw is not None and not SCENARIOS[name]["redis"]:
+            result["connections"] = run_connections(server, raw, args, tag + "c")
+            result["conn"] = flatten_connections(result["connections"])
         result["throughput"] = t = run_relay(server, clients, "throughput", args, tag + "t")
         print_placement(name, "throughput", t)
         extra = ""
@@ -1403,6 +1596,14 @@ def run_server(name: str, clients: Clients, args, log_dir: Path,
               f"achieved {lat['rate']:.0f} msg/s, lost={lat['lost']} "
               f"errors={lat['errors'] + lat['sender_errors']}; other processes "
               f"{lat['other_busy_cores']:.2f} cores)", flush=True)
+        if args.rtt_count > 0 and not SCENARIOS[name]["redis"]:
+            result["rtt"] = rt = run_rtt(server, clients, args, tag + "r")
+            print(f"[{name}] round trips: {rt['round_trips']} in {rt['wall_s']:.1f}s, p50 "
+                  f"{rt['p50_ms']:.3f} ms, p99 {rt['p99_ms']:.3f} ms, max {rt['max_ms']:.2f} ms;"
+                  f" server {rt['server_cpu_us_per_rt']:.0f} us CPU per round trip; client "
+                  f"{rt['client_util']:.0%} of a core" +
+                  (f"; {rt['bad']} BAD replies, e.g. {rt['bad_sample']}" if rt["bad"] else ""),
+                  flush=True)
         result["rss_end_kb"] = server.rss_kb()
     except Exception as exc:
         result["failure"] = f"{type(exc).__name__}: {exc}"
@@ -1515,49 +1716,146 @@ def redis_table(res: dict[str, list[dict[str, Any]]], args) -> str:
     return "\n".join(lines)
 
 
-def table(res: dict[str, list[dict[str, Any]]], args) -> str:
-    """Each figure is the median over rounds (one round: the value itself)."""
-    def get(name: str, *path: str) -> Any:
+def flatten_connections(c: dict[str, Any]) -> dict[str, Any]:
+    """The connections phase's figures by step number (1 = K1, 2 = K2), for the table."""
+    out: dict[str, Any] = {"failed": sum(st["failed"] for st in c["steps"])}
+    for i, st in enumerate(c["steps"], 1):
+        out.update({f"k{i}": st["k"], f"conn_per_s_{i}": st["conn_per_s"],
+                    f"server_ms_per_conn_{i}": st["server_cpu_ms_per_conn"],
+                    f"server_util_{i}": st["server_util"],
+                    f"client_util_{i}": st["client_util_sum"],
+                    f"handshake_p99_{i}": st["handshake_p99_ms"],
+                    f"kb_per_conn_{i}": st["kb_per_conn"], f"rss_mb_{i}": st["rss_kb"] / 1024})
+    return out
+
+
+def main_rows(args) -> list[tuple[str, str, tuple[str, ...] | None, str, str]]:
+    """(key, label, path into a result, format, which servers): the main table's figures.
+    "which" is "all" (Volli, baseline, peerjs), or "redis": the Volli column is the 2-worker
+    Redis server (every pair cross-worker), the peerjs column peerjs's single process."""
+    ks = args.idle_ks or [0, 0]
+    k1, k2 = ks[0], ks[-1]
+    r = f"{args.rate:g}"
+    rows = [
+        ("throughput", "1. relay throughput at saturation (msg/s, at receivers)",
+         ("throughput", "rate"), ",.0f", "all"),
+        ("throughput_server_cores", "   server CPU used, throughput run (cores)",
+         ("throughput", "server_util"), ".2f", "all"),
+        ("msgs_per_server_cpu_s", "   **msgs relayed per server CPU-second**",
+         ("throughput", "msgs_per_cpu_s"), ",.0f", "all"),
+        ("throughput_client_cores", "   load generator CPU, throughput run (cores)",
+         ("throughput", "client_util_sum"), ".2f", "all"),
+        ("latency_p50_ms", f"2. latency p50 (ms) @ {r} msg/s offered", ("latency", "p50_ms"),
+         ".2f", "all"),
+        ("latency_p99_ms", f"   latency p99 (ms) @ {r} msg/s", ("latency", "p99_ms"), ".2f",
+         "all"),
+        ("latency_max_ms", f"   latency max (ms) @ {r} msg/s", ("latency", "max_ms"), ".2f",
+         "all"),
+        ("latency_rate", "   achieved rate (msg/s)", ("latency", "rate"), ",.0f", "all"),
+        ("latency_server_cores", "   server CPU, latency run (cores)",
+         ("latency", "server_util"), ".2f", "all"),
+        ("latency_msgs_per_server_cpu_s", "   msgs per server CPU-second at that rate",
+         ("latency", "msgs_per_cpu_s"), ",.0f", "all"),
+        ("latency_client_cores", "   load generator CPU, latency run (cores)",
+         ("latency", "client_util_sum"), ".2f", "all"),
+        ("latency_pacer_lag_p99_ms", "   load generator pacer lag p99 (ms)",
+         ("latency", "pacer_lag_p99_ms"), ".2f", "all"),
+        ("rtt_p50_ms", f"3. round trip offer->answer p50 (ms), 1 pair, {args.rtt_count} "
+         f"sequential", ("rtt", "p50_ms"), ".3f", "all"),
+        ("rtt_p99_ms", "   round trip p99 (ms)", ("rtt", "p99_ms"), ".3f", "all"),
+        ("rtt_max_ms", "   round trip max (ms)", ("rtt", "max_ms"), ".2f", "all"),
+        ("rtt_server_us", "   server CPU per round trip (us, 2 relays)",
+         ("rtt", "server_cpu_us_per_rt"), ",.0f", "all"),
+        ("rtt_client_cores", "   load generator CPU, round trips (cores)",
+         ("rtt", "client_util"), ".2f", "all"),
+        ("kb_per_conn_k1", f"4. server RSS per idle registered conn at K={k1:,} (kB)",
+         ("conn", "kb_per_conn_1"), ".1f", "all"),
+        ("kb_per_conn_k2", f"   server RSS per idle registered conn at K={k2:,} (kB)",
+         ("conn", "kb_per_conn_2"), ".1f", "all"),
+        ("rss_mb_k2", f"   server RSS with K={k2:,} idle conns (MB)", ("conn", "rss_mb_2"),
+         ".0f", "all"),
+        ("conn_per_s", f"5. connections accepted+registered per second (first {k1:,})",
+         ("conn", "conn_per_s_1"), ",.0f", "all"),
+        ("conn_server_ms", "   server CPU per connection (ms)",
+         ("conn", "server_ms_per_conn_1"), ".2f", "all"),
+        ("conn_server_cores", "   server CPU, connections run (cores)",
+         ("conn", "server_util_1"), ".2f", "all"),
+        ("conn_client_cores", "   load generator CPU, connections run (cores, lean client)",
+         ("conn", "client_util_1"), ".2f", "all"),
+        ("conn_handshake_p99_ms", "   connect->registered p99 (ms)",
+         ("conn", "handshake_p99_1"), ".0f", "all"),
+        ("conn_per_s_k2", f"   connections per second ({k1:,} -> {k2:,})",
+         ("conn", "conn_per_s_2"), ",.0f", "all"),
+    ]
+    if args.redis:
+        rows += [
+            ("redis2w_throughput", "6. Redis, 2 workers, all pairs cross-worker: throughput "
+             "(msg/s)", ("throughput", "rate"), ",.0f", "redis"),
+            ("redis2w_msgs_per_server_cpu_s", "   msgs per server CPU-second (workers + "
+             "redis-server)", ("throughput", "msgs_per_cpu_s"), ",.0f", "redis"),
+            ("redis2w_server_cores", "   server CPU, throughput run (cores, workers + redis)",
+             ("throughput", "total_util"), ".2f", "redis"),
+            ("redis2w_client_cores", "   load generator CPU, throughput run (cores)",
+             ("throughput", "client_util_sum"), ".2f", "redis"),
+            ("redis2w_latency_p50_ms", f"   latency p50 (ms) @ {r} msg/s", ("latency", "p50_ms"),
+             ".2f", "redis"),
+            ("redis2w_latency_p99_ms", f"   latency p99 (ms) @ {r} msg/s", ("latency", "p99_ms"),
+             ".2f", "redis"),
+            ("redis2w_latency_rate", "   achieved rate (msg/s)", ("latency", "rate"), ",.0f",
+             "redis"),
+            ("redis2w_latency_msgs_per_server_cpu_s", "   msgs per server CPU-second at that "
+             "rate", ("latency", "msgs_per_cpu_s"), ",.0f", "redis"),
+        ]
+    return rows
+
+
+def main_values(res: dict[str, list[dict[str, Any]]], args) -> dict[str, dict[str, Any]]:
+    """{row key: {"volli": v, "baseline": b, "peerjs": p, "ratio_volli_peerjs": ...,
+    "ratio_volli_baseline": ...}}, medians over rounds."""
+    def get(name: str, path: tuple[str, ...]) -> Any:
         return median([lookup(r, path) for r in res.get(name, [])])
 
-    def total(name: str, key: str) -> int | None:
-        return total_over(res, name, key)
+    def rat(a: Any, b: Any) -> float | None:
+        try:
+            return a / b if a is not None and b and a == a and b == b else None
+        except TypeError:
+            return None
 
-    rows = [
-        ("relay throughput (msg/s, at receivers)", ("throughput", "rate"), ",.0f"),
-        ("server worker CPU used (s, in window)", ("throughput", "server_cpu"), ".2f"),
-        ("server worker CPU utilisation (cores)", ("throughput", "server_util"), ".2f"),
-        ("msgs relayed per server CPU-second", ("throughput", "msgs_per_cpu_s"), ",.0f"),
-        (f"latency p50 (ms) @ {args.rate:g} msg/s", ("latency", "p50_ms"), ".2f"),
-        (f"latency p99 (ms) @ {args.rate:g} msg/s", ("latency", "p99_ms"), ".2f"),
-        (f"latency max (ms) @ {args.rate:g} msg/s", ("latency", "max_ms"), ".2f"),
-        ("latency run: achieved rate (msg/s)", ("latency", "rate"), ",.0f"),
-        ("latency run: server CPU utilisation (cores)", ("latency", "server_util"), ".2f"),
-        ("latency run: msgs per server CPU-second (same rate for all)",
-         ("latency", "msgs_per_cpu_s"), ",.0f"),
-        (f"idle memory per registered conn (kB, K={args.idle})", ("memory", "kb_per_conn"),
-         ".1f"),
-        ("server process RSS with K idle conns (MB)", ("memory", "rss_after_kb"), None),
-        ("lost messages (throughput + latency, all rounds)", None, "d"),
-        ("error replies received (all rounds)", None, "d"),
-    ]
-    names = ("volli", "baseline", "peerjs")
-    lines = ["| figure | Volli | baseline | peerjs | ratio Volli/baseline | "
-             "ratio Volli/peerjs |",
+    out: dict[str, dict[str, Any]] = {}
+    for key, _label, path, _spec, which in main_rows(args):
+        if which == "redis":
+            v, b, pj = get("redis-2w", path), None, get("peerjs", path)
+        else:
+            v, b, pj = (get(n, path) for n in ("volli", "baseline", "peerjs"))
+        out[key] = {"volli": v, "baseline": b, "peerjs": pj,
+                    "ratio_volli_baseline": rat(v, b), "ratio_volli_peerjs": rat(v, pj)}
+    for key in ("lost", "errors"):
+        out[key] = {n: total_over(res, n, key) for n in res}
+    return out
+
+
+def table(res: dict[str, list[dict[str, Any]]], args) -> str:
+    """Each figure is the median over rounds (one round: the value itself)."""
+    vals = main_values(res, args)
+    lines = ["| figure | Volli | peerjs | ratio Volli/peerjs | baseline | "
+             "ratio Volli/baseline |",
              "|---|---:|---:|---:|---:|---:|"]
-    for label, path, spec in rows:
-        if path is None:
-            key = "lost" if label.startswith("lost") else "errors"
-            vals = [total(name, key) for name in names]
-            lines.append(f"| {label} | " + " | ".join(fmt(x, spec) for x in vals) +
-                         " | - | - |")
-            continue
-        v, b, pj = (get(name, *path) for name in names)
-        if spec is None:  # kB -> MB
-            v, b, pj = (x / 1024 if x is not None else None for x in (v, b, pj))
-            spec = ".1f"
-        lines.append(f"| {label} | {fmt(v, spec)} | {fmt(b, spec)} | {fmt(pj, spec)} | "
-                     f"{ratio(v, b)} | {ratio(v, pj)} |")
+    for key, label, _path, spec, which in main_rows(args):
+        row = vals[key]
+        lines.append(f"| {label} | {fmt(row['volli'], spec)} | {fmt(row['peerjs'], spec)} | "
+                     f"{fmt(row['ratio_volli_peerjs'], '.2f')} | "
+                     f"{fmt(row['baseline'], spec) if which == 'all' else '-'} | "
+                     f"{fmt(row['ratio_volli_baseline'], '.2f') if which == 'all' else '-'} |")
+    for key, label in (("lost", "lost messages (all relay runs)"),
+                       ("errors", "error replies received (all relay runs)")):
+        v = vals[key]
+        lines.append(f"| {label} | {fmt(v.get('volli'), 'd')} | {fmt(v.get('peerjs'), 'd')} "
+                     f"| - | {fmt(v.get('baseline'), 'd')} | - |")
+    conn_failed = {n: median([lookup(r, ("conn", "failed")) for r in res.get(n, [])])
+                   for n in ("volli", "peerjs", "baseline")}
+    lines.append(f"| connections failed (connections run) | "
+                 f"{fmt(conn_failed['volli'], '.0f')} | {fmt(conn_failed['peerjs'], '.0f')} | - "
+                 f"| {fmt(conn_failed['baseline'], '.0f')} | - |")
     return "\n".join(lines)
 
 
@@ -1573,12 +1871,29 @@ def main(argv: list[str] | None = None) -> int:
                     help="seconds of load before each measurement window")
     ap.add_argument("--window", type=int, default=16,
                     help="offers in flight per pair in the throughput run")
-    ap.add_argument("--rate", type=float, default=2000.0,
+    ap.add_argument("--rate", type=float, default=5000.0,
                     help="total offered rate in the latency run (msg/s)")
     ap.add_argument("--max-messages", type=int, default=2_000_000,
                     help="cap on offers per sender (throughput) / per process (latency)")
-    ap.add_argument("--idle", type=int, default=1000,
-                    help="K: idle registered connections for the memory figure (0 = skip)")
+    ap.add_argument("--idle", default="5000,20000",
+                    help="K1,K2,...: the connections phase opens K1 registered connections "
+                         "as fast as it can (connections/s, server CPU per connection), reads "
+                         "the RSS (memory per idle connection at K1), then the same up to K2; "
+                         "0 = skip. K is capped below the open-file limit (see README)")
+    ap.add_argument("--conn-procs", type=int, default=2,
+                    help="lean client processes (bench/rawws.py) for the connections phase")
+    ap.add_argument("--conn-concurrency", type=int, default=100,
+                    help="handshakes in flight per lean client process")
+    ap.add_argument("--handshake-timeout", type=float, default=20.0,
+                    help="seconds from connect() to registered before a connection fails")
+    ap.add_argument("--conn-open-timeout", type=float, default=300.0,
+                    help="bound on the time to open one step of the connections phase (s)")
+    ap.add_argument("--max-failures", type=int, default=500,
+                    help="per lean client process: stop opening after this many failures")
+    ap.add_argument("--rtt-count", type=int, default=2000,
+                    help="sequential round trips of one pair (0 = skip)")
+    ap.add_argument("--rtt-limit", type=float, default=60.0,
+                    help="bound on the round-trip run's time (s)")
     ap.add_argument("--sdp-size", type=int, default=1500, help="characters of SDP per offer")
     ap.add_argument("--procs", type=int, default=1, help="client processes")
     ap.add_argument("--connect-concurrency", type=int, default=50,
@@ -1598,20 +1913,35 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--no-peerjs", action="store_true",
                     help=f"leave out peerjs-server (otherwise npm peer@{PEERJS_VERSION} is "
                          f"installed into bench/.peerjs/ if it is not there, and run)")
-    ap.add_argument("--redis", action="store_true",
-                    help="also run Volli with the Redis backend (private redis-server): one "
-                         "worker, and two workers with every pair cross-worker; reported "
-                         "against the single-worker memory Volli in a second table")
-    ap.add_argument("--json", metavar="PATH", help="write all results as JSON to PATH")
+    ap.add_argument("--redis", action="store_true", default=True,
+                    help="run Volli with the Redis backend too (the default; private "
+                         "redis-server): one worker, and two workers with every pair "
+                         "cross-worker; in the main table and against the single-worker "
+                         "memory Volli in a second table")
+    ap.add_argument("--no-redis", dest="redis", action="store_false",
+                    help="leave out the Redis servers")
+    ap.add_argument("--json", metavar="PATH",
+                    help="write all results as JSON to PATH (default: "
+                         "bench/results/<UTC date-time>-relay.json)")
+    ap.add_argument("--no-save", action="store_true",
+                    help="write no JSON unless --json is given")
+    ap.add_argument("--volli-ref", metavar="REF",
+                    help="run the Volli servers as committed at this git ref (exported with "
+                         "git archive into the log directory) instead of the working tree")
     ap.add_argument("--log-dir", metavar="DIR",
                     help="where gunicorn logs go (default: a new directory under $TMPDIR)")
     ap.add_argument("--quick", action="store_true",
                     help="smoke run: 10 pairs, 1 s windows, 500 msg/s, K=100 "
                          "(options given explicitly still win)")
     if ap.parse_known_args(argv)[0].quick:  # new defaults; explicit options still win
-        ap.set_defaults(pairs=10, duration=1.0, latency_duration=1.0, warmup=0.3, rate=500.0,
-                        idle=100, settle=0.3, drain_grace=2.0)
+        ap.set_defaults(pairs=10, duration=1.0, latency_duration=1.0, warmup=0.3, rate=1000.0,
+                        idle="500,2000", settle=0.3, drain_grace=2.0, rtt_count=200,
+                        rtt_limit=10.0)
     args = ap.parse_args(argv)
+    try:
+        args.idle_ks = sorted({int(k) for k in str(args.idle).split(",") if int(k) > 0})
+    except ValueError:
+        ap.error("--idle takes K1,K2,... (integers)")
     for name in ("pairs", "procs", "window", "max_messages", "connect_concurrency", "rounds"):
         if getattr(args, name) < 1:
             ap.error(f"--{name.replace('_', '-')} must be at least 1")
@@ -1620,28 +1950,57 @@ def main(argv: list[str] | None = None) -> int:
     if min(args.duration, args.latency_duration, args.rate) <= 0:
         ap.error("durations and --rate must be positive")
     if args.redis and args.only in ("baseline", "peerjs"):
-        ap.error(f"--redis reports against the volli run: not with --only {args.only}")
+        args.redis = False  # the Redis section reports against the volli run
     if args.no_peerjs and args.only == "peerjs":
         ap.error("--only peerjs contradicts --no-peerjs")
+    notes: list[str] = []
     if args.redis and not (shutil.which("redis-server") or os.path.exists(
             "/usr/bin/redis-server")):
-        ap.error("--redis needs redis-server on PATH")
+        args.redis = False
+        notes.append("redis-server is not on PATH: the Redis servers were left out")
 
     os.chdir(ROOT)
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    need = 2 * args.pairs * (1 + 2 * CROSS_EXTRA if args.redis else 1) + args.idle + 256
-    target = hard if hard == resource.RLIM_INFINITY else min(hard, max(soft, 65536))
-    with contextlib.suppress(ValueError, OSError):
-        resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
-    soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    global SLOTS, VOLLI_TREE
+    k_max = args.idle_ks[-1] if args.idle_ks else 0
+    # Every server process inherits this process's RLIMIT_NOFILE; as root the hard limit can
+    # usually be raised (not where CAP_SYS_RESOURCE is missing, e.g. in some containers).
+    soft = rawws.raise_nofile(max(65536, k_max + 2000))
+    hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+    if args.idle_ks and soft < k_max + 500:
+        capped = (soft - 500) // 100 * 100
+        notes.append(f"K={k_max:,} was capped to {capped:,}: RLIMIT_NOFILE is {soft} "
+                     f"(hard {hard}) and could not be raised, and each server process "
+                     f"holds one descriptor per connection")
+        args.idle_ks = sorted({min(k, capped) for k in args.idle_ks})
+        k_max = capped
+    SLOTS = max(20000, k_max + 1000)
+    need = 2 * args.pairs * (1 + 2 * CROSS_EXTRA if args.redis else 1) + 256
     if soft != resource.RLIM_INFINITY and soft < need:
         ap.error(f"open-file limit {soft} is below the {need} this run needs")
 
     log_dir = Path(args.log_dir or tempfile.mkdtemp(prefix="volli-bench-"))
     log_dir.mkdir(parents=True, exist_ok=True)
+    volli_commit = None
+    if args.volli_ref:
+        VOLLI_TREE = log_dir / "volli-tree"
+        volli_commit = machine.export_tree(args.volli_ref, VOLLI_TREE)
+        print(f"Volli server code: {args.volli_ref} = {volli_commit} (exported to "
+              f"{VOLLI_TREE})", flush=True)
+    else:
+        dirty = [p for p in machine.repo_info()["dirty_paths"] if " volli/" in f" {p[3:]}"
+                 or p[3:] in ("wsgi.py", "gunicorn.conf.py")]
+        if dirty:
+            notes.append(f"Volli ran from the working tree with uncommitted changes "
+                         f"({', '.join(p[3:] for p in dirty[:5])}): the figures are not "
+                         f"those of the recorded commit (use --volli-ref HEAD for that)")
+    for note in notes:
+        print(f"NOTE: {note}", flush=True)
     opts = {"deflate": args.deflate, "sdp_size": args.sdp_size, "window": args.window,
             "rate": args.rate, "procs": args.procs, "max_messages": args.max_messages,
-            "connect_concurrency": args.connect_concurrency, "drain_grace": args.drain_grace}
+            "connect_concurrency": args.connect_concurrency, "drain_grace": args.drain_grace,
+            "conn_concurrency": args.conn_concurrency,
+            "handshake_timeout": args.handshake_timeout,
+            "open_timeout": args.conn_open_timeout, "max_failures": args.max_failures}
     started = time.monotonic()
     print(f"relay bench: {args.pairs} pairs, {args.procs} client process(es), "
           f"{os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.2f}, logs in {log_dir}",
@@ -1655,6 +2014,8 @@ def main(argv: list[str] | None = None) -> int:
     if signal.getsignal(signal.SIGINT) is not signal.SIG_IGN:
         signal.signal(signal.SIGINT, interrupt)
     clients = Clients(args.procs, opts)
+    raw = Clients(args.conn_procs, opts, raw_client_main, "raw-client") if args.idle_ks \
+        else None
     names = [n for n in ("volli", "baseline", "peerjs") if not args.only or n == args.only]
     peerjs_info: dict[str, Any] = {}
     if args.no_peerjs:
@@ -1684,11 +2045,14 @@ def main(argv: list[str] | None = None) -> int:
             if args.rounds > 1:
                 print(f"--- round {rnd + 1}/{args.rounds}", flush=True)
             for name in (names if rnd % 2 == 0 else names[::-1]):
-                results[name].append(run_server(name, clients, args, log_dir, redis))
+                results[name].append(run_server(name, clients, args, log_dir, redis, raw))
                 if results[name][-1].get("failure"):
                     # A client process may still be in the failed phase: start afresh.
                     clients.stop()
                     clients = Clients(args.procs, opts)
+                    if raw is not None:
+                        raw.stop()
+                        raw = Clients(args.conn_procs, opts, raw_client_main, "raw-client")
     except KeyboardInterrupt:
         interrupted = True
         print("interrupted", file=sys.stderr)
@@ -1697,6 +2061,8 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     finally:
         clients.stop()
+        if raw is not None:
+            raw.stop()
         if redis is not None:
             redis.stop()
     elapsed = time.monotonic() - started
@@ -1761,10 +2127,34 @@ def main(argv: list[str] | None = None) -> int:
                     noise.append(f"{where} {phase}: other processes kept "
                                  f"{p['other_busy_cores']:.2f} cores busy (top: "
                                  f"{', '.join(p.get('other_top') or []) or '?'})")
-            m = r.get("memory") or {}
-            if m and m.get("online_reported") not in (None, m["opened"]):
-                problems.append(f"{where} memory: server reported {m['online_reported']} "
-                                f"online, expected {m['opened']}")
+            c = r.get("connections") or {}
+            for st in c.get("steps") or []:
+                if st["failed"]:
+                    problems.append(f"{where} connections: {st['failed']} of {st['new']} "
+                                    f"failed: {st['failure_reasons']}")
+                if st.get("online_reported") not in (None, st["k"]) and not st["failed"]:
+                    problems.append(f"{where} connections: server reported "
+                                    f"{st['online_reported']} online, expected {st['k']}")
+                if st.get("other_busy_cores", 0) > NOISY_CORES:
+                    noise.append(f"{where} connections to {st['k']}: other processes kept "
+                                 f"{st['other_busy_cores']:.2f} cores busy (top: "
+                                 f"{', '.join(st.get('other_top') or []) or '?'})")
+                if max(st["client_util"] or [0]) >= 0.9:
+                    print(f"  LOAD GENERATOR: in the {where} connections run to {st['k']:,} a "
+                          f"lean client process used {max(st['client_util']):.0%} of a core")
+            if c.get("dropped"):
+                problems.append(f"{where} connections: the server closed idle connections: "
+                                f"{c['dropped']}")
+            if c.get("forced_closes"):
+                problems.append(f"{where} connections: {c['forced_closes']} connections "
+                                f"not closed by the server within 30 s of our close frame")
+            rt = r.get("rtt") or {}
+            if rt.get("bad"):
+                problems.append(f"{where} round trips: {rt['bad']} wrong replies, e.g. "
+                                f"{rt['bad_sample']}")
+            if rt and rt.get("round_trips", 0) < rt.get("asked", 0):
+                problems.append(f"{where} round trips: only {rt['round_trips']} of "
+                                f"{rt['asked']} within {args.rtt_limit:g}s")
             for label, finding in (r.get("log_findings") or {}).items():
                 if label == "close codes (volli log)":
                     unusual = {c: n for c, n in finding.items() if c not in ("1000", "1001")}
@@ -1782,36 +2172,21 @@ def main(argv: list[str] | None = None) -> int:
         for p in problems:
             print(f"- {p}")
     print(f"\ntotal {elapsed:.0f}s; gunicorn logs: {log_dir}")
-    if args.json:
-        summary = {name: {
-            "throughput_msgs_per_s": median([lookup(r, ("throughput", "rate")) for r in rs]),
-            "msgs_per_server_cpu_s": median([lookup(r, ("throughput", "msgs_per_cpu_s"))
-                                             for r in rs]),
-            "latency_p50_ms": median([lookup(r, ("latency", "p50_ms")) for r in rs]),
-            "latency_p99_ms": median([lookup(r, ("latency", "p99_ms")) for r in rs]),
-            "latency_max_ms": median([lookup(r, ("latency", "max_ms")) for r in rs]),
-            "idle_kb_per_conn": median([lookup(r, ("memory", "kb_per_conn")) for r in rs]),
-            "latency_msgs_per_server_cpu_s": median([lookup(r, ("latency", "msgs_per_cpu_s"))
-                                                     for r in rs]),
-            "msgs_per_worker_cpu_s": median([lookup(r, ("throughput", "msgs_per_worker_cpu_s"))
-                                             for r in rs]),
-            "redis_cpu_s": median([lookup(r, ("throughput", "redis_cpu")) for r in rs]),
-        } for name, rs in results.items()}
-        for other in ("baseline", "peerjs"):
-            if "volli" in summary and other in summary:
-                summary[f"ratio_volli_over_{other}"] = {
-                    k: (v / summary[other][k]) if v and summary[other][k] else None
-                    for k, v in summary["volli"].items()}
-        for name in ("redis-1w", "redis-2w"):
-            if name in summary and "volli" in summary:
-                summary[f"ratio_{name}_over_volli"] = {
-                    k: (v / summary["volli"][k]) if v and summary["volli"][k] else None
-                    for k, v in summary[name].items()}
-        payload = {"args": vars(args), "elapsed_seconds": elapsed, "cpus": os.cpu_count(),
-                   "python": sys.version.split()[0], "peerjs": peerjs_info, "summary": summary,
+    json_path = Path(args.json) if args.json else (
+        None if args.no_save else machine.default_result_path("relay"))
+    if json_path is not None:
+        figures = main_values(results, args)
+        payload = {"kind": "relay", **machine.describe(PEERJS_PKG),
+                   "volli_ref": args.volli_ref, "volli_commit": volli_commit or "working tree",
+                   "args": vars(args), "elapsed_seconds": elapsed, "notes": notes,
+                   "peerjs": peerjs_info,
+                   "figures": figures,
+                   "table_markdown": table(results, args),
+                   "redis_table_markdown": redis_table(results, args) if args.redis else None,
                    "results": results, "problems": problems, "noise": noise}
-        Path(args.json).write_text(json.dumps(payload, indent=2, default=str))
-        print(f"results written to {args.json}")
+        json_path.parent.mkdir(parents=True, exist_ok=True)
+        json_path.write_text(json.dumps(payload, indent=2, default=str))
+        print(f"results written to {json_path}")
     if interrupted:
         return 130
     return 1 if peerjs_info.get("failure") or any(

@@ -1,0 +1,120 @@
+"""Machine, version and repo facts stored with every bench result (bench/results/*.json)."""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as dt
+import importlib.metadata
+import json
+import os
+import platform
+import resource
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "bench" / "results"
+PACKAGES = ("gevent", "greenlet", "gunicorn", "flask", "flask-sock", "simple-websocket",
+            "wsproto", "orjson", "websockets", "redis")
+
+
+def _run(cmd: list[str]) -> str | None:
+    with contextlib.suppress(OSError, subprocess.SubprocessError):
+        done = subprocess.run(cmd, capture_output=True, text=True, timeout=20, cwd=ROOT)
+        if done.returncode == 0:
+            return done.stdout.strip()
+    return None
+
+
+def machine_info() -> dict[str, Any]:
+    cpu_model = None
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu_model = line.split(":", 1)[1].strip()
+                break
+    mem_kb = None
+    with contextlib.suppress(OSError, ValueError, IndexError):
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemTotal:"):
+                mem_kb = int(line.split()[1])
+    sysctl = {}
+    for name in ("net/ipv4/ip_local_port_range", "net/core/somaxconn", "fs/nr_open",
+                 "net/ipv4/tcp_max_syn_backlog"):
+        with contextlib.suppress(OSError):
+            sysctl[name.replace("/", ".")] = Path(f"/proc/sys/{name}").read_text().split()
+    return {
+        "cpu_model": cpu_model,
+        "cores": os.cpu_count(),
+        "ram_gib": round(mem_kb / 1024 / 1024, 1) if mem_kb else None,
+        "kernel": platform.release(),
+        "os": platform.platform(),
+        "nofile_limit": list(resource.getrlimit(resource.RLIMIT_NOFILE)),
+        "sysctl": sysctl,
+        "load_average": list(os.getloadavg()),
+    }
+
+
+def versions(peerjs_pkg: Path | None = None) -> dict[str, Any]:
+    out: dict[str, Any] = {"python": sys.version.split()[0]}
+    for pkg in PACKAGES:
+        try:
+            out[pkg] = importlib.metadata.version(pkg)
+        except importlib.metadata.PackageNotFoundError:
+            out[pkg] = None
+    try:
+        out["volli"] = importlib.metadata.version("volli")
+    except importlib.metadata.PackageNotFoundError:
+        out["volli"] = None
+    node = shutil.which("node")
+    out["node"] = _run([node, "--version"]) if node else None
+    if peerjs_pkg is not None:
+        with contextlib.suppress(OSError, ValueError):
+            out["peer"] = json.loads((peerjs_pkg / "package.json").read_text()).get("version")
+    redis = shutil.which("redis-server") or "/usr/bin/redis-server"
+    line = _run([redis, "--version"]) if os.path.exists(redis) else None
+    out["redis-server"] = next((w[2:] for w in (line or "").split() if w.startswith("v=")),
+                               line)
+    return out
+
+
+def repo_info() -> dict[str, Any]:
+    commit = _run(["git", "rev-parse", "HEAD"])
+    status = _run(["git", "status", "--porcelain", "--untracked-files=no"])
+    return {"commit": commit, "dirty_paths": status.splitlines() if status else []}
+
+
+def utc_stamp() -> str:
+    return dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%dT%H-%M-%SZ")
+
+
+def describe(peerjs_pkg: Path | None = None) -> dict[str, Any]:
+    return {"date_utc": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+            "machine": machine_info(), "versions": versions(peerjs_pkg), "repo": repo_info()}
+
+
+def default_result_path(kind: str) -> Path:
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    return RESULTS / f"{utc_stamp()}-{kind}.json"
+
+
+def export_tree(ref: str, dest: Path) -> str:
+    """Write the server's files (volli/, wsgi.py, gunicorn.conf.py) as committed at ``ref``
+    into ``dest``; returns the commit. Read-only for the repo (git archive)."""
+    import io
+    import tarfile
+
+    commit = _run(["git", "rev-parse", "--verify", f"{ref}^{{commit}}"])
+    if not commit:
+        raise RuntimeError(f"not a commit: {ref!r}")
+    done = subprocess.run(["git", "archive", "--format=tar", commit, "--", "volli", "wsgi.py",
+                           "gunicorn.conf.py"], capture_output=True, timeout=60, cwd=ROOT)
+    if done.returncode != 0:
+        raise RuntimeError(f"git archive failed: {done.stderr.decode(errors='replace')}")
+    dest.mkdir(parents=True, exist_ok=True)
+    with tarfile.open(fileobj=io.BytesIO(done.stdout)) as tar:
+        tar.extractall(dest, filter="data")
+    return commit
