@@ -71,3 +71,12 @@ def post_worker_init(worker):
     from volli.tasks import start_worker_tasks
 
     start_worker_tasks(worker.wsgi, lambda: worker.alive)
+
+
+def worker_exit(server, worker):
+    # WebSockets are not request greenlets, so gunicorn does not wait for them: do it here.
+    from volli.tasks import drain
+
+    runtime = getattr(getattr(worker, "wsgi", None), "extensions", {}).get("volli")
+    if runtime is not None:
+        drain(runtime)

@@ -6,6 +6,7 @@ import pytest
 
 from conftest import ROOT
 from volli.app import create_app
+from volli.transport.websocket import HandshakeOnly
 from volli.config import SETTINGS, ConfigError, Settings, load
 
 
@@ -57,7 +58,8 @@ def test_overrides_for_tests_are_typed_and_checked():
 
 def test_factory_uses_settings():
     app = create_app({"max_message_size": 2048, "ping_interval": 3.0}, environ={})
-    assert app.config["SOCK_SERVER_OPTIONS"] == {"ping_interval": 3.0, "max_message_size": 2048}
+    # simple-websocket answers the handshake only; the frame layer reads the settings.
+    assert app.config["SOCK_SERVER_OPTIONS"] == {"thread_class": HandshakeOnly}
     assert app.extensions["volli"].settings.max_message_size == 2048
     with app.test_client() as http:
         body = http.get("/health").get_json()

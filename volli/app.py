@@ -20,10 +20,8 @@ def create_app(overrides: Mapping[str, Any] | None = None,
     settings = config.load(os.environ if environ is None else environ, overrides)
     app = Flask(__name__)
     app.config["VOLLI_SETTINGS"] = settings
-    app.config["SOCK_SERVER_OPTIONS"] = {
-        "ping_interval": settings.ping_interval,
-        "max_message_size": settings.max_message_size,
-    }
+    # simple-websocket only answers the handshake; volli.transport does the rest.
+    app.config["SOCK_SERVER_OPTIONS"] = {"thread_class": websocket.HandshakeOnly}
     logs.configure(settings.log_level, settings.log_format)
     Runtime.init_app(app, settings)
     websocket.sock.init_app(app)

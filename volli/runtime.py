@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+from typing import Any
 import time
 
 from flask import Flask, current_app
@@ -23,6 +24,8 @@ class Runtime:
     # WebSockets admitted and not yet finished, counted from before the upgrade.
     connections: int = 0
     draining: bool = False
+    # Set once a drain has finished (created lazily: it must be a gevent Event).
+    drained: Any = None
 
     @classmethod
     def init_app(cls, app: Flask, settings: Settings) -> "Runtime":

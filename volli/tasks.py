@@ -7,6 +7,7 @@ import time
 from typing import Callable
 
 import gevent
+import gevent.event
 from flask import Flask
 
 from .runtime import Runtime
@@ -20,7 +21,8 @@ DRAIN_WAIT = 5.0  # seconds to wait for handlers to finish after closing with 10
 def start_worker_tasks(app: Flask, is_alive: Callable[[], bool]) -> list[gevent.Greenlet]:
     runtime: Runtime = app.extensions["volli"]
     runtime.backend.start(gevent.spawn)
-    return [gevent.spawn(stats_loop, runtime), gevent.spawn(drain_on_exit, runtime, is_alive)]
+    return [gevent.spawn(stats_loop, runtime), gevent.spawn(keepalive_loop, runtime),
+            gevent.spawn(drain_on_exit, runtime, is_alive)]
 
 
 def stats_line(runtime: Runtime) -> str:
@@ -36,16 +38,38 @@ def stats_loop(runtime: Runtime) -> None:
         log.info(stats_line(runtime))
 
 
+def keepalive_loop(runtime: Runtime) -> None:
+    """One greenlet pings every connection each interval (no timer per connection); a
+    connection that has not answered the previous ping is closed with 1008."""
+    while True:
+        gevent.sleep(runtime.settings.ping_interval)
+        for session in runtime.backend.local_sessions():
+            session.keepalive()
+
+
 def drain_on_exit(runtime: Runtime, is_alive: Callable[[], bool]) -> None:
     """When gunicorn stops this worker (SIGTERM), close every client with 1001 at once
     instead of letting them hang until the graceful timeout."""
     while is_alive():
         gevent.sleep(DRAIN_POLL)
+    drain(runtime)
+
+
+def drain(runtime: Runtime) -> None:
+    """Close every connection with 1001 and wait (bounded) until they are finished.
+    Called by the drain greenlet and again from gunicorn's ``worker_exit`` hook: the worker
+    does not wait for connections on its own, since they left its request greenlets."""
+    if runtime.drained is None:
+        runtime.drained = gevent.event.Event()
+    if runtime.draining:
+        runtime.drained.wait(DRAIN_WAIT)
+        return
     runtime.draining = True
     closed = runtime.hub.shutdown()
     deadline = time.monotonic() + DRAIN_WAIT
-    while runtime.backend.local_sessions() and time.monotonic() < deadline:
+    while runtime.connections and time.monotonic() < deadline:
         gevent.sleep(0.05)
     log.info("drained: closed %d connections with 1001; %d still open, %d users online",
-             closed, len(runtime.backend.local_sessions()), runtime.backend.online_count())
+             closed, runtime.connections, runtime.backend.online_count())
     runtime.backend.stop()
+    runtime.drained.set()

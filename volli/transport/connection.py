@@ -1,33 +1,70 @@
-"""One WebSocket connection: the ``Session`` the hub sends to.
+"""One WebSocket connection after the handshake: the ``Session`` the hub sends to.
 
-Sends never block the caller: frames go into a bounded queue that a writer greenlet,
-spawned only while there is something to write, drains into the socket. A receiver
-whose queue would pass its limit is closed (4002) and the send reports False, so one
-slow or dead peer never holds up a sender. Relays that will never be written are
-reported (per sender) through ``on_dropped``.
+Reading. A plain TCP connection leaves gunicorn's request greenlet: its socket is
+duplicated, the handler returns, and a greenlet is spawned only while the socket has
+input, so an idle connection holds no greenlet and no request state (the parked request
+stack was most of its memory). A TLS socket cannot be duplicated; it is read in its
+request greenlet instead. Past the read, both are the same.
+
+Writing. Frames go into a bounded queue; everything queued in one turn of the event loop
+leaves in one non-blocking ``sendmsg``. A writer greenlet exists only while the peer's
+window is full; one that makes no progress within the send timeout cuts the peer off.
+A receiver whose queue would pass its limit is closed (4002) and the send reports False,
+so one slow peer never holds up a sender. Relays that will never be written are reported
+per sender through the hub.
+
+Closing. Whoever closes first, presence is released at once. Our close frame goes out
+after what is already queued (but a slow consumer's queue is dropped); then the write
+side is shut and the peer's input discarded until it closes or CLOSE_WAIT passes.
 """
 
 from __future__ import annotations
 
+import _socket
 import collections
+import itertools
+import logging
 import secrets
 from collections import Counter
-from typing import Callable
+from typing import Callable, Protocol
 
 import gevent
-from simple_websocket import ConnectionClosed
+from gevent import get_hub
 
 from ..protocol import CloseCode
-from .socket_guard import GuardedSocket
+from .frames import (
+    OP_BINARY, OP_PING, OP_PONG, OP_TEXT, FrameError, FrameParser, close_frame, frame,
+)
 
-# Seconds the handler waits for the peer's answer to a server-initiated close.
-CLOSE_WAIT = 2.0
+log = logging.getLogger("volli.ws")
+
+CLOSE_WAIT = 2.0  # seconds the peer gets to finish the close handshake
+RECV_SIZE = 65536
+READS_PER_TURN = 8  # then other connections get a turn
+MAX_IOV = 512  # buffers per sendmsg
+PING_FRAME = frame(OP_PING, b"")
+
+
+class Events(Protocol):
+    """What a connection reports to (the hub)."""
+
+    def receive_text(self, session: "Connection", text: str) -> None: ...
+
+    def receive_binary(self, session: "Connection") -> None: ...
+
+    def disconnect(self, session: "Connection") -> None: ...
+
+    def report_undelivered(self, peer: str, undelivered: Counter[str]) -> None: ...
+
+
+class _SendTimeout(Exception):
+    pass
 
 
 class Connection:
-    def __init__(self, ws, sock: GuardedSocket, queue_limit: int, send_timeout: float,
-                 remote_addr: str, on_close: Callable[["Connection"], None],
-                 on_dropped: Callable[[str, Counter[str]], None]) -> None:
+    def __init__(self, sock, *, detached: bool, events: Events, max_message_size: int,
+                 queue_limit: int, send_timeout: float, remote_addr: str, deflate=None,
+                 on_finished: Callable[["Connection"], None] = lambda conn: None) -> None:
         self.id = secrets.token_hex(8)
         self.user_id: str | None = None
         self.public_key: str | None = None
@@ -35,101 +72,276 @@ class Connection:
         self.nonce = ""
         self.remote_addr = remote_addr
         self.close_code: int | None = None
-        self._ws = ws
-        self._sock = sock
-        # (frame text, userId of the sender it relays for, or None for server replies)
-        self._queue: collections.deque[tuple[str, str | None]] = collections.deque()
-        self._queued = 0
+        self._sock = sock  # detached: a non-blocking _socket.socket; TLS: gevent's SSLSocket
+        self._detached = detached
+        self._events = events
+        self._parser = FrameParser(max_message_size, deflate)
+        self._deflate = deflate
+        self._out: collections.deque[tuple[bytes, str | None]] = collections.deque()
+        self._offset = 0  # bytes of the first queued frame already written
+        self._queued = 0  # bytes queued and not yet written
         self._queue_limit = queue_limit
         self._send_timeout = send_timeout
+        self._flushing = False  # a flush callback or the writer will write what is queued
         self._writer: gevent.Greenlet | None = None
-        # Called once, as soon as the connection is known to be closing: presence must not
-        # wait for the close handshake (a slow peer may never complete it).
-        self._on_close = on_close
-        # Called with (this userId, {sender: count}) for relays that will never be written.
-        self._on_dropped = on_dropped
+        self._closing = False  # our close frame is queued: nothing may follow it
+        self._write_shut = False
+        self._released = False
+        self._awaiting_pong = False
+        self._watcher = None
+        self._timers: list[gevent.Greenlet] = []
+        self._on_finished = on_finished
 
     @property
     def closed(self) -> bool:
         return self.close_code is not None
 
+    # -- sending ----------------------------------------------------------------------
+
     def send(self, text: str, origin: str | None = None) -> bool:
         if self.close_code is not None:
             return False
-        if self._queued + len(text) > self._queue_limit:
+        payload = text.encode()
+        if self._deflate is not None:
+            data = frame(OP_TEXT, self._deflate.compress(payload), rsv1=True)
+        else:
+            data = frame(OP_TEXT, payload)
+        if self._queued + len(data) > self._queue_limit:
             self.close(CloseCode.SLOW_CONSUMER, "too slow: send queue full")
             return False
-        self._queue.append((text, origin))
-        self._queued += len(text)
-        if self._writer is None:
-            self._writer = gevent.spawn(self._drain)
+        self._push(data, origin)
         return True
 
-    def _drain(self) -> None:
+    def _push(self, data: bytes, origin: str | None = None) -> None:
+        self._out.append((data, origin))
+        self._queued += len(data)
+        if not self._flushing:
+            self._flushing = True
+            get_hub().loop.run_callback(self._flush)
+
+    def _flush(self) -> None:
+        """Runs in the event loop after the current greenlet yields: never blocks."""
+        if self._writer is not None or self._released:
+            return
+        self._flushing = False
+        if self._detached:
+            try:
+                while self._out:
+                    self._write_some()
+            except BlockingIOError:
+                pass
+            except OSError:
+                gevent.spawn(self._abort)
+                return
+        if self._out:
+            self._flushing = True
+            self._writer = gevent.spawn(self._write_waiting)
+        elif self._closing:
+            self._shut_write()
+
+    def _write_some(self) -> None:
+        out = self._out
+        if len(out) == 1:
+            data = out[0][0]
+            sent = self._sock.send(memoryview(data)[self._offset:] if self._offset else data)
+        else:
+            bufs = [data for data, _ in itertools.islice(out, MAX_IOV)]
+            if self._offset:
+                bufs[0] = memoryview(bufs[0])[self._offset:]
+            sent = self._sock.sendmsg(bufs)
+        self._queued -= sent
+        sent += self._offset
+        while out and sent >= len(out[0][0]):
+            sent -= len(out.popleft()[0])
+        self._offset = sent
+
+    def _write_waiting(self) -> None:
+        """The writer: drains the queue while the peer's window is full."""
         try:
-            while self._queue:
-                text, _ = self._queue.popleft()
-                self._queued -= len(text)
-                self._ws.send(text)
-        except (ConnectionClosed, OSError):
-            self._abort()
-        finally:
+            if self._detached:
+                watcher = get_hub().loop.io(self._sock.fileno(), 2)
+                try:
+                    while self._out:
+                        try:
+                            self._write_some()
+                        except BlockingIOError:
+                            with gevent.Timeout(self._send_timeout, _SendTimeout):
+                                get_hub().wait(watcher)
+                finally:
+                    watcher.close()
+            else:
+                while self._out:
+                    count = len(self._out)
+                    data = b"".join(data for data, _ in itertools.islice(self._out, count))
+                    with gevent.Timeout(self._send_timeout, _SendTimeout):
+                        self._sock.sendall(data)
+                    for _ in range(count):
+                        self._out.popleft()
+                    self._queued -= len(data)
+        except _SendTimeout:
+            log.info("connection %s (user=%s) took no data for %gs: cut off",
+                     self.id, self.user_id, self._send_timeout)
             self._writer = None
+            self._abort()
+            return
+        except OSError:
+            self._writer = None
+            self._abort()
+            return
+        self._writer = None
+        self._flushing = False
+        if self._closing:
+            self._shut_write()
+
+    def _shut_write(self) -> None:
+        """Our close frame is out: FIN tells the peer, and it answers by closing."""
+        if not self._write_shut:
+            self._write_shut = True
+            try:
+                self._sock.shutdown(_socket.SHUT_WR)
+            except OSError:
+                pass
+
+    # -- receiving --------------------------------------------------------------------
+
+    def start(self, register_timeout: float) -> None:
+        """Start reading (detached) and the register deadline."""
+        self._timers.append(gevent.spawn_later(register_timeout, self._register_deadline))
+        if self._detached:
+            self._watcher = get_hub().loop.io(self._sock.fileno(), 1)
+            self._watcher.start(self._readable)
+
+    def _readable(self) -> None:
+        self._watcher.stop()
+        gevent.spawn(self._read)
+
+    def _read(self) -> None:
+        for _ in range(READS_PER_TURN):
+            try:
+                data = self._sock.recv(RECV_SIZE)
+            except BlockingIOError:
+                break
+            except OSError:
+                data = b""
+            if not self._received(data):
+                return
+        if not self._released:
+            self._watcher.start(self._readable)
+
+    def serve(self) -> None:
+        """Read in the calling greenlet until the connection is over (TLS)."""
+        while True:
+            try:
+                data = self._sock.recv(RECV_SIZE)
+            except OSError:
+                data = b""
+            if not self._received(data):
+                return
+
+    def _received(self, data: bytes) -> bool:
+        """Handle one read; False once there is nothing more to read."""
+        if not data:
+            self._release()
+            return False
+        if self.close_code is not None:
+            return True  # closing: discard until the peer closes
+        try:
+            events, error = self._parser.feed(data), None
+        except FrameError as exc:
+            events, error = exc.events, exc
+        try:
+            for opcode, value in events:
+                if self.close_code is not None:
+                    break
+                if opcode == OP_TEXT:
+                    self._events.receive_text(self, value)
+                elif opcode == OP_BINARY:
+                    self._events.receive_binary(self)
+                elif opcode == OP_PING:
+                    self._push(frame(OP_PONG, value))
+                elif opcode == OP_PONG:
+                    self._awaiting_pong = False
+                else:  # the peer closes: echo its code
+                    code = value[0]
+                    if self._mark_closed(code):
+                        self._send_close(code, "")
+            if error is not None and self.close_code is None:
+                self.close(error.code, error.reason)
+        except Exception:
+            log.exception("connection %s failed", self.id)
+            self.close(CloseCode.INTERNAL_ERROR, "internal server error")
+        return True
+
+    def keepalive(self) -> None:
+        """Called every ping interval: a peer that did not answer the last ping is closed."""
+        if self.close_code is not None:
+            return
+        if self._awaiting_pong:
+            self.close(CloseCode.POLICY_VIOLATION, "ping timeout")
+            return
+        self._awaiting_pong = True
+        self._push(PING_FRAME)
+
+    def _register_deadline(self) -> None:
+        if self.user_id is None and self.close_code is None:
+            self.close(CloseCode.REGISTER_TIMEOUT, "register timeout")
+
+    # -- closing ----------------------------------------------------------------------
 
     def close(self, code: int, reason: str = "") -> None:
-        """Start closing with ``code``; returns at once. What is already queued is written
-        first (so a final message such as session-replaced arrives), except for a slow
-        consumer, whose queue is dropped."""
-        if not self._mark_closed(code):
+        """Start closing with ``code``; returns at once."""
+        if self.close_code is not None:
             return
+        self.close_code = code
+        # Before releasing presence, which may yield: the writer must not drain meanwhile
+        # what a slow consumer's queue held (its senders are told it was dropped).
         if code == CloseCode.SLOW_CONSUMER:
             self._drop_queue()
-        gevent.spawn(self._send_close, code, reason)
+        self._send_close(code, reason)
+        self._events.disconnect(self)
+
+    def _send_close(self, code: int, reason: str) -> None:
+        self._closing = True
+        self._push(close_frame(code, reason))
+        self._timers.append(gevent.spawn_later(CLOSE_WAIT + self._send_timeout, self._release))
 
     def _mark_closed(self, code: int) -> bool:
         """First call wins: record the code and release presence at once."""
         if self.close_code is not None:
             return False
         self.close_code = code
-        self._on_close(self)
+        self._events.disconnect(self)
         return True
 
     def _drop_queue(self) -> None:
-        undelivered = Counter(origin for _, origin in self._queue if origin is not None)
-        self._queue.clear()
-        self._queued = 0
+        undelivered = Counter(origin for _, origin in self._out if origin is not None)
+        self._out.clear()
+        self._queued = self._offset = 0
         if undelivered and self.user_id is not None:
-            self._on_dropped(self.user_id, undelivered)
-
-    def _send_close(self, code: int, reason: str) -> None:
-        writer = self._writer
-        if writer is not None:
-            writer.join(timeout=self._send_timeout)
-        if self._writer is not None:  # still stuck: give up on the peer
-            self._abort()
-            return
-        try:
-            self._ws.close(code, reason)
-        except (ConnectionClosed, OSError):
-            self._abort()
-        self._wake_handler()
+            self._events.report_undelivered(self.user_id, undelivered)
 
     def _abort(self) -> None:
-        """The peer is gone or unusable: drop the queue and cut the socket."""
+        """The peer is gone or unusable."""
+        self._release()
+
+    def _release(self) -> None:
+        """The end: report what was never written, close the socket, account."""
+        if self._released:
+            return
+        self._released = True
         self._mark_closed(CloseCode.ABNORMAL)
         self._drop_queue()
-        self._sock.abort()
-        self._wake_handler()
-
-    def _wake_handler(self) -> None:
-        # simple-websocket only wakes receive() on reader events; a close started here
-        # must end the handler's receive() too.
-        self._ws.connected = False
-        self._ws.event.set()
-
-    def finish(self) -> None:
-        """The handler is done: record how the peer closed, report relays it never got,
-        and let it answer our close frame before gunicorn closes the socket."""
-        self._mark_closed(int(self._ws.close_reason))
-        self._drop_queue()
-        self._ws.thread.join(timeout=CLOSE_WAIT)
+        current = gevent.getcurrent()
+        for timer in self._timers:
+            if timer is not current:
+                timer.kill(block=False)
+        if self._watcher is not None:
+            self._watcher.close()
+        writer = self._writer
+        if writer is not None and writer is not current:
+            # Close only once the writer has stopped waiting on the socket.
+            writer.rawlink(lambda _: self._sock.close())
+            writer.kill(block=False)
+        else:
+            self._sock.close()
+        self._on_finished(self)

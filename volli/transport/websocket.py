@@ -2,18 +2,19 @@
 
 from __future__ import annotations
 
+import _socket
 import logging
+import os
+import ssl
 import time
 
 from flask import Blueprint, g, jsonify, request
 from flask_sock import Sock
-from simple_websocket import ConnectionClosed
 
-from ..protocol import CloseCode
 from ..runtime import Runtime, get_runtime
+from . import deflate
 from .client_ip import client_ip
 from .connection import Connection
-from .socket_guard import GuardedSocket
 
 log = logging.getLogger("volli.ws")
 
@@ -44,10 +45,13 @@ def admit():
     if refusal:
         return _refuse(runtime, 429, refusal, _IP_REFUSALS[refusal])
     g.volli_address = address
-    if not settings.permessage_deflate:
-        # simple-websocket accepts any offered deflate; hiding the offer turns it off.
+    # simple-websocket (the handshake) accepts any deflate offer it sees: it sees none, or
+    # the one offer the connection will honour.
+    g.volli_deflate = None
+    if settings.permessage_deflate:
+        g.volli_deflate = deflate.negotiate(environ)
+    else:
         environ.pop("HTTP_SEC_WEBSOCKET_EXTENSIONS", None)
-    environ["gunicorn.socket"] = GuardedSocket(environ["gunicorn.socket"], settings.send_timeout)
     runtime.connections += 1
     runtime.hub.metrics.connection(+1)
     return None
@@ -55,12 +59,16 @@ def admit():
 
 @bp.teardown_request
 def release(_exc):
+    # Set only when the request ended before a Connection took the slot over.
     address = g.pop("volli_address", None)
     if address is not None:
-        runtime = get_runtime()
-        runtime.connections -= 1
-        runtime.hub.metrics.connection(-1)
-        runtime.addresses.release(address)
+        _release_slot(get_runtime(), address)
+
+
+def _release_slot(runtime: Runtime, address: str) -> None:
+    runtime.connections -= 1
+    runtime.hub.metrics.connection(-1)
+    runtime.addresses.release(address)
 
 
 _ERRORS = {503: "unavailable", 403: "forbidden-origin", 429: "too-many-connections"}
@@ -78,46 +86,50 @@ def _refuse(runtime: Runtime, status: int, reason: str, message: str):
     return response
 
 
+class HandshakeOnly:
+    """simple-websocket's reader "thread", never started: simple-websocket answers the
+    handshake, then the socket belongs to ``Connection`` (its own frame layer)."""
+
+    name = "volli-handshake"
+
+    def __init__(self, target=None) -> None:
+        pass
+
+    def start(self) -> None:
+        pass
+
+
 @sock.route("/signaling", bp=bp)
 def signaling(ws):
+    ws.connected = False  # flask-sock's closing ws afterwards must not write on our socket
     runtime = get_runtime()
-    conn = Connection(ws, request.environ["gunicorn.socket"],
-                      runtime.settings.send_queue_limit, runtime.settings.send_timeout,
-                      g.volli_address, on_close=runtime.hub.disconnect,
-                      on_dropped=runtime.hub.report_undelivered)
+    settings = runtime.settings
+    sock = request.environ["gunicorn.socket"]
+    address = g.pop("volli_address")
     opened = time.monotonic()
-    runtime.hub.connect(conn)
-    log.info("connection open id=%s ip=%s", conn.id, conn.remote_addr)
+    detached = not isinstance(sock, ssl.SSLSocket)
     try:
-        _serve(ws, conn, runtime)
-    except ConnectionClosed:
-        pass
-    except Exception:
-        log.exception("connection %s failed", conn.id)
-        conn.close(CloseCode.INTERNAL_ERROR, "internal server error")
-    finally:
-        conn.finish()
-        log.info("connection closed id=%s ip=%s user=%s code=%s seconds=%.1f", conn.id,
-                 conn.remote_addr, conn.user_id, conn.close_code, time.monotonic() - opened)
+        if detached:
+            # gunicorn closes its socket when this handler returns; the duplicate lives on.
+            sock = _socket.socket(fileno=os.dup(sock.fileno()))
+            sock.setblocking(False)
+    except OSError:
+        _release_slot(runtime, address)
+        return
+    conn = Connection(sock, detached=detached, events=runtime.hub,
+                      max_message_size=settings.max_message_size,
+                      queue_limit=settings.send_queue_limit,
+                      send_timeout=settings.send_timeout, remote_addr=address,
+                      deflate=g.pop("volli_deflate"),
+                      on_finished=lambda c: _finished(runtime, c, address, opened))
+    runtime.hub.connect(conn)
+    log.info("connection open id=%s ip=%s", conn.id, address)
+    conn.start(settings.register_timeout)
+    if not detached:
+        conn.serve()
 
 
-def _serve(ws, conn: Connection, runtime: Runtime) -> None:
-    hub = runtime.hub
-    deadline = time.monotonic() + runtime.settings.register_timeout
-    while not conn.closed:
-        if conn.user_id is None:
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                conn.close(CloseCode.REGISTER_TIMEOUT, "register timeout")
-                return
-            data = ws.receive(timeout=remaining)
-            if data is None:
-                continue
-        else:
-            data = ws.receive()
-        if conn.closed:
-            return
-        if isinstance(data, str):
-            hub.receive_text(conn, data)
-        else:
-            hub.receive_binary(conn)
+def _finished(runtime: Runtime, conn: Connection, address: str, opened: float) -> None:
+    _release_slot(runtime, address)
+    log.info("connection closed id=%s ip=%s user=%s code=%s seconds=%.1f", conn.id, address,
+             conn.user_id, conn.close_code, time.monotonic() - opened)
