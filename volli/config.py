@@ -112,7 +112,7 @@ class Settings:
         "Seconds a connection may stay unregistered before it is closed with 4001.", 0.1)
     send_queue_limit: int = _setting(
         "VOLLI_SEND_QUEUE_LIMIT", 1048576, _int,
-        "Characters of JSON text queued for one receiver before it is closed as too slow (4002).",
+        "Bytes of frames queued for one receiver before it is closed as too slow (4002).",
         1024)
     send_timeout: float = _setting(
         "VOLLI_SEND_TIMEOUT", 10.0, _float,

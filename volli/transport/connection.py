@@ -277,7 +277,7 @@ class Connection:
         if self.close_code is not None:
             return
         if self._awaiting_pong:
-            self.close(CloseCode.POLICY_VIOLATION, "ping timeout")
+            self.close(CloseCode.POLICY_VIOLATION, "Ping/Pong timeout")
             return
         self._awaiting_pong = True
         self._push(PING_FRAME)

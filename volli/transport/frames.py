@@ -168,7 +168,7 @@ class FrameParser:
         text = (opcode or self._opcode) == OP_TEXT
         # Compressed sizes are checked again once inflated.
         if self._size > (self._max_text_bytes if text else self._max_size):
-            raise FrameError(1009, "message too big")
+            raise FrameError(1009, "Message is too big")
 
     def _message(self, payload: bytes) -> tuple[int, Any]:
         opcode, self._opcode = self._opcode, None
@@ -177,14 +177,14 @@ class FrameParser:
             payload = self._deflate.decompress(payload, limit)
         if opcode == OP_BINARY:
             if len(payload) > self._max_size:
-                raise FrameError(1009, "message too big")
+                raise FrameError(1009, "Message is too big")
             return OP_BINARY, payload
         try:
             text = payload.decode()
         except UnicodeDecodeError:
             raise FrameError(1007, "text message is not UTF-8") from None
         if len(text) > self._max_size:
-            raise FrameError(1009, "message too big")
+            raise FrameError(1009, "Message is too big")
         return OP_TEXT, text
 
 
