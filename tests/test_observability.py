@@ -54,6 +54,13 @@ def test_metrics_add_up_over_two_workers(tmp_path, redis, open_client):
         for n in range(4):  # the 4th is over the limit of 3 per minute
             a.call({"type": "discover", "userId": f"x{n}"})
         registered = len(pids) + 1
+        # Per-message counters reach Prometheus within METRICS_FLUSH (1 s) in the other
+        # worker; the worker answering a scrape flushes its own first.
+        deadline = time.monotonic() + 5
+        while value(scrape(srv), "volli_relay_latency_seconds_count") != 5:
+            assert time.monotonic() < deadline, scrape(srv)
+            time.sleep(0.2)
+        time.sleep(1.5)  # both workers have flushed everything
         # Any worker may answer a scrape: each must report the sum over both.
         for _ in range(6):
             samples = scrape(srv)
@@ -219,3 +226,26 @@ def test_credentials_allocate_on_a_real_coturn(make_server, clients, tmp_path):
     finally:
         os.killpg(server.pid, signal.SIGTERM)
         server.wait(timeout=10)
+
+
+def test_batched_latency_counts_match_histogram_observe():
+    """Metrics.flush writes into the histogram's own buckets: the result must be what
+    Histogram.observe would give, bounds included."""
+    from prometheus_client import CollectorRegistry, Histogram
+
+    from volli.metrics import LATENCY_BOUNDS, RELAY_LATENCY, Metrics
+
+    reference = Histogram("reference_seconds", "x", buckets=LATENCY_BOUNDS,
+                          registry=CollectorRegistry())
+    before = [bucket.get() for bucket in RELAY_LATENCY._buckets]
+    sum_before = RELAY_LATENCY._sum.get()
+    metrics = Metrics()
+    observed = [0.0, 0.00005, *LATENCY_BOUNDS, 0.0003, 0.07, 0.6, 12.0]
+    for seconds in observed:
+        metrics.relayed("offer", seconds)
+        reference.observe(seconds)
+    assert metrics["relayed"] == len(observed)  # reading a total flushes
+    after = [bucket.get() - b for bucket, b in zip(RELAY_LATENCY._buckets, before)]
+    assert after == [bucket.get() for bucket in reference._buckets]
+    assert RELAY_LATENCY._sum.get() - sum_before == pytest.approx(reference._sum.get())
+

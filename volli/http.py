@@ -50,5 +50,6 @@ def prometheus_metrics():
             response.status_code = 401
             response.headers["WWW-Authenticate"] = "Bearer"
             return response
+    get_runtime().hub.metrics.flush()
     body, content_type = metrics.exposition()
     return Response(body, content_type=content_type)

@@ -8,6 +8,7 @@ adds them up. The variable must be set before this module is imported.
 
 from __future__ import annotations
 
+import bisect
 import collections
 import os
 
@@ -26,11 +27,12 @@ RELAYED = Counter("volli_messages_relayed", "Relays accepted for their target, b
 ERRORS = Counter("volli_errors", "error messages sent, by code.", ["code"])
 UNDELIVERED = Counter("volli_relays_undelivered",
                       "Accepted relays dropped with a closing receiver (senders are told).")
+LATENCY_BOUNDS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.5)
 RELAY_LATENCY = Histogram(
     "volli_relay_latency_seconds",
     "From a relay's frame received to its enqueue for the target (or its publish to the "
     "target's worker).",
-    buckets=(0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.5))
+    buckets=LATENCY_BOUNDS)
 REFUSED = Counter("volli_refused", "Refusals by limit: upgrades (503/429/403) and "
                   "rate-limited messages.", ["reason"])
 REGISTRATIONS = Counter("volli_registrations", "Successful registrations.", ["signed"])
@@ -40,12 +42,18 @@ REDIS_FAILURES = Counter("volli_redis_failures", "Redis operations that failed."
 class Metrics:
     """One call per event updates both the Prometheus metric and this worker's totals.
 
-    Label children are looked up once and kept: ``labels()`` costs more than the
-    increment itself on the relay path."""
+    The per-message events (received, relayed and its latency) are counted in plain ints
+    and written to Prometheus by ``flush`` (each second, and before every scrape and
+    stats line): in multiprocess mode every increment is a locked mmap write, which cost
+    a fifth of a saturated worker. Label children are looked up once and kept."""
 
     def __init__(self) -> None:
         self.totals: collections.Counter[str] = collections.Counter()
         self._children: dict[tuple[object, str], object] = {}
+        self._received: collections.Counter[str] = collections.Counter()
+        self._relayed: collections.Counter[str] = collections.Counter()
+        self._latency_counts = [0] * (len(LATENCY_BOUNDS) + 1)  # the last is +Inf
+        self._latency_sum = 0.0
 
     def _child(self, metric, label: str):
         key = (metric, label)
@@ -55,13 +63,31 @@ class Metrics:
         return child
 
     def received(self, kind: str) -> None:
-        self.totals["received"] += 1
-        self._child(RECEIVED, kind).inc()
+        self._received[kind] += 1
 
     def relayed(self, kind: str, seconds: float) -> None:
-        self.totals["relayed"] += 1
-        self._child(RELAYED, kind).inc()
-        RELAY_LATENCY.observe(seconds)
+        self._relayed[kind] += 1
+        # The bucket Histogram.observe picks: the first bound >= seconds.
+        self._latency_counts[bisect.bisect_left(LATENCY_BOUNDS, seconds)] += 1
+        self._latency_sum += seconds
+
+    def flush(self) -> None:
+        """Write the counted per-message events to Prometheus."""
+        for name, metric, pending in (("received", RECEIVED, self._received),
+                                      ("relayed", RELAYED, self._relayed)):
+            for kind, count in pending.items():
+                self._child(metric, kind).inc(count)
+                self.totals[name] += count
+            pending.clear()
+        # Histogram.observe, one bucket at a time: _buckets and _sum are its own values
+        # (prometheus-client is pinned; tests/test_observability.py checks the result).
+        for i, count in enumerate(self._latency_counts):
+            if count:
+                RELAY_LATENCY._buckets[i].inc(count)
+                self._latency_counts[i] = 0
+        if self._latency_sum:
+            RELAY_LATENCY._sum.inc(self._latency_sum)
+            self._latency_sum = 0.0
 
     def error(self, code: str) -> None:
         self.totals["errors"] += 1
@@ -88,6 +114,7 @@ class Metrics:
         self._child(REDIS_FAILURES, operation).inc()
 
     def __getitem__(self, key: str) -> int:
+        self.flush()
         return self.totals[key]
 
 

@@ -15,13 +15,15 @@ from .runtime import Runtime
 log = logging.getLogger("volli.tasks")
 
 DRAIN_POLL = 0.2  # seconds between checks of the worker's alive flag
-DRAIN_WAIT = 5.0  # seconds to wait for handlers to finish after closing with 1001
+DRAIN_WAIT = 5.0
+METRICS_FLUSH = 1.0  # seconds: how far other workers' counters may lag in /metrics  # seconds to wait for handlers to finish after closing with 1001
 
 
 def start_worker_tasks(app: Flask, is_alive: Callable[[], bool]) -> list[gevent.Greenlet]:
     runtime: Runtime = app.extensions["volli"]
     runtime.backend.start(gevent.spawn)
     return [gevent.spawn(stats_loop, runtime), gevent.spawn(keepalive_loop, runtime),
+            gevent.spawn(metrics_loop, runtime),
             gevent.spawn(drain_on_exit, runtime, is_alive)]
 
 
@@ -36,6 +38,12 @@ def stats_loop(runtime: Runtime) -> None:
     while True:
         gevent.sleep(runtime.settings.stats_interval)
         log.info(stats_line(runtime))
+
+
+def metrics_loop(runtime: Runtime) -> None:
+    while True:
+        gevent.sleep(METRICS_FLUSH)
+        runtime.hub.metrics.flush()
 
 
 def keepalive_loop(runtime: Runtime) -> None:
@@ -72,4 +80,5 @@ def drain(runtime: Runtime) -> None:
     log.info("drained: closed %d connections with 1001; %d still open, %d users online",
              closed, runtime.connections, runtime.backend.online_count())
     runtime.backend.stop()
+    runtime.hub.metrics.flush()
     runtime.drained.set()

@@ -11,6 +11,11 @@ from __future__ import annotations
 
 from typing import Any, Protocol
 
+try:  # websockets' C helper: unmasking is per byte, the one loop not to run in Python
+    from websockets.speedups import apply_mask
+except ImportError:  # pragma: no cover - a platform without its wheel
+    from websockets.utils import apply_mask
+
 OP_CONT, OP_TEXT, OP_BINARY = 0x0, 0x1, 0x2
 OP_CLOSE, OP_PING, OP_PONG = 0x8, 0x9, 0xA
 
@@ -39,13 +44,7 @@ class Compressor(Protocol):
 
 
 def unmask(mask: bytes, data: bytes) -> bytes:
-    """XOR ``data`` with the 4-byte ``mask`` as one big integer (no per-byte loop)."""
-    n = len(data)
-    if not n:
-        return b""
-    key = (mask * ((n >> 2) + 1))[:n]
-    return (int.from_bytes(data, "little") ^ int.from_bytes(key, "little")).to_bytes(
-        n, "little")
+    return apply_mask(data, mask)
 
 
 def parse_close(payload: bytes) -> tuple[int, str]:
