@@ -1131,6 +1131,212 @@ def _rtt_phase(target: Target, tag: str, count: int, limit_s: float,
             "mean_ms": sum(samples) / len(samples) / 1e6 if samples else float("nan")}
 
 
+class LeanPair:
+    __slots__ = ("sender", "receiver", "sender_id", "receiver_id", "sent", "received",
+                 "in_window", "rejected", "errors", "sender_errors", "unexpected", "bad_from",
+                 "failure", "error_sample")
+
+    def __init__(self, sender, receiver, sender_id: str, receiver_id: str) -> None:
+        self.sender, self.receiver = sender, receiver
+        self.sender_id, self.receiver_id = sender_id, receiver_id
+        self.sent = self.received = self.in_window = self.rejected = 0
+        self.errors = self.sender_errors = self.unexpected = self.bad_from = 0
+        self.failure: str | None = None
+        self.error_sample: str | None = None
+
+
+def _lean_open_pairs(conn, pool: rawws.Pool, idx: int, n: int, tag: str,
+                     cross: bool) -> list[tuple[Any, Any, str, str]]:
+    """Register the pairs' connections on the lean pool: n senders and n receivers, or, for
+    cross-worker pairs, as the parent asks ("open"/"pairs", see _make_cross_pairs)."""
+    deadline = time.monotonic() + 120
+
+    def by_uid() -> dict[str, Any]:
+        return {c.uid: c for c in pool.conns.values() if c.state == rawws.OPEN}
+
+    def open_ids(ids: list[str]) -> None:
+        r = pool.open(ids, deadline)
+        if r["failed"]:
+            raise RuntimeError(f"{r['failed']} of {len(ids)} connections failed: "
+                               f"{pool.stats()['failures']}")
+
+    if not cross:
+        sids = [f"{tag}-p{idx}-s{i}" for i in range(n)]
+        rids = [f"{tag}-p{idx}-r{i}" for i in range(n)]
+        open_ids(sids + rids)
+        conns = by_uid()
+        return [(conns[a], conns[b], a, b) for a, b in zip(sids, rids)]
+    held: list[str] = []
+    for _ in range(CROSS_STEPS + 1):
+        msg = _wait_parent(conn, ("open", "pairs"), 120)
+        if msg[0] == "open":
+            ids = [f"{tag}-p{idx}-c{len(held) + i}" for i in range(msg[1])]
+            open_ids(ids)
+            held += ids
+            conn.send(("opened", ids))
+            continue
+        conns = by_uid()
+        used = {u for pair in msg[1] for u in pair}
+        frame = rawws.client_frame(rawws.CLOSE_1000, rawws.OP_CLOSE)
+        for u, c in conns.items():  # unpaired: close frame now, the pool reaps them later
+            if u not in used:
+                c.state = rawws.CLOSING
+                pool._send(c, frame)
+        return [(conns[a], conns[b], a, b) for a, b in msg[1]]
+    raise RuntimeError(f"no pairs from the parent after {CROSS_STEPS} rounds")
+
+
+def _lean_throughput(conn, target: Target, idx: int, n: int, tag: str, cross: bool,
+                     opts: dict[str, Any]) -> dict[str, Any]:
+    """The throughput run on the lean client (bench/rawws.py): the same closed loop as
+    _relay_phase (each pair keeps at most --window offers in flight; offers counted at the
+    receivers inside the window) in one epoll loop, with about a third of
+    python-websockets' CPU per message."""
+    import random
+    import select as sel
+
+    t0 = time.monotonic()
+    proto_name, url = target
+    proto = PROTOCOLS[proto_name]
+    pool = rawws.Pool(rawws.Target(proto_name, url), ["127.0.0.1"], opts["conn_concurrency"],
+                      opts["handshake_timeout"])
+    failures: list[str] = []
+    cpu: dict[str, float] = {}
+    pairs: list[LeanPair] = []
+    try:
+        pairs = [LeanPair(*x) for x in _lean_open_pairs(conn, pool, idx, n, tag, cross)]
+        conn.send(("ready", time.monotonic() - t0))
+        _, t_start, t_a, t_b = _wait_parent(conn, "go", 60)
+        window, max_count = opts["window"], opts["max_messages"]
+        sdp = make_sdp(opts["sdp_size"])
+        parts = {p: tuple(x.encode() for x in proto.offer_parts(p.receiver_id, sdp))
+                 for p in pairs}
+        offer_type, from_key = proto.offer_type, proto.from_key
+        error_types = proto.error_types
+        ep = sel.epoll()
+        fd_map: dict[int, tuple[LeanPair, int]] = {}
+        for p in pairs:
+            for role, c in ((0, p.sender), (1, p.receiver)):
+                fd_map[c.fd] = (p, role)
+                ep.register(c.fd, sel.EPOLLIN)
+        monotonic, monotonic_ns = time.monotonic, time.monotonic_ns
+        getrandbits = random.getrandbits
+        mask = rawws._mask
+        IN, OUT = sel.EPOLLIN, sel.EPOLLOUT
+
+        def send_offer(p: LeanPair) -> None:
+            prefix, suffix = parts[p]
+            payload = prefix + str(monotonic_ns()).encode() + suffix
+            ln = len(payload)
+            key = getrandbits(32).to_bytes(4, "little")
+            head = (bytes((0x81, 0x80 | ln)) if ln < 126 else
+                    bytes((0x81, 0xFE)) + ln.to_bytes(2, "big") if ln < 65536 else
+                    bytes((0x81, 0xFF)) + ln.to_bytes(8, "big"))
+            frame = head + key + mask(payload, key)
+            c = p.sender
+            p.sent += 1
+            if c.out:
+                c.out += frame
+                return
+            try:
+                k = c.sock.send(frame)
+            except BlockingIOError:
+                k = 0
+            if k < len(frame):
+                c.out = frame[k:]
+                ep.modify(c.fd, IN | OUT)
+
+        sleep_until(t_start)
+        gc.collect()
+        gc.disable()
+        for p in pairs:
+            for _ in range(min(window, max_count)):
+                send_offer(p)
+        deadline = t_b + opts["drain_grace"]
+        sending = True
+        for _ in range(100_000_000):
+            now = monotonic()
+            if "a" not in cpu and now >= t_a:
+                cpu["a"] = sum(os.times()[:2])
+            if now >= t_b:
+                if "b" not in cpu:
+                    cpu["b"] = sum(os.times()[:2])
+                    sending = False
+                if now >= deadline or all(p.received + p.rejected >= p.sent or p.failure
+                                          for p in pairs):
+                    break
+            for fd, ev in ep.poll(0.01):
+                p, role = fd_map[fd]
+                if p.failure:
+                    continue
+                c = p.receiver if role else p.sender
+                try:
+                    if ev & OUT and c.out:
+                        k = c.sock.send(c.out)
+                        c.out = c.out[k:]
+                        if not c.out:
+                            ep.modify(c.fd, IN)
+                    if not ev & (IN | sel.EPOLLHUP | sel.EPOLLERR):
+                        continue
+                    data = c.sock.recv(262144)
+                    if not data:
+                        raise ConnectionError("EOF")
+                    now = monotonic()
+                    for op, payload in c.reader.feed(data):
+                        if op == rawws.OP_TEXT:
+                            msg = _loads(payload)
+                            kind = msg.get("type")
+                            if role:
+                                if kind == offer_type:
+                                    p.received += 1
+                                    if msg.get(from_key) != p.sender_id:
+                                        p.bad_from += 1
+                                    if t_a <= now <= t_b:
+                                        p.in_window += 1
+                                elif kind in error_types:
+                                    p.errors += 1
+                                else:
+                                    p.unexpected += 1
+                            elif kind in error_types:
+                                p.sender_errors += 1
+                                p.rejected += proto.rejected(msg)
+                                if p.error_sample is None:
+                                    p.error_sample = (f"to sender {p.sender_id}: "
+                                                      f"{payload[:300].decode(errors='replace')}")
+                            else:
+                                p.unexpected += 1
+                        elif op == rawws.OP_PING:
+                            c.sock.sendall(rawws.client_frame(payload, rawws.OP_PONG))
+                        elif op == rawws.OP_CLOSE:
+                            raise ConnectionError(f"closed by the server: {payload[:2].hex()}")
+                    if sending:
+                        while p.sent - p.received - p.rejected < window and \
+                                p.sent < max_count:
+                            send_offer(p)
+                except (OSError, ConnectionError, rawws.ProtocolError, ValueError) as exc:
+                    p.failure = f"{'receiver' if role else 'sender'} {c.uid}: {exc!r}"
+                    failures.append(p.failure)
+        ep.close()
+    finally:
+        gc.enable()
+        pool.close_all(time.monotonic() + 20)
+    return {
+        "sent": sum(p.sent for p in pairs),
+        "received": sum(p.received for p in pairs),
+        "in_window": sum(p.in_window for p in pairs),
+        "errors": sum(p.errors for p in pairs),
+        "sender_errors": sum(p.sender_errors for p in pairs),
+        "rejected": sum(p.rejected for p in pairs),
+        "error_samples": [p.error_sample for p in pairs if p.error_sample][:3],
+        "unexpected": sum(p.unexpected for p in pairs),
+        "bad_from": sum(p.bad_from for p in pairs),
+        "connection_failures": failures[:5],
+        "connection_failure_count": len(failures),
+        "client_cpu": (cpu["b"] - cpu["a"]) if "b" in cpu and "a" in cpu else float("nan"),
+        "samples": [], "lag_p99": 0.0, "lag_max": 0.0,
+    }
+
+
 def raw_client_main(conn, idx: int, opts: dict[str, Any]) -> None:
     """A lean client process (bench/rawws.py, epoll): opens, holds and closes many registered
     connections for the connections phase, one step at a time as the parent asks:
@@ -1144,6 +1350,13 @@ def raw_client_main(conn, idx: int, opts: dict[str, Any]) -> None:
         cmd = conn.recv()
         if cmd[0] == "quit":
             return
+        if cmd[0] == "throughput":  # (kind, target, tag, n, cross), as for client_main
+            try:
+                result = _lean_throughput(conn, cmd[1], idx, cmd[3], cmd[2], cmd[4], opts)
+                conn.send(("result", result))
+            except BaseException as exc:
+                conn.send(("failed", f"{type(exc).__name__}: {exc}"))
+            continue
         pool = None
         try:
             _, (proto, url), steps, sources = cmd
@@ -1547,6 +1760,8 @@ def run_rtt(server: Server, clients: Clients, args, tag: str) -> dict[str, Any]:
     r["server_cpu_us_per_rt"] = (r["server_cpu"] / r["round_trips"] * 1e6
                                  if r["round_trips"] else None)
     r["client_util"] = r["client_cpu"] / r["wall_s"] if r["wall_s"] else None
+    r["client_cpu_us_per_rt"] = (r["client_cpu"] / r["round_trips"] * 1e6
+                                 if r["round_trips"] else None)
     r["server_util"] = r["server_cpu"] / wall
     server.check_worker()
     return r
@@ -1562,7 +1777,8 @@ def print_placement(name: str, phase: str, r: dict[str, Any]) -> None:
 
 
 def run_server(name: str, clients: Clients, args, log_dir: Path,
-               redis: RedisServer | None = None, raw: Clients | None = None) -> dict[str, Any]:
+               redis: RedisServer | None = None, raw: Clients | None = None,
+               lean: Clients | None = None) -> dict[str, Any]:
     """One round against one server: start it, warm up, connections (conn/s and memory at
     K1 and K2; not for the --redis servers), throughput, latency, round trips (not for the
     --redis servers), stop."""
@@ -1579,7 +1795,9 @@ def run_server(name: str, clients: Clients, args, log_dir: Path,
         if args.idle_ks and raw is not None and not SCENARIOS[name]["redis"]:
             result["connections"] = run_connections(server, raw, args, tag + "c")
             result["conn"] = flatten_connections(result["connections"])
-        result["throughput"] = t = run_relay(server, clients, "throughput", args, tag + "t")
+        result["throughput"] = t = run_relay(server, lean or clients, "throughput", args,
+                                             tag + "t")
+        t["client"] = "lean (bench/rawws.py)" if lean else "python-websockets"
         print_placement(name, "throughput", t)
         extra = ""
         if server.redis is not None:
@@ -1766,8 +1984,8 @@ def main_rows(args) -> list[tuple[str, str, tuple[str, ...] | None, str, str]]:
         ("rtt_max_ms", "   round trip max (ms)", ("rtt", "max_ms"), ".2f", "all"),
         ("rtt_server_us", "   server CPU per round trip (us, 2 relays)",
          ("rtt", "server_cpu_us_per_rt"), ",.0f", "all"),
-        ("rtt_client_cores", "   load generator CPU, round trips (cores)",
-         ("rtt", "client_util"), ".2f", "all"),
+        ("rtt_client_us", "   load generator CPU per round trip (us, both ends, in the RTT)",
+         ("rtt", "client_cpu_us_per_rt"), ",.0f", "all"),
         ("kb_per_conn_k1", f"4. server RSS per idle registered conn at K={k1:,} (kB)",
          ("conn", "kb_per_conn_1"), ".1f", "all"),
         ("kb_per_conn_k2", f"   server RSS per idle registered conn at K={k2:,} (kB)",
@@ -1890,7 +2108,11 @@ def main(argv: list[str] | None = None) -> int:
                     help="bound on the time to open one step of the connections phase (s)")
     ap.add_argument("--max-failures", type=int, default=500,
                     help="per lean client process: stop opening after this many failures")
-    ap.add_argument("--rtt-count", type=int, default=2000,
+    ap.add_argument("--throughput-client", choices=["lean", "websockets"], default="lean",
+                    help="load generator of the throughput run: the lean epoll client "
+                         "(bench/rawws.py) or python-websockets (the latency run always uses "
+                         "python-websockets)")
+    ap.add_argument("--rtt-count", type=int, default=5000,
                     help="sequential round trips of one pair (0 = skip)")
     ap.add_argument("--rtt-limit", type=float, default=60.0,
                     help="bound on the round-trip run's time (s)")
@@ -2016,6 +2238,8 @@ def main(argv: list[str] | None = None) -> int:
     clients = Clients(args.procs, opts)
     raw = Clients(args.conn_procs, opts, raw_client_main, "raw-client") if args.idle_ks \
         else None
+    lean = Clients(args.procs, opts, raw_client_main, "lean-client") \
+        if args.throughput_client == "lean" else None
     names = [n for n in ("volli", "baseline", "peerjs") if not args.only or n == args.only]
     peerjs_info: dict[str, Any] = {}
     if args.no_peerjs:
@@ -2045,7 +2269,8 @@ def main(argv: list[str] | None = None) -> int:
             if args.rounds > 1:
                 print(f"--- round {rnd + 1}/{args.rounds}", flush=True)
             for name in (names if rnd % 2 == 0 else names[::-1]):
-                results[name].append(run_server(name, clients, args, log_dir, redis, raw))
+                results[name].append(run_server(name, clients, args, log_dir, redis, raw,
+                                                lean))
                 if results[name][-1].get("failure"):
                     # A client process may still be in the failed phase: start afresh.
                     clients.stop()
@@ -2053,6 +2278,9 @@ def main(argv: list[str] | None = None) -> int:
                     if raw is not None:
                         raw.stop()
                         raw = Clients(args.conn_procs, opts, raw_client_main, "raw-client")
+                    if lean is not None:
+                        lean.stop()
+                        lean = Clients(args.procs, opts, raw_client_main, "lean-client")
     except KeyboardInterrupt:
         interrupted = True
         print("interrupted", file=sys.stderr)
@@ -2061,8 +2289,9 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     finally:
         clients.stop()
-        if raw is not None:
-            raw.stop()
+        for extra in (raw, lean):
+            if extra is not None:
+                extra.stop()
         if redis is not None:
             redis.stop()
     elapsed = time.monotonic() - started
