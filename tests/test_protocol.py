@@ -116,3 +116,18 @@ def test_relays_deeper_than_the_encoder_can_write_are_refused():
     assert info.value.code == ErrorCode.INVALID_MESSAGE
     ok = parse('{"type":"offer","to":"b","offer":{"x":' + "[" * 200 + "]" * 200 + "}}")
     assert json.loads(encode_relay(ok, "a"))["from"] == "a"
+
+
+@pytest.mark.parametrize("text", [
+    '{"type":"offer","to":"b","offer":{"sdp":"v=0\\r\\n","t":1.0}}',
+    ' {"type" : "answer", "to":"b", "answer":{"x":[1,{"y":"}"}]}, "requestId":7}\r\n\t ',
+    '{"type":"ice-candidate","to":"b","candidate":null,"n":"\\u00e9\\ud83d\\ude00"}',
+    '{"type":"offer","to":"b","offer":{},"from":null}',  # a from key: re-encoded
+    '{"type":"offer","to":"b","offer":{"x":' + "[" * 250 + "]" * 250 + "}}",
+])
+def test_relayed_text_is_the_received_message_with_from_set(text):
+    relay = parse(text)
+    out = encode_relay(relay, "a\"lice")
+    assert json.loads(out) == {**json.loads(text), "from": 'a"lice'}
+    assert list(json.loads(out))[-1] == "from"
+
