@@ -118,12 +118,30 @@ class HealthPoller(threading.Thread):
             self.samples.append((t - self.t0, time.monotonic() - t, status))
             self.stop_event.wait(max(0.0, self.interval - (time.monotonic() - t)))
 
-    def summary(self) -> dict[str, Any]:
-        lats = sorted(s[1] for s in self.samples if s[2] == "ok")
-        fails = [s for s in self.samples if s[2] != "ok"]
-        worst = max(self.samples, key=lambda s: s[1]) if self.samples else None
+    def summary(self, phases: dict[str, tuple[float, float]] | None = None) -> dict[str, Any]:
+        """Overall figures; with ``phases`` ({name: (start, end)} in monotonic time) also
+        per phase, by the time each poll started."""
+        out = self._summary(self.samples)
+        if phases:
+            out["phases"] = {
+                name: self._summary([s for s in self.samples
+                                     if a - self.t0 <= s[0] < b - self.t0], brief=True)
+                for name, (a, b) in phases.items()}
+            out["timeline"] = [(round(t, 2), round(lat * 1e3, 1), st if st != "ok" else "")
+                               for t, lat, st in self.samples]
+        return out
+
+    @staticmethod
+    def _summary(samples: list[tuple[float, float, str]], brief: bool = False) -> dict[str, Any]:
+        lats = sorted(s[1] for s in samples if s[2] == "ok")
+        fails = [s for s in samples if s[2] != "ok"]
+        worst = max(samples, key=lambda s: s[1]) if samples else None
+        if brief:
+            return {"polls": len(samples), "failures": len(fails),
+                    "max_ms": worst[1] * 1e3 if worst else None,
+                    "p50_ms": lats[len(lats) // 2] * 1e3 if lats else None}
         return {
-            "polls": len(self.samples), "ok": len(lats), "failures": len(fails),
+            "polls": len(samples), "ok": len(lats), "failures": len(fails),
             "failure_samples": [f"t={s[0]:.1f}s: {s[2]}" for s in fails[:5]],
             "max_ms": worst[1] * 1e3 if worst else None,
             "max_at_s": worst[0] if worst else None,
@@ -271,6 +289,7 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, interrupt)
     signal.signal(signal.SIGINT, interrupt)
 
+    phases: dict[str, tuple[float, float]] = {}
     result: dict[str, Any] = {"kind": "capacity", **machine.describe(),
                               "args": vars(args), "client_processes": procs,
                               "volli_tree": str(relay.VOLLI_TREE),
@@ -296,6 +315,8 @@ def main(argv: list[str] | None = None) -> int:
               f"(port {server.port})", flush=True)
         server.start(deadline=60)
         result["server"] = {"command": server.command_line(), "workers": server.workers,
+                            "env": {k: v for k, v in sorted(server.env.items())
+                                    if k.startswith("VOLLI_") or k == "WEB_CONCURRENCY"},
                             "worker_nofile": {str(w): nofile_of(w) for w in server.workers},
                             "log": str(server.log_path)}
         before = worker_snapshot(server)
@@ -350,6 +371,7 @@ def main(argv: list[str] | None = None) -> int:
             raise RuntimeError(f"client processes {sorted(set(range(procs)) - set(opened))} "
                                f"did not finish opening in time")
         t_open1 = max(o["t_end"] for o in opened.values())
+        t_hold0 = time.monotonic()
         t_open_start = min(o["t_start"] for o in opened.values())
         registered = sum(o["opened"] for o in opened.values())
         failed = sum(o["failed"] for o in opened.values())
@@ -370,6 +392,7 @@ def main(argv: list[str] | None = None) -> int:
         held = worker_snapshot(server)
         redis_rss1 = proc_rss_kb(redis.pid)
         kids = sorted(proc_children(server.proc.pid))
+        t_close0 = time.monotonic()
         for p, c in clients:
             c.send(("close",))
         closed: dict[int, dict[str, Any]] = {}
@@ -384,6 +407,8 @@ def main(argv: list[str] | None = None) -> int:
                         closed[i] = {"failure": msg[2]}
             time.sleep(0.05)
         t_closed = time.monotonic()
+        phases = {"open": (t_open0, t_hold0), "hold": (t_hold0, t_close0),
+                  "close": (t_close0, t_closed)}
         time.sleep(1.0)
         after_close = worker_snapshot(server)
         dropped: dict[str, int] = {}
@@ -454,7 +479,7 @@ def main(argv: list[str] | None = None) -> int:
     result["failure"] = failure
     result["elapsed_seconds"] = time.monotonic() - started
     if poller is not None:
-        result["health"] = poller.summary()
+        result["health"] = poller.summary(phases)
     if server is not None:
         text = server.log()
         result["registered_per_worker_from_log"] = registered_per_worker(text)
@@ -515,6 +540,9 @@ def print_report(r: dict[str, Any]) -> None:
     for k, v in rows:
         print(f"| {k} | {v} |")
     h = r.get("health") or {}
+    for name, ph in (h.get("phases") or {}).items():
+        print(f"/health while {name}: {ph['polls']} polls, {ph['failures']} failed, max "
+              f"{_f(ph['max_ms'], '.0f')} ms, p50 {_f(ph['p50_ms'], '.1f')} ms")
     if h.get("failure_samples"):
         print("/health failures, e.g.: " + "; ".join(h["failure_samples"]))
     for label, f in (r.get("log_findings") or {}).items():

@@ -30,12 +30,17 @@ def _run(cmd: list[str]) -> str | None:
 
 
 def machine_info() -> dict[str, Any]:
-    cpu_model = None
+    cpu: dict[str, str] = {}
     with contextlib.suppress(OSError):
         for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu_model = line.split(":", 1)[1].strip()
+            key, _, value = line.partition(":")
+            key = key.strip()
+            if key in ("model name", "cpu family", "model", "stepping", "cpu MHz") \
+                    and key not in cpu:
+                cpu[key] = value.strip()
+            if not line.strip() and cpu:
                 break
+    cpu_model = cpu.get("model name")
     mem_kb = None
     with contextlib.suppress(OSError, ValueError, IndexError):
         for line in Path("/proc/meminfo").read_text().splitlines():
@@ -48,6 +53,8 @@ def machine_info() -> dict[str, Any]:
             sysctl[name.replace("/", ".")] = Path(f"/proc/sys/{name}").read_text().split()
     return {
         "cpu_model": cpu_model,
+        "cpu": cpu,
+        "hypervisor": "hypervisor" in Path("/proc/cpuinfo").read_text(),
         "cores": os.cpu_count(),
         "ram_gib": round(mem_kb / 1024 / 1024, 1) if mem_kb else None,
         "kernel": platform.release(),
@@ -65,10 +72,13 @@ def versions(peerjs_pkg: Path | None = None) -> dict[str, Any]:
             out[pkg] = importlib.metadata.version(pkg)
         except importlib.metadata.PackageNotFoundError:
             out[pkg] = None
-    try:
-        out["volli"] = importlib.metadata.version("volli")
-    except importlib.metadata.PackageNotFoundError:
-        out["volli"] = None
+    out["volli"] = None
+    for dist in ("volli-signaling", "volli"):
+        try:
+            out["volli"] = importlib.metadata.version(dist)
+            break
+        except importlib.metadata.PackageNotFoundError:
+            continue
     node = shutil.which("node")
     out["node"] = _run([node, "--version"]) if node else None
     if peerjs_pkg is not None:

@@ -1,24 +1,30 @@
 #!/usr/bin/env python
-"""Relay load bench: Volli against a bare flask-sock relay and peerjs-server, same load and run.
+"""Relay load bench: Volli against peerjs-server and a bare flask-sock relay, same load and run.
 
-Run from the repo root:  python bench/relay.py            (full run, about 1 minute on 2 cores)
-                         python bench/relay.py --quick    (smoke run, about 10 seconds)
+Run from the repo root:  python bench/relay.py            (every figure, about 3 minutes)
+                         python bench/relay.py --quick    (smoke run, about 35 seconds)
 
-For each server (Volli via ./gunicorn.conf.py, then the baseline bench/baseline_app.py under
-the same gunicorn gevent worker, then peerjs-server, npm "peer", with its own node CLI) it
-starts the server on a free 127.0.0.1 port, then measures:
+For each server (Volli via ./gunicorn.conf.py, the baseline bench/baseline_app.py under the
+same gunicorn gevent worker, peerjs-server, npm "peer", with its own node CLI) it starts
+the server on a free 127.0.0.1 port, then measures:
 
-1. idle memory: worker RSS before/after K registered idle connections, per connection;
+1. connections: opens K1 (5,000) registered connections as fast as the lean client
+   processes (bench/rawws.py, epoll) can with bounded handshakes in flight, from several
+   127.x source addresses: connections/s and server CPU per connection; RSS per idle
+   connection at K1; then the same up to K2 (20,000, capped below RLIMIT_NOFILE);
 2. throughput: N sender/receiver pairs, each sender keeps at most --window offers in flight
-   (closed loop, so no receiver's server-side queue can overflow); messages counted at the
-   receivers inside the measurement window, and the worker's CPU seconds in that window;
-3. latency: the same pairs at a fixed, paced total rate; one-way latency from a
-   time.monotonic_ns() stamp in the payload to its arrival (same machine clock).
+   (closed loop, so no receiver's server-side queue can overflow), lean client; messages
+   counted at the receivers inside the measurement window, and the worker's CPU seconds in
+   that window (msgs per server CPU-second);
+3. latency: the same pairs at a fixed, paced total rate (5,000 msg/s; python-websockets
+   client); one-way latency from a time.monotonic_ns() stamp in the payload to its arrival;
+4. round trips: one pair, A sends an offer, B answers on receipt, A's send->answer time
+   over --rtt-count sequential round trips (two blocking raw connections).
 
-With --redis the same run adds two Volli servers that share presence through a private
-redis-server (started on a free 127.0.0.1 port, stopped at the end), measured like the
-first (throughput and latency; no idle-memory figure) and reported against the single-worker
-in-memory Volli figures:
+Unless --no-redis, the same run adds two Volli servers that share presence through a
+private redis-server (started on a free 127.0.0.1 port, stopped at the end), measured like
+the first (throughput and latency) and reported in the main table (figure 6) and against
+the single-worker in-memory Volli:
 
 - redis-1w: one worker with VOLLI_REDIS_URL set; every user is local, so no relay touches
   Redis (the cost of the backend when nothing crosses);
@@ -29,14 +35,13 @@ in-memory Volli figures:
   receiver on the other worker, half in each direction. Server CPU is both workers plus
   redis-server, also shown apart.
 
-peerjs-server is installed with npm at bench time into bench/.peerjs/ (git-ignored, never
-committed) unless it is there at PEERJS_VERSION already; --no-peerjs leaves it out. A small
-per-server protocol adapter (Protocol / PeerjsProtocol) holds how a client registers and how
-offers look; the pairs/window/pacing/latency logic is the same for all servers.
-
-The load comes from --procs client processes (python-websockets asyncio client). Every loop
-is bounded in count and time; servers are stopped with SIGTERM, then SIGKILL, on their
-process group. See bench/README.md.
+Every window reports the load generator's CPU next to the server's. peerjs-server is
+installed with npm at bench time into bench/.peerjs/ (git-ignored, never committed) unless
+it is there at PEERJS_VERSION already; --no-peerjs leaves it out. A small per-server
+protocol adapter (Protocol / PeerjsProtocol, and rawws.Target) holds how a client registers
+and how offers look. Results go to bench/results/<UTC>-relay.json with machine, versions
+and commit. Every loop is bounded in count and time; servers are stopped with SIGTERM, then
+SIGKILL, on their process group. See bench/README.md.
 """
 
 from __future__ import annotations
@@ -1784,7 +1789,9 @@ def run_server(name: str, clients: Clients, args, log_dir: Path,
     --redis servers), stop."""
     server = make_server(name, log_dir, args.deflate, redis)
     result: dict[str, Any] = {"command": server.command_line(), "log": str(server.log_path),
-                              "label": SCENARIOS[name]["label"]}
+                              "label": SCENARIOS[name]["label"],
+                              "env": {k: v for k, v in sorted(server.env.items())
+                                      if k.startswith("VOLLI_") or k == "WEB_CONCURRENCY"}}
     print(f"[{name}] starting: {server.command_line()}  (port {server.port})", flush=True)
     try:
         server.start()
