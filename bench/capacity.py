@@ -271,6 +271,11 @@ def main(argv: list[str] | None = None) -> int:
     log_dir.mkdir(parents=True, exist_ok=True)
     out_path = Path(args.json) if args.json else machine.default_result_path("capacity")
     volli_commit = None
+    tree_before = None if args.volli_ref else machine.server_tree_state()
+    if tree_before and tree_before["dirty"]:
+        notes.append(f"Volli ran from the working tree with uncommitted changes "
+                     f"({', '.join(tree_before['dirty'][:5])}); use --volli-ref HEAD to "
+                     f"measure a commit")
     if args.volli_ref:
         relay.VOLLI_TREE = log_dir / "volli-tree"
         volli_commit = machine.export_tree(args.volli_ref, relay.VOLLI_TREE)
@@ -478,6 +483,11 @@ def main(argv: list[str] | None = None) -> int:
         redis.stop()
     result["failure"] = failure
     result["elapsed_seconds"] = time.monotonic() - started
+    if tree_before:
+        tree_after = machine.server_tree_state()
+        result["volli_tree_before"], result["volli_tree_after"] = tree_before, tree_after
+        if tree_after["digest"] != tree_before["digest"]:
+            result["notes"].append("Volli's files in the working tree changed during the run")
     if poller is not None:
         result["health"] = poller.summary(phases)
     if server is not None:

@@ -128,3 +128,25 @@ def export_tree(ref: str, dest: Path) -> str:
     with tarfile.open(fileobj=io.BytesIO(done.stdout)) as tar:
         tar.extractall(dest, filter="data")
     return commit
+
+
+SERVER_PATHS = ("volli", "wsgi.py", "gunicorn.conf.py")
+
+
+def server_tree_state(root: Path = ROOT) -> dict[str, Any]:
+    """The server's files in the working tree: uncommitted paths, and a digest of their
+    contents, so a run can tell whether they changed while it ran."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for rel in SERVER_PATHS:
+        base = root / rel
+        files = sorted(base.rglob("*.py")) if base.is_dir() else [base]
+        for f in files:
+            if "__pycache__" in f.parts:
+                continue
+            with contextlib.suppress(OSError):
+                h.update(str(f.relative_to(root)).encode() + b"\0" + f.read_bytes() + b"\0")
+    dirty = [p[3:] for p in repo_info()["dirty_paths"]
+             if p[3:].startswith("volli/") or p[3:] in SERVER_PATHS]
+    return {"digest": h.hexdigest(), "dirty": dirty}

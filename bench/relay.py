@@ -2215,13 +2215,11 @@ def main(argv: list[str] | None = None) -> int:
         volli_commit = machine.export_tree(args.volli_ref, VOLLI_TREE)
         print(f"Volli server code: {args.volli_ref} = {volli_commit} (exported to "
               f"{VOLLI_TREE})", flush=True)
-    else:
-        dirty = [p for p in machine.repo_info()["dirty_paths"] if " volli/" in f" {p[3:]}"
-                 or p[3:] in ("wsgi.py", "gunicorn.conf.py")]
-        if dirty:
-            notes.append(f"Volli ran from the working tree with uncommitted changes "
-                         f"({', '.join(p[3:] for p in dirty[:5])}): the figures are not "
-                         f"those of the recorded commit (use --volli-ref HEAD for that)")
+    tree_before = None if args.volli_ref else machine.server_tree_state()
+    if tree_before and tree_before["dirty"]:
+        notes.append(f"Volli ran from the working tree with uncommitted changes "
+                     f"({', '.join(tree_before['dirty'][:5])}): the figures are not "
+                     f"those of the recorded commit (use --volli-ref HEAD for that)")
     for note in notes:
         print(f"NOTE: {note}", flush=True)
     opts = {"deflate": args.deflate, "sdp_size": args.sdp_size, "window": args.window,
@@ -2324,6 +2322,12 @@ def main(argv: list[str] | None = None) -> int:
               "ones, which favours the single worker; the latency run's\nmsgs per server "
               "CPU-second compares all three at the same paced rate.\n")
     problems, noise = [], []
+    tree_after = None if args.volli_ref else machine.server_tree_state()
+    if tree_before and tree_after and tree_after["digest"] != tree_before["digest"]:
+        problems.append(f"Volli's files in the working tree changed during the run (now "
+                        f"uncommitted: {', '.join(tree_after['dirty'][:5]) or 'none'}): "
+                        f"servers started at different times ran different code; use "
+                        f"--volli-ref to pin one commit")
     if peerjs_info.get("failure"):
         problems.append(f"peerjs: not run: {peerjs_info['failure']}")
     for name, rounds in results.items():
@@ -2414,6 +2418,7 @@ def main(argv: list[str] | None = None) -> int:
         figures = main_values(results, args)
         payload = {"kind": "relay", **machine.describe(PEERJS_PKG),
                    "volli_ref": args.volli_ref, "volli_commit": volli_commit or "working tree",
+                   "volli_tree_before": tree_before, "volli_tree_after": tree_after,
                    "args": vars(args), "elapsed_seconds": elapsed, "notes": notes,
                    "peerjs": peerjs_info,
                    "figures": figures,
