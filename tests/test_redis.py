@@ -233,3 +233,48 @@ def test_signed_takeover_and_binding_work_across_servers(nodes, open_client):
     assert [new.recv()["offer"]["n"] for _ in range(3)] == [0, 1, 2]
     assert peer.call({"type": "discover", "userId": "alice@volli.app"})["publicKey"] \
         == alice.public
+
+
+def _command_calls(store, command: str) -> int:
+    stats = store.info("commandstats").get(f"cmdstat_{command}")
+    return int(stats["calls"]) if stats else 0
+
+
+def test_a_burst_to_another_node_arrives_whole_in_order_in_few_publishes(nodes, open_client,
+                                                                          redis):
+    a, b = nodes(workers=1), nodes(workers=1)
+    alice, bob = open_client(a), open_client(b)
+    alice.register("alice@volli.app")
+    bob.register("bob@volli.app")
+    store = redis_client.Redis.from_url(redis.url)
+    evalsha, publish = _command_calls(store, "evalsha"), _command_calls(store, "publish")
+    count = 2000
+    for n in range(count):
+        alice.send({"type": "ice-candidate", "to": "bob@volli.app", "candidate": {"n": n}})
+    assert [bob.recv()["candidate"]["n"] for _ in range(count)] == list(range(count))
+    # The route script named bob's node once (or again after ROUTE_CACHE); the rest went
+    # out batched, several frames per PUBLISH.
+    routed = _command_calls(store, "evalsha") - evalsha
+    published = _command_calls(store, "publish") - publish
+    assert 1 <= routed < 20 and published < count / 2, (routed, published)
+
+
+def test_a_relay_to_a_user_who_just_moved_node_is_rerouted(nodes, open_client):
+    a, b, c = nodes(workers=1), nodes(workers=1), nodes(workers=1)
+    alice, bob = open_client(a), open_client(b)
+    alice.register("alice@volli.app")
+    bob.register("bob@volli.app")
+    alice.send({"type": "offer", "to": "bob@volli.app", "offer": {"n": 1}})
+    assert bob.recv()["offer"] == {"n": 1}  # alice's node now remembers bob's
+    remembered = time.monotonic()
+    bob.close()
+    moved = open_client(c)
+    deadline = time.monotonic() + 5
+    while moved.call({"type": "register", "userId": "bob@volli.app",
+                      "publicKey": "key"})["type"] != "registered":
+        assert time.monotonic() < deadline
+        time.sleep(0.02)
+    # Within ROUTE_CACHE (1 s) alice's node still sends to b; b routes it on to c.
+    assert time.monotonic() - remembered < 0.8, "too slow to test the remembered route"
+    alice.send({"type": "offer", "to": "bob@volli.app", "offer": {"n": 2}})
+    assert moved.recv()["offer"] == {"n": 2}

@@ -5,7 +5,10 @@ Each worker is a node with its own pub/sub channel. A user's presence is a hash
 heartbeat refreshes; ``<prefix>key:<userId>`` keeps the last registered key with no TTL.
 Local users are served from memory (the MemoryBackend this extends) without touching
 Redis; a relay to a user on another node is published to that node's channel by a
-script that reads the presence and publishes in one round trip. See docs/scaling.md.
+script that reads the presence and publishes in one round trip. That script also names
+the node, which is then remembered for ROUTE_CACHE seconds: relays to a remembered node
+are queued, and one greenlet publishes each node's queue as one message per round trip.
+See docs/scaling.md.
 """
 
 from __future__ import annotations
@@ -17,6 +20,9 @@ import secrets
 import socket
 import threading
 import time
+from collections import Counter
+
+import orjson
 import redis
 from redis.backoff import ExponentialBackoff
 from redis.retry import Retry
@@ -74,14 +80,14 @@ end
 return 0
 """
 
-# -1: offline. 0: its node has no listener (dead), so the stale presence goes.
-# n > 0: handed to n subscribers.
+# {-1}: offline. {0}: its node has no listener (dead), so the stale presence goes.
+# {n, node}: handed to n subscribers of that node's channel.
 ROUTE = """
 local node = redis.call('HGET', KEYS[1], 'node')
-if not node then return -1 end
+if not node then return {-1} end
 local n = redis.call('PUBLISH', ARGV[1] .. node, ARGV[2])
 if n == 0 then redis.call('DEL', KEYS[1]) end
-return n
+return {n, node}
 """
 
 _CLAIM_CODES = {1: Claim.OK, 2: Claim.TAKEN_OVER, 0: Claim.TAKEN, -1: Claim.BOUND,
@@ -90,6 +96,9 @@ _CLAIM_CODES = {1: Claim.OK, 2: Claim.TAKEN_OVER, 0: Claim.TAKEN, -1: Claim.BOUN
 LISTEN_POLL = 1.0  # seconds a listener waits for a message before checking its state
 BACKOFF_FIRST, BACKOFF_CAP = 0.1, 5.0
 HEARTBEAT_BATCH = 500  # claims per pipeline round trip
+# Seconds a target's node is remembered after the route script named it. A relay sent
+# within it to a user who just moved reaches the old node, which re-routes it once.
+ROUTE_CACHE = 1.0
 
 
 class RedisBackend(MemoryBackend):
@@ -118,6 +127,11 @@ class RedisBackend(MemoryBackend):
         self._store_ok = True
         self._stopped = False
         self._wake: threading.Event | None = None
+        self._spawn: Spawn | None = None
+        self._routes: dict[str, tuple[str, float]] = {}  # userId -> (node, until)
+        self._outbox: list[tuple[str, str, str, str]] = []  # (node, userId, origin, frame)
+        self._publishing = None  # a lock, created in start(): a gevent one
+        self._publisher = None
 
     # -- presence ---------------------------------------------------------------------
 
@@ -177,19 +191,93 @@ class RedisBackend(MemoryBackend):
     def deliver(self, user_id: str, text: str, origin: str | None = None) -> bool:
         if user_id in self._users:
             return super().deliver(user_id, text, origin)
+        route = self._routes.get(user_id)
+        # Queued only while Redis looks well: otherwise the sender hears `unavailable` now.
+        if route is not None and self._subscribed and self._store_ok:
+            if route[1] > time.monotonic():
+                self._outbox.append((route[0], user_id, origin or "", text))
+                if self._publisher is None:
+                    self._publisher = self._spawn(self._publish_outbox)
+                return True
+            del self._routes[user_id]
+        return self._route_now(user_id, text, origin)
+
+    def _route_now(self, user_id: str, text: str, origin: str | None) -> bool:
+        """The route script: one round trip that finds the node and publishes."""
         payload = f"D\n{user_id}\n{origin or ''}\n{text}"
-        return self._call("publish", self._route, [self._presence_key(user_id)],
-                          [self._channel_prefix, payload]) > 0
+        lock = self._publishing or contextlib.nullcontext()
+        with lock:  # frames queued before this one are published before it
+            self._publish_queued()
+            reply = self._call("publish", self._route, [self._presence_key(user_id)],
+                               [self._channel_prefix, payload])
+        if int(reply[0]) <= 0:
+            return False
+        self._routes[user_id] = (reply[1].decode(), time.monotonic() + ROUTE_CACHE)
+        return True
+
+    def _publish_outbox(self) -> None:
+        try:
+            with self._publishing:
+                self._publish_queued()
+        finally:
+            self._publisher = None
+
+    def _publish_queued(self) -> None:
+        """Publish what is queued, one message per node and one round trip in all; a
+        frame that reaches no node is reported to its sender."""
+        while self._outbox:
+            queued, self._outbox = self._outbox, []
+            by_node: dict[str, list[tuple[str, str, str]]] = {}
+            for node, user_id, origin, text in queued:
+                by_node.setdefault(node, []).append((user_id, origin, text))
+            pipe = self._redis.pipeline(transaction=False)
+            for node, frames in by_node.items():
+                pipe.publish(self._channel_prefix + node, b"B\n" + orjson.dumps(frames))
+            try:
+                counts = pipe.execute()
+            except redis.RedisError as exc:
+                self.on_failure("publish")
+                log.warning("could not publish %d relays: %s", len(queued), exc)
+                self._routes.clear()  # until Redis answers, relays take the direct path
+                counts = [0] * len(by_node)
+            for (node, frames), count in zip(by_node.items(), counts):
+                if not count:  # that node is gone: forget it, tell the senders
+                    for user_id, _, _ in frames:
+                        self._routes.pop(user_id, None)
+                    self._report(frames)
+
+    def _report(self, frames) -> None:
+        undelivered: dict[str, Counter[str]] = {}
+        for user_id, origin, _ in frames:
+            if origin:
+                undelivered.setdefault(user_id, Counter())[origin] += 1
+        for user_id, counts in undelivered.items():
+            self.on_undelivered(user_id, counts)
 
     def _on_message(self, data: bytes) -> None:
         kind, rest = data.decode().split("\n", 1)
         if kind == "R":  # a signed registration elsewhere took this session's userId
             self._replace_local(rest)
             return
+        if kind == "B":  # frames sent here by a node that remembered this node
+            for user_id, origin, text in orjson.loads(rest):
+                if not super().deliver(user_id, text, origin or None) \
+                        and not self._reroute(user_id, origin, text):  # the user moved on
+                    self._report([(user_id, origin, text)])
+            return
         user_id, origin, text = rest.split("\n", 2)
         if not super().deliver(user_id, text, origin or None) and origin:
             # It left this node between the sender's lookup and now.
             self.on_undelivered(user_id, {origin: 1})
+
+    def _reroute(self, user_id: str, origin: str, text: str) -> bool:
+        if user_id in self._users:
+            return False
+        self._routes.pop(user_id, None)
+        try:
+            return self._route_now(user_id, text, origin)
+        except BackendUnavailable:
+            return False
 
     # -- background tasks -------------------------------------------------------------
 
@@ -200,6 +288,9 @@ class RedisBackend(MemoryBackend):
             raise RuntimeError("the Redis backend needs gevent-patched sockets: "
                                "run it under gunicorn's gevent worker")
         self._wake = threading.Event()  # created here: after patching, a gevent event
+        # Likewise a gevent lock; reentrant: reporting a failed publish may relay again.
+        self._publishing = threading.RLock()
+        self._spawn = spawn
         spawn(self._listen)
         spawn(self._heartbeat)
 
@@ -255,6 +346,9 @@ class RedisBackend(MemoryBackend):
 
     def _heartbeat(self) -> None:
         while not self._stopped:
+            now = time.monotonic()
+            self._routes = {user: route for user, route in self._routes.items()
+                            if route[1] > now}
             try:
                 lost = self._announce()
                 if not self._store_ok:
