@@ -14,6 +14,7 @@ import pytest
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
 from conftest import ROOT, Client, Server
+from volli.runtime import FD_RESERVE
 
 
 def test_health(server, clients, uid, backend_env):
@@ -141,5 +142,26 @@ def test_procfile_web_command_starts_the_server(tmp_path):
         c.register("procfile@volli.app")
         c.close()
         assert re.search(r"Listening at: http://0\.0\.0\.0:%d" % srv.port, srv.log())
+    finally:
+        srv.stop()
+
+
+def test_connection_cap_follows_the_open_file_limit(tmp_path, clients):
+    """Past RLIMIT_NOFILE, accept() fails inside gevent and nobody gets a clean answer:
+    the cap is lowered to fit the limit, and the excess gets 503."""
+    limit = FD_RESERVE + 20
+    command = ["prlimit", f"--nofile={limit}:{limit}", "--", sys.executable, "-m", "gunicorn",
+               "--config", str(ROOT / "gunicorn.conf.py"), "wsgi:app"]
+    srv = Server(tmp_path, {"VOLLI_MAX_CONNECTIONS": "10000"}, command=command).wait_ready()
+    try:
+        line = srv.wait_log("WebSockets beyond 20 get HTTP 503")
+        assert f"open-file limit ({limit})" in line
+        opened = [clients(srv.url) for _ in range(20)]
+        with pytest.raises(InvalidStatus) as info:
+            clients(srv.url)
+        assert info.value.response.status_code == 503
+        status, body = srv.http("/health")
+        assert status == 200 and body["connections"] == 20
+        opened[0].register("still@volli.app")
     finally:
         srv.stop()

@@ -30,7 +30,7 @@ def create_app(overrides: Mapping[str, Any] | None = None,
     app.register_blueprint(web.bp)
     log = logging.getLogger("volli")
     log.info("volli ready: backend=%s max_connections=%d max_message_size=%d ping_interval=%gs "
-             "require_signature=%s", settings.backend, settings.max_connections,
+             "require_signature=%s", settings.backend, app.extensions["volli"].max_connections,
              settings.max_message_size, settings.ping_interval, settings.require_signature)
     if not settings.origins:
         log.warning("VOLLI_ALLOWED_ORIGINS is empty: WebSockets from every Origin are allowed")

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import dataclasses
+import logging
+import resource
 from typing import Any
 import time
 
@@ -23,6 +25,8 @@ class Runtime:
     started: float = dataclasses.field(default_factory=time.monotonic)
     # WebSockets admitted and not yet finished, counted from before the upgrade.
     connections: int = 0
+    # VOLLI_MAX_CONNECTIONS, or less if this process may not open that many files.
+    max_connections: int = 0
     draining: bool = False
     # Set once a drain has finished (created lazily: it must be a gevent Event).
     drained: Any = None
@@ -33,6 +37,7 @@ class Runtime:
         runtime = cls(settings=settings, backend=backend, hub=Hub(backend, settings),
                       addresses=AddressLimits(settings.ip_max_connections,
                                               settings.ip_connect_rate))
+        runtime.max_connections = connection_capacity(settings.max_connections)
         app.extensions["volli"] = runtime
         return runtime
 
@@ -42,3 +47,30 @@ class Runtime:
 
 def get_runtime() -> Runtime:
     return current_app.extensions["volli"]
+
+
+# Descriptors kept free for the listener, Redis connections, logs, metrics files and
+# sockets mid-handshake (duplicated while they leave gunicorn's request greenlet).
+FD_RESERVE = 256
+
+
+def connection_capacity(wanted: int) -> int:
+    """How many WebSockets this process can hold: each is one open file. The soft limit
+    is raised to the hard one (allowed unprivileged); past the limit, accepting fails
+    inside gevent and gunicorn, where no client gets a clean refusal, so cap below it."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != hard:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+            soft = hard
+        except (ValueError, OSError):
+            pass
+    if soft == resource.RLIM_INFINITY or soft - FD_RESERVE >= wanted:
+        return wanted
+    capacity = max(1, soft - FD_RESERVE)
+    logging.getLogger("volli").warning(
+        "VOLLI_MAX_CONNECTIONS=%d does not fit this process's open-file limit (%d): "
+        "WebSockets beyond %d get HTTP 503 (raise the limit, e.g. systemd LimitNOFILE=, "
+        "or run more workers)", wanted, soft, capacity)
+    return capacity
+

@@ -31,7 +31,7 @@ def admit():
     environ = request.environ
     if runtime.draining:
         return _refuse(runtime, 503, "draining", "server is shutting down")
-    if runtime.connections >= settings.max_connections:
+    if runtime.connections >= runtime.max_connections:
         return _refuse(runtime, 503, "max-connections", "server is at its connection limit")
     origin = environ.get("HTTP_ORIGIN")
     if settings.origins and origin is not None \
@@ -108,14 +108,14 @@ def signaling(ws):
     address = g.pop("volli_address")
     opened = time.monotonic()
     detached = not isinstance(sock, ssl.SSLSocket)
-    try:
-        if detached:
+    if detached:
+        try:
             # gunicorn closes its socket when this handler returns; the duplicate lives on.
             sock = _socket.socket(fileno=os.dup(sock.fileno()))
             sock.setblocking(False)
-    except OSError:
-        _release_slot(runtime, address)
-        return
+        except OSError as exc:  # out of descriptors: serve it in this greenlet instead
+            log.warning("could not detach a WebSocket (%s); serving it in place", exc)
+            detached = False
     conn = Connection(sock, detached=detached, events=runtime.hub,
                       max_message_size=settings.max_message_size,
                       queue_limit=settings.send_queue_limit,
@@ -126,7 +126,7 @@ def signaling(ws):
     log.info("connection open id=%s ip=%s", conn.id, address)
     conn.start(settings.register_timeout)
     if not detached:
-        conn.serve()
+        conn.serve()  # TLS, or no descriptor to spare: read here until the end
 
 
 def _finished(runtime: Runtime, conn: Connection, address: str, opened: float) -> None:
