@@ -99,6 +99,7 @@ HEARTBEAT_BATCH = 500  # claims per pipeline round trip
 # Seconds a target's node is remembered after the route script named it. A relay sent
 # within it to a user who just moved reaches the old node, which re-routes it once.
 ROUTE_CACHE = 1.0
+RELEASE_WAIT = 10.0  # seconds a closing connection waits for its presence release
 
 
 class RedisBackend(MemoryBackend):
@@ -132,10 +133,15 @@ class RedisBackend(MemoryBackend):
         self._outbox: list[tuple[str, str, str, str]] = []  # (node, userId, origin, frame)
         self._publishing = None  # a lock, created in start(): a gevent one
         self._publisher = None
+        self._releasing: list[tuple[str, str]] = []  # (userId, session) to release
+        self._release_lock = contextlib.nullcontext()  # a gevent lock once started
+        self._releaser = None
 
     # -- presence ---------------------------------------------------------------------
 
     def claim(self, session: Session, user_id: str, public_key: str, signed: bool) -> Claim:
+        if self._releasing:  # a user reconnecting here must not find its old session
+            self._release_queued()
         reply = self._call("claim", self._claim, self._keys_for(user_id),
                            self._claim_args(session, public_key, signed, refresh=False))
         outcome = _CLAIM_CODES[int(reply[0])]
@@ -170,9 +176,46 @@ class RedisBackend(MemoryBackend):
     def detach(self, session: Session) -> None:
         mine = session.user_id is not None and self._users.get(session.user_id) is session
         super().detach(session)
-        if mine:
+        if not mine:
+            return
+        if self._spawn is None:  # not started (no greenlets): release right here
             self._call("release", self._release, [self._presence_key(session.user_id)],
                        [session.id])
+            return
+        # Closes that happen together (a restart, a network cut: thousands) share
+        # pipelined round trips instead of each waiting for a pooled connection; each
+        # still returns only once its release is done, before its close frame goes out.
+        done = self._released
+        self._releasing.append((session.user_id, session.id))
+        if self._releaser is None:
+            self._releaser = self._spawn(self._release_in_background)
+        done.wait(RELEASE_WAIT)
+
+    def _release_in_background(self) -> None:
+        try:
+            self._release_queued()
+        finally:
+            self._releaser = None
+
+    def _release_queued(self) -> None:
+        with self._release_lock:
+            while self._releasing:
+                queued, self._releasing = self._releasing, []
+                done, self._released = self._released, threading.Event()
+                for start in range(0, len(queued), HEARTBEAT_BATCH):
+                    self._release_batch(queued[start:start + HEARTBEAT_BATCH])
+                done.set()
+
+    def _release_batch(self, batch: list[tuple[str, str]]) -> None:
+        pipe = self._redis.pipeline(transaction=False)
+        for user_id, session_id in batch:
+            self._release(keys=[self._presence_key(user_id)], args=[session_id], client=pipe)
+        try:
+            pipe.execute()
+        except redis.RedisError as exc:
+            self.on_failure("release")
+            log.warning("could not release %d users in the shared store (%s); they expire "
+                        "by TTL", len(batch), exc)
 
     def lookup(self, user_id: str) -> Presence:
         if user_id in self._users:
@@ -290,11 +333,14 @@ class RedisBackend(MemoryBackend):
         self._wake = threading.Event()  # created here: after patching, a gevent event
         # Likewise a gevent lock; reentrant: reporting a failed publish may relay again.
         self._publishing = threading.RLock()
+        self._release_lock = threading.Lock()
+        self._released = threading.Event()  # set when the releases queued so far are done
         self._spawn = spawn
         spawn(self._listen)
         spawn(self._heartbeat)
 
     def stop(self) -> None:
+        self._release_queued()  # before exit: other nodes must see these users leave
         self._stopped = True
         if self._wake is not None:
             self._wake.set()

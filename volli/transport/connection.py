@@ -297,8 +297,8 @@ class Connection:
         # what a slow consumer's queue held (its senders are told it was dropped).
         if code == CloseCode.SLOW_CONSUMER:
             self._drop_queue()
+        self._events.disconnect(self)  # a client that sees our close finds its ID free
         self._send_close(code, reason)
-        self._events.disconnect(self)
 
     def _send_close(self, code: int, reason: str) -> None:
         self._closing = True
