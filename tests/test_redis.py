@@ -278,3 +278,22 @@ def test_a_relay_to_a_user_who_just_moved_node_is_rerouted(nodes, open_client):
     assert time.monotonic() - remembered < 0.8, "too slow to test the remembered route"
     alice.send({"type": "offer", "to": "bob@volli.app", "offer": {"n": 2}})
     assert moved.recv()["offer"] == {"n": 2}
+
+
+def test_heartbeat_keeps_presence_alive_and_recreates_a_lost_one(nodes, open_client, redis):
+    a, b = nodes(workers=1, VOLLI_PRESENCE_TTL="1"), nodes(workers=1, VOLLI_PRESENCE_TTL="1")
+    alice, watcher = open_client(a), open_client(b)
+    alice.register("alice@volli.app")
+    watcher.register("watcher@volli.app")
+    store = redis_client.Redis.from_url(redis.url)
+    time.sleep(2.5)  # 2.5 TTLs: only the heartbeat's refreshes keep alice online
+    assert watcher.call({"type": "discover", "userId": "alice@volli.app"})["online"] is True
+    assert 0 < store.pttl("it:presence:alice@volli.app") <= 1000
+    node = store.hget("it:presence:alice@volli.app", "node")
+    store.delete("it:presence:alice@volli.app")  # say, evicted
+    assert watcher.call({"type": "discover", "userId": "alice@volli.app"})["online"] is False
+    deadline = time.monotonic() + 2
+    while not watcher.call({"type": "discover", "userId": "alice@volli.app"})["online"]:
+        assert time.monotonic() < deadline, "the heartbeat did not re-create alice's presence"
+        time.sleep(0.05)
+    assert store.hget("it:presence:alice@volli.app", "node") == node
