@@ -87,6 +87,9 @@ VOLLI_TREE = ROOT
 # WebSocket slots each server gets (Volli's VOLLI_MAX_CONNECTIONS + 100, the baseline's
 # --worker-connections, peerjs's --concurrent_limit); main() raises it for large K.
 SLOTS = 20000
+# RLIMIT_NOFILE the servers inherit (main() sets it); Volli keeps 256 descriptors in reserve
+# and warns when VOLLI_MAX_CONNECTIONS does not fit, so the bench stays under it.
+NOFILE = 1 << 20
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 PHASE_SLACK = 30.0  # extra seconds the parent waits on a client process beyond a phase's plan
 NOISY_CORES = 0.35  # CPU use by other processes in a window above which a run is flagged
@@ -424,7 +427,8 @@ class Server:
         py = [sys.executable, "-m", "gunicorn"]
         if self.app == "volli":
             env.update({
-                "VOLLI_MAX_CONNECTIONS": str(SLOTS - 100),  # gunicorn.conf.py adds 100
+                # gunicorn.conf.py adds 100 for worker_connections.
+                "VOLLI_MAX_CONNECTIONS": str(min(SLOTS - 100, NOFILE - 300)),
                 "VOLLI_STATS_INTERVAL": "3600",
                 "VOLLI_PERMESSAGE_DEFLATE": "1" if deflate else "0",
                 # One loopback address and a deliberate flood: the abuse limits stay on the
@@ -1605,6 +1609,8 @@ def run_relay(server: Server, clients: Clients, kind: str, args, tag: str) -> di
         out["redis_calls"] = {k: v for k, v in calls.items() if v}
         out["evalsha_per_msg"] = (calls.get("evalsha", 0) / out["in_window"]
                                   if out["in_window"] else float("nan"))
+        out["publish_per_msg"] = (calls.get("publish", 0) / out["in_window"]
+                                  if out["in_window"] else float("nan"))
     if kind == "latency":
         out.update({
             "offered_rate": args.rate,
@@ -1904,7 +1910,8 @@ def redis_table(res: dict[str, list[dict[str, Any]]], args) -> str:
          ("throughput", "msgs_per_cpu_s"), ",.0f", True),
         ("msgs per worker CPU-second (workers only)", ("throughput", "msgs_per_worker_cpu_s"),
          ",.0f", True),
-        ("Redis EVALSHA per relayed msg", ("throughput", "evalsha_per_msg"), ".2f", False),
+        ("Redis EVALSHA per relayed msg", ("throughput", "evalsha_per_msg"), ".3f", False),
+        ("Redis PUBLISH per relayed msg", ("throughput", "publish_per_msg"), ".3f", False),
         ("client CPU utilisation, throughput run (cores)", ("throughput", "client_util_sum"),
          ".2f", True),
         (f"latency p50 (ms) @ {args.rate:g} msg/s", ("latency", "p50_ms"), ".2f", True),
@@ -2189,7 +2196,7 @@ def main(argv: list[str] | None = None) -> int:
         notes.append("redis-server is not on PATH: the Redis servers were left out")
 
     os.chdir(ROOT)
-    global SLOTS, VOLLI_TREE
+    global SLOTS, VOLLI_TREE, NOFILE
     k_max = args.idle_ks[-1] if args.idle_ks else 0
     # Every server process inherits this process's RLIMIT_NOFILE; as root the hard limit can
     # usually be raised (not where CAP_SYS_RESOURCE is missing, e.g. in some containers).
@@ -2203,6 +2210,7 @@ def main(argv: list[str] | None = None) -> int:
         args.idle_ks = sorted({min(k, capped) for k in args.idle_ks})
         k_max = capped
     SLOTS = max(20000, k_max + 1000)
+    NOFILE = soft if soft != resource.RLIM_INFINITY else 1 << 20
     need = 2 * args.pairs * (1 + 2 * CROSS_EXTRA if args.redis else 1) + 256
     if soft != resource.RLIM_INFINITY and soft < need:
         ap.error(f"open-file limit {soft} is below the {need} this run needs")
