@@ -35,6 +35,7 @@ from ..protocol import CloseCode
 from .frames import (
     OP_BINARY, OP_PING, OP_PONG, OP_TEXT, FrameError, FrameParser, close_frame, frame,
 )
+from .readers import readers
 
 log = logging.getLogger("volli.ws")
 
@@ -88,6 +89,7 @@ class Connection:
         self._write_shut = False
         self._released = False
         self._awaiting_pong = False
+        self._reading = False  # a reader greenlet has this connection
         self._watcher = None
         self._timers: list[gevent.Greenlet] = []
         self._on_finished = on_finished
@@ -212,21 +214,26 @@ class Connection:
             self._watcher.start(self._readable)
 
     def _readable(self) -> None:
-        self._watcher.stop()
-        gevent.spawn(self._read)
+        # The watcher stays on (stopping and starting it costs epoll_ctl calls); input
+        # that is already being read is ignored here.
+        if not self._reading:
+            self._reading = True
+            readers.submit(self)
 
-    def _read(self) -> None:
-        for _ in range(READS_PER_TURN):
-            try:
-                data = self._sock.recv(RECV_SIZE)
-            except BlockingIOError:
-                break
-            except OSError:
-                data = b""
-            if not self._received(data):
-                return
-        if not self._released:
-            self._watcher.start(self._readable)
+    def read(self) -> None:
+        """Read what is waiting (in a reader greenlet)."""
+        try:
+            for _ in range(READS_PER_TURN):
+                try:
+                    data = self._sock.recv(RECV_SIZE)
+                except BlockingIOError:
+                    return
+                except OSError:
+                    data = b""
+                if not self._received(data):
+                    return
+        finally:
+            self._reading = False
 
     def serve(self) -> None:
         """Read in the calling greenlet until the connection is over (TLS)."""
