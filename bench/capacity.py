@@ -177,6 +177,18 @@ def worker_snapshot(server: Server) -> dict[str, Any]:
     return out
 
 
+def server_gone(server: Server) -> None:
+    """Raise if the gunicorn master or a worker went away during the run (e.g. a signal from
+    outside the bench), quoting the log's signal lines."""
+    kids = sorted(proc_children(server.proc.pid)) if server.proc.poll() is None else []
+    if kids != sorted(server.workers):
+        lines = [ln for ln in server.log().splitlines()
+                 if re.search(r"Handling signal|Worker exiting|exited|TIMEOUT|Shutting down", ln)]
+        raise RuntimeError(f"the server changed during the run: master "
+                           f"{'alive' if server.proc.poll() is None else 'exited'}, workers "
+                           f"{sorted(server.workers)} -> {kids}; log: " + " | ".join(lines[:4]))
+
+
 def registered_per_worker(log_text: str) -> dict[str, int]:
     counts: dict[str, int] = {}
     for m in re.finditer(r"\[(\d+)\] \[INFO\] volli\.hub: registered user=", log_text):
@@ -375,6 +387,7 @@ def main(argv: list[str] | None = None) -> int:
         if len(opened) < procs:
             raise RuntimeError(f"client processes {sorted(set(range(procs)) - set(opened))} "
                                f"did not finish opening in time")
+        server_gone(server)
         t_open1 = max(o["t_end"] for o in opened.values())
         t_hold0 = time.monotonic()
         t_open_start = min(o["t_start"] for o in opened.values())
@@ -394,6 +407,7 @@ def main(argv: list[str] | None = None) -> int:
         with contextlib.suppress(Exception):
             online = server.health()
         time.sleep(args.hold / 2)
+        server_gone(server)
         held = worker_snapshot(server)
         redis_rss1 = proc_rss_kb(redis.pid)
         kids = sorted(proc_children(server.proc.pid))
