@@ -42,10 +42,11 @@ REDIS_FAILURES = Counter("volli_redis_failures", "Redis operations that failed."
 class Metrics:
     """One call per event updates both the Prometheus metric and this worker's totals.
 
-    The per-message events (received, relayed and its latency) are counted in plain ints
-    and written to Prometheus by ``flush`` (each second, and before every scrape and
-    stats line): in multiprocess mode every increment is a locked mmap write, which cost
-    a fifth of a saturated worker. Label children are looked up once and kept."""
+    The per-message and per-connection events (received, relayed and its latency,
+    connections, registrations, users) are counted in plain numbers and written to
+    Prometheus by ``flush`` (each second, and before every scrape and stats line): in
+    multiprocess mode every increment is a locked mmap write, which cost a fifth of a
+    saturated worker. Label children are looked up once and kept."""
 
     def __init__(self) -> None:
         self.totals: collections.Counter[str] = collections.Counter()
@@ -54,6 +55,8 @@ class Metrics:
         self._relayed: collections.Counter[str] = collections.Counter()
         self._latency_counts = [0] * (len(LATENCY_BOUNDS) + 1)  # the last is +Inf
         self._latency_sum = 0.0
+        self._registrations: collections.Counter[str] = collections.Counter()
+        self._gauges: dict[Gauge, int] = {CONNECTIONS: 0, USERS: 0}  # pending deltas
 
     def _child(self, metric, label: str):
         key = (metric, label)
@@ -74,11 +77,16 @@ class Metrics:
     def flush(self) -> None:
         """Write the counted per-message events to Prometheus."""
         for name, metric, pending in (("received", RECEIVED, self._received),
-                                      ("relayed", RELAYED, self._relayed)):
+                                      ("relayed", RELAYED, self._relayed),
+                                      ("registrations", REGISTRATIONS, self._registrations)):
             for kind, count in pending.items():
                 self._child(metric, kind).inc(count)
                 self.totals[name] += count
             pending.clear()
+        for gauge, delta in self._gauges.items():
+            if delta:
+                gauge.inc(delta)
+                self._gauges[gauge] = 0
         # Histogram.observe, one bucket at a time: _buckets and _sum are its own values
         # (prometheus-client is pinned; tests/test_observability.py checks the result).
         for i, count in enumerate(self._latency_counts):
@@ -97,18 +105,18 @@ class Metrics:
         self._child(REFUSED, reason).inc()
 
     def registered(self, signed: bool) -> None:
-        self._child(REGISTRATIONS, "true" if signed else "false").inc()
-        USERS.inc()
+        self._registrations["true" if signed else "false"] += 1
+        self._gauges[USERS] += 1
 
     def unregistered(self) -> None:
-        USERS.dec()
+        self._gauges[USERS] -= 1
 
     def undelivered(self, count: int) -> None:
         self.totals["undelivered"] += count
         UNDELIVERED.inc(count)
 
     def connection(self, delta: int) -> None:
-        CONNECTIONS.inc(delta)
+        self._gauges[CONNECTIONS] += delta
 
     def redis_failure(self, operation: str) -> None:
         self._child(REDIS_FAILURES, operation).inc()

@@ -91,7 +91,7 @@ class Connection:
         self._awaiting_pong = False
         self._reading = False  # a reader greenlet has this connection
         self._watcher = None
-        self._timers: list[gevent.Greenlet] = []
+        self._timers: list = []  # event-loop timers: a greenlet only once one fires
         self._on_finished = on_finished
 
     @property
@@ -208,7 +208,7 @@ class Connection:
 
     def start(self, register_timeout: float) -> None:
         """Start reading (detached) and the register deadline."""
-        self._timers.append(gevent.spawn_later(register_timeout, self._register_deadline))
+        self._after(register_timeout, self._register_deadline)
         if self._detached:
             self._watcher = get_hub().loop.io(self._sock.fileno(), 1)
             self._watcher.start(self._readable)
@@ -310,7 +310,13 @@ class Connection:
     def _send_close(self, code: int, reason: str) -> None:
         self._closing = True
         self._push(close_frame(code, reason))
-        self._timers.append(gevent.spawn_later(CLOSE_WAIT + self._send_timeout, self._release))
+        self._after(CLOSE_WAIT + self._send_timeout, self._release)
+
+    def _after(self, seconds: float, action: Callable[[], None]) -> None:
+        """Run ``action`` in a new greenlet after ``seconds``, unless released first."""
+        timer = get_hub().loop.timer(seconds)
+        timer.start(gevent.spawn, action)
+        self._timers.append(timer)
 
     def _mark_closed(self, code: int) -> bool:
         """First call wins: record the code and release presence at once."""
@@ -340,8 +346,7 @@ class Connection:
         self._drop_queue()
         current = gevent.getcurrent()
         for timer in self._timers:
-            if timer is not current:
-                timer.kill(block=False)
+            timer.close()
         if self._watcher is not None:
             self._watcher.close()
         writer = self._writer
