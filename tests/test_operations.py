@@ -165,3 +165,25 @@ def test_connection_cap_follows_the_open_file_limit(tmp_path, clients):
         opened[0].register("still@volli.app")
     finally:
         srv.stop()
+
+
+def test_a_socket_that_cannot_be_detached_is_served_in_place(make_server, clients):
+    """At the descriptor limit the detaching dup() fails after the 101: the connection is
+    then read in its request greenlet, with everything else the same."""
+    srv = make_server(app="fault_app:app", env={"PYTHONPATH": f"{ROOT}:{ROOT / 'tests'}",
+                                                "FAULT_NO_DUP": "1"})
+    alice, bob = clients(srv.url), clients(srv.url)
+    alice.register("alice@volli.app")
+    bob.register("bob@volli.app")
+    alice.send({"type": "offer", "to": "bob@volli.app", "offer": {"sdp": "x" * 60000}})
+    assert bob.recv()["offer"] == {"sdp": "x" * 60000}
+    bob.send({"type": "answer", "to": "alice@volli.app", "answer": {"n": 1}})
+    assert alice.recv()["answer"] == {"n": 1}
+    assert "could not detach a WebSocket" in srv.wait_log("serving it in place")
+    bob.close()
+    srv.wait_log("user=bob@volli.app code=1000")
+    srv.signal(signal.SIGTERM)
+    with pytest.raises(ConnectionClosed) as info:
+        alice.recv(timeout=10)
+    assert info.value.rcvd.code == 1001
+
