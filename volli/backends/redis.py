@@ -95,7 +95,7 @@ _CLAIM_CODES = {1: Claim.OK, 2: Claim.TAKEN_OVER, 0: Claim.TAKEN, -1: Claim.BOUN
 
 LISTEN_POLL = 1.0  # seconds a listener waits for a message before checking its state
 BACKOFF_FIRST, BACKOFF_CAP = 0.1, 5.0
-HEARTBEAT_BATCH = 500  # claims per pipeline round trip
+PIPELINE_BATCH = 500  # commands per pipelined round trip (heartbeats, releases)
 # Seconds a target's node is remembered after the route script named it. A relay sent
 # within it to a user who just moved reaches the old node, which re-routes it once.
 ROUTE_CACHE = 1.0
@@ -131,7 +131,7 @@ class RedisBackend(MemoryBackend):
         self._spawn: Spawn | None = None
         self._routes: dict[str, tuple[str, float]] = {}  # userId -> (node, until)
         self._outbox: list[tuple[str, str, str, str]] = []  # (node, userId, origin, frame)
-        self._publishing = None  # a lock, created in start(): a gevent one
+        self._publishing = contextlib.nullcontext()  # a gevent lock once started
         self._publisher = None
         self._releasing: list[tuple[str, str]] = []  # (userId, session) to release
         self._release_lock = contextlib.nullcontext()  # a gevent lock once started
@@ -203,8 +203,8 @@ class RedisBackend(MemoryBackend):
             while self._releasing:
                 queued, self._releasing = self._releasing, []
                 done, self._released = self._released, threading.Event()
-                for start in range(0, len(queued), HEARTBEAT_BATCH):
-                    self._release_batch(queued[start:start + HEARTBEAT_BATCH])
+                for batch in _batches(queued):
+                    self._release_batch(batch)
                 done.set()
 
     def _release_batch(self, batch: list[tuple[str, str]]) -> None:
@@ -249,8 +249,7 @@ class RedisBackend(MemoryBackend):
     def _route_now(self, user_id: str, text: str, origin: str | None) -> bool:
         """The route script: one round trip that finds the node and publishes."""
         payload = f"D\n{user_id}\n{origin or ''}\n{text}"
-        lock = self._publishing or contextlib.nullcontext()
-        with lock:  # frames queued before this one are published before it
+        with self._publishing:  # frames queued before this one are published before it
             self._publish_queued()
             reply = self._call("publish", self._route, [self._presence_key(user_id)],
                                [self._channel_prefix, payload])
@@ -429,8 +428,7 @@ class RedisBackend(MemoryBackend):
     def _refresh(self, owned: list[tuple[str, Session]]) -> list[tuple[str, Session]]:
         """PEXPIRE each presence; returns the users whose presence was gone."""
         missing = []
-        for start in range(0, len(owned), HEARTBEAT_BATCH):
-            batch = owned[start:start + HEARTBEAT_BATCH]
+        for batch in _batches(owned):
             pipe = self._redis.pipeline(transaction=False)
             for user_id, _ in batch:
                 pipe.pexpire(self._presence_key(user_id), self._ttl_ms)
@@ -441,8 +439,7 @@ class RedisBackend(MemoryBackend):
 
     def _reclaim(self, owned: list[tuple[str, Session]]) -> list[Session]:
         lost: list[Session] = []
-        for start in range(0, len(owned), HEARTBEAT_BATCH):
-            batch = owned[start:start + HEARTBEAT_BATCH]
+        for batch in _batches(owned):
             pipe = self._redis.pipeline(transaction=False)
             for user_id, session in batch:
                 self._claim(self._keys_for(user_id),
@@ -486,3 +483,9 @@ class RedisBackend(MemoryBackend):
             pubsub.close()
         except Exception:
             pass
+
+
+def _batches(items: list) -> list[list]:
+    """``items`` in slices of PIPELINE_BATCH: one pipelined round trip each."""
+    return [items[i:i + PIPELINE_BATCH] for i in range(0, len(items), PIPELINE_BATCH)]
+

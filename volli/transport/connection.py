@@ -132,8 +132,8 @@ class Connection:
                     self._write_some()
             except BlockingIOError:
                 pass
-            except OSError:
-                gevent.spawn(self._abort)
+            except OSError:  # the peer is gone; releasing may block, not here
+                gevent.spawn(self._release)
                 return
         if self._out:
             self._flushing = True
@@ -180,15 +180,12 @@ class Connection:
                     for _ in range(count):
                         self._out.popleft()
                     self._queued -= len(data)
-        except _SendTimeout:
-            log.info("connection %s (user=%s) took no data for %gs: cut off",
-                     self.id, self.user_id, self._send_timeout)
+        except (_SendTimeout, OSError) as exc:  # the peer is gone or unusable
+            if isinstance(exc, _SendTimeout):
+                log.info("connection %s (user=%s) took no data for %gs: cut off",
+                         self.id, self.user_id, self._send_timeout)
             self._writer = None
-            self._abort()
-            return
-        except OSError:
-            self._writer = None
-            self._abort()
+            self._release()
             return
         self._writer = None
         self._flushing = False
@@ -332,10 +329,6 @@ class Connection:
         self._queued = self._offset = 0
         if undelivered and self.user_id is not None:
             self._events.report_undelivered(self.user_id, undelivered)
-
-    def _abort(self) -> None:
-        """The peer is gone or unusable."""
-        self._release()
 
     def _release(self) -> None:
         """The end: report what was never written, close the socket, account."""
