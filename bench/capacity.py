@@ -485,13 +485,7 @@ def main(argv: list[str] | None = None) -> int:
             with contextlib.suppress(Exception):
                 c.send(("close",))
         for p, _ in clients:
-            p.join(timeout=30)
-            if p.is_alive():
-                p.terminate()
-                p.join(timeout=5)
-            if p.is_alive():
-                p.kill()
-                p.join(timeout=5)
+            relay.stop_process(p, grace=30)
         if server is not None:
             server.stop()
         redis.stop()

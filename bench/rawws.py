@@ -99,8 +99,8 @@ def _mask(payload: bytes, key: bytes) -> bytes:
     return (int.from_bytes(payload, "little") ^ int.from_bytes(k, "little")).to_bytes(n, "little")
 
 
-def client_frame(payload: bytes, opcode: int = OP_TEXT) -> bytes:
-    """One masked, final frame."""
+def client_frame(payload: bytes, opcode: int = OP_TEXT, key: bytes | None = None) -> bytes:
+    """One masked, final frame (``key``: the 4-byte mask, random if not given)."""
     n = len(payload)
     if n < 126:
         head = bytes((0x80 | opcode, 0x80 | n))
@@ -108,7 +108,7 @@ def client_frame(payload: bytes, opcode: int = OP_TEXT) -> bytes:
         head = bytes((0x80 | opcode, 0x80 | 126)) + n.to_bytes(2, "big")
     else:
         head = bytes((0x80 | opcode, 0x80 | 127)) + n.to_bytes(8, "big")
-    key = os.urandom(4)
+    key = key or os.urandom(4)
     return head + key + _mask(payload, key)
 
 
@@ -215,6 +215,21 @@ class Conn:
         self.t0 = t0
         self.t_reg = 0.0
         self.close_code: int | None = None
+
+
+def send_or_queue(ep, c, data: bytes) -> None:
+    """Send without blocking; what the socket does not take waits in ``c.out`` (sent in
+    order, behind anything already waiting) and the fd is watched for writing."""
+    if c.out:
+        c.out += data
+        return
+    try:
+        sent = c.sock.send(data)
+    except BlockingIOError:
+        sent = 0
+    if sent < len(data):
+        c.out = data[sent:]
+        ep.modify(c.fd, select.EPOLLIN | select.EPOLLOUT)
 
 
 class Pool:
@@ -387,16 +402,7 @@ class Pool:
         self._send(c, self.target.request(c.uid, c.n))
 
     def _send(self, c: Conn, data: bytes) -> None:
-        if c.out:
-            c.out += data
-            return
-        try:
-            sent = c.sock.send(data)
-        except BlockingIOError:
-            sent = 0
-        if sent < len(data):
-            c.out = data[sent:]
-            self.ep.modify(c.fd, select.EPOLLIN | select.EPOLLOUT)
+        send_or_queue(self.ep, c, data)
 
     def _flush(self, c: Conn) -> None:
         try:

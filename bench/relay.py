@@ -1011,18 +1011,7 @@ async def _relay_phase(conn, target: Target, idx: int, kind: str, n: int, tag: s
     samples = [s for p in pairs for s in p.samples]
     lags.sort()
     return {
-        "sent": sum(p.sent for p in pairs),
-        "received": sum(p.received for p in pairs),
-        "in_window": sum(p.in_window for p in pairs),
-        "errors": sum(p.errors for p in pairs),
-        "sender_errors": sum(p.sender_errors for p in pairs),
-        "rejected": sum(p.rejected for p in pairs),
-        "error_samples": [p.error_sample for p in pairs if p.error_sample][:3],
-        "unexpected": sum(p.unexpected for p in pairs),
-        "bad_from": sum(p.bad_from for p in pairs),
-        "connection_failures": failures[:5],
-        "connection_failure_count": len(failures),
-        "client_cpu": (cpu["b"] - cpu["a"]) if "b" in cpu else float("nan"),
+        **_pair_totals(pairs, failures, cpu),
         "samples": samples,
         "lag_p99": lags[int(0.99 * (len(lags) - 1))] if lags else 0.0,
         "lag_max": lags[-1] if lags else 0.0,
@@ -1230,30 +1219,16 @@ def _lean_throughput(conn, target: Target, idx: int, n: int, tag: str, cross: bo
                 ep.register(c.fd, sel.EPOLLIN)
         monotonic, monotonic_ns = time.monotonic, time.monotonic_ns
         getrandbits = random.getrandbits
-        mask = rawws._mask
+        client_frame, send_or_queue = rawws.client_frame, rawws.send_or_queue
         IN, OUT = sel.EPOLLIN, sel.EPOLLOUT
 
         def send_offer(p: LeanPair) -> None:
             prefix, suffix = parts[p]
             payload = prefix + str(monotonic_ns()).encode() + suffix
-            ln = len(payload)
-            key = getrandbits(32).to_bytes(4, "little")
-            head = (bytes((0x81, 0x80 | ln)) if ln < 126 else
-                    bytes((0x81, 0xFE)) + ln.to_bytes(2, "big") if ln < 65536 else
-                    bytes((0x81, 0xFF)) + ln.to_bytes(8, "big"))
-            frame = head + key + mask(payload, key)
-            c = p.sender
+            # getrandbits: a mask key without a syscall per offer (os.urandom's default)
+            frame = client_frame(payload, key=getrandbits(32).to_bytes(4, "little"))
             p.sent += 1
-            if c.out:
-                c.out += frame
-                return
-            try:
-                k = c.sock.send(frame)
-            except BlockingIOError:
-                k = 0
-            if k < len(frame):
-                c.out = frame[k:]
-                ep.modify(c.fd, IN | OUT)
+            send_or_queue(ep, p.sender, frame)
 
         sleep_until(t_start)
         gc.collect()
@@ -1329,6 +1304,11 @@ def _lean_throughput(conn, target: Target, idx: int, n: int, tag: str, cross: bo
     finally:
         gc.enable()
         pool.close_all(time.monotonic() + 20)
+    return {**_pair_totals(pairs, failures, cpu), "samples": [], "lag_p99": 0.0, "lag_max": 0.0}
+
+
+def _pair_totals(pairs: list, failures: list[str], cpu: dict[str, float]) -> dict[str, Any]:
+    """What a relay phase's pairs counted (both load generators), summed."""
     return {
         "sent": sum(p.sent for p in pairs),
         "received": sum(p.received for p in pairs),
@@ -1342,7 +1322,6 @@ def _lean_throughput(conn, target: Target, idx: int, n: int, tag: str, cross: bo
         "connection_failures": failures[:5],
         "connection_failure_count": len(failures),
         "client_cpu": (cpu["b"] - cpu["a"]) if "b" in cpu and "a" in cpu else float("nan"),
-        "samples": [], "lag_p99": 0.0, "lag_max": 0.0,
     }
 
 
@@ -1449,13 +1428,18 @@ class Clients:
             with contextlib.suppress(Exception):
                 c.send(("quit",))
         for p in self.procs:
-            p.join(timeout=5)
-            if p.is_alive():
-                p.terminate()
-                p.join(timeout=5)
-            if p.is_alive():
-                p.kill()
-                p.join(timeout=5)
+            stop_process(p, grace=5)
+
+
+def stop_process(p, grace: float) -> None:
+    """Wait ``grace`` seconds for a client process to exit, then terminate, then kill."""
+    p.join(timeout=grace)
+    if p.is_alive():
+        p.terminate()
+        p.join(timeout=5)
+    if p.is_alive():
+        p.kill()
+        p.join(timeout=5)
 
 
 def split(total: int, parts: int) -> list[int]:
