@@ -67,7 +67,7 @@ def test_factory_uses_settings():
 
 
 def _env_names_with_defaults(text: str) -> dict[str, str]:
-    return dict(re.findall(r"^\| `([A-Z_]+)` \| `([^`]*)` \|", text, re.M))
+    return dict(re.findall(r"^\| `([A-Z0-9_]+)` \| `([^`]*)` \|", text, re.M))
 
 
 def test_readme_table_lists_every_setting_with_its_default():
@@ -79,7 +79,7 @@ def test_readme_table_lists_every_setting_with_its_default():
 def test_env_example_lists_every_setting_with_its_default():
     lines = (ROOT / "config" / "volli.env.example").read_text().splitlines()
     pairs = dict(line.lstrip("# ").split("=", 1) for line in lines
-                 if re.match(r"^#? ?[A-Z_]+=", line))
+                 if re.match(r"^#? ?[A-Z0-9_]+=", line))
     assert pairs == {f.metadata["env"]: _show(f.default) for f in SETTINGS}
 
 

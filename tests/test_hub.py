@@ -61,7 +61,7 @@ def test_register_discover_relay(hub):
     assert alice.last() == {"type": "registered", "userId": "alice"}
     hub.receive_text(alice, '{"type":"discover","userId":"bob"}')
     assert alice.last() == {"type": "discover-response", "userId": "bob", "online": True,
-                            "publicKey": "AAAA"}
+                            "publicKey": "AAAA", "verified": False}
     hub.receive_text(alice, '{"type":"offer","to":"bob","offer":{"sdp":"x"}}')
     assert bob.last() == {"type": "offer", "to": "bob", "offer": {"sdp": "x"}, "from": "alice"}
     assert hub.metrics["relayed"] == 1
@@ -131,12 +131,13 @@ def test_relays_carry_their_origin_and_dropped_ones_are_reported_to_senders(hub)
     assert hub.metrics["undelivered"] == 4
 
 
-def test_offline_users_keep_their_last_key(hub):
+def test_unsigned_users_leave_nothing_behind(hub):
     alice, bob = join(hub, "alice"), join(hub, "bob")
     hub.disconnect(bob)
     hub.receive_text(alice, '{"type":"discover","userId":"bob"}')
     assert alice.last() == {"type": "discover-response", "userId": "bob", "online": False,
-                            "publicKey": "AAAA"}
+                            "publicKey": None, "verified": False}
+    assert hub.backend.binding_count() == 0
 
 
 class UnreachableStore(MemoryBackend):

@@ -8,7 +8,7 @@ from typing import Any, Mapping
 
 from flask import Flask
 
-from . import config, http, logs, web
+from . import admin, config, http, logs, web
 from .runtime import Runtime
 from .transport import websocket
 
@@ -27,6 +27,7 @@ def create_app(overrides: Mapping[str, Any] | None = None,
     websocket.sock.init_app(app)
     app.register_blueprint(websocket.bp)
     app.register_blueprint(http.bp)
+    app.register_blueprint(admin.bp)
     app.register_blueprint(web.bp)
     log = logging.getLogger("volli")
     log.info("volli ready: backend=%s max_connections=%d max_message_size=%d ping_interval=%gs "

@@ -79,6 +79,12 @@ def _parse_log_level(text: str) -> str:
     return level
 
 
+def _parse_turn_for(text: str) -> str:
+    if text.lower() not in {"signed", "all"}:
+        raise ValueError("expected signed or all")
+    return text.lower()
+
+
 def _setting(env: str, default: Any, parse: Callable[[str], Any], doc: str,
              minimum: float | None = None) -> Any:
     return dataclasses.field(default=default, metadata={
@@ -164,6 +170,10 @@ class Settings:
         "VOLLI_IP_CONNECT_RATE", 20.0, _float,
         "WebSocket upgrades per second per client IP and worker, burst twice that "
         "(HTTP 429 beyond); 0 = no limit.", 0)
+    ip_v6_prefix: int = _setting(
+        "VOLLI_IP_V6_PREFIX", 64, _int,
+        "IPv6 clients count as one address per prefix of this length for the per-IP "
+        "limits (an ordinary subscriber holds a whole /64); IPv4 clients per address.", 1)
     trusted_proxies: str = _setting(
         "VOLLI_TRUSTED_PROXIES", "", _parse_trusted_proxies,
         "Trust X-Forwarded-For from this many proxy hops, or from these comma-separated "
@@ -172,6 +182,18 @@ class Settings:
         "VOLLI_ALLOWED_ORIGINS", "", str,
         "Comma-separated Origins allowed to open WebSockets (HTTP 403 otherwise); empty "
         "allows every Origin.")
+    binding_retention: float = _setting(
+        "VOLLI_BINDING_RETENTION", 7776000.0, _float,
+        "Seconds a signed user ID stays bound to its key after its last registration or "
+        "disconnect (a TTL in Redis); then anyone may register it again.", 60)
+    max_bindings: int = _setting(
+        "VOLLI_MAX_BINDINGS", 100000, _int,
+        "Bindings the in-memory backend keeps; beyond it the least recently used offline "
+        "ones are forgotten. At least VOLLI_MAX_CONNECTIONS. (Redis: bounded by the TTL.)", 1)
+    admin_token: str = _setting(
+        "VOLLI_ADMIN_TOKEN", "", str,
+        "Enables the operator's /admin endpoints (unbind) for requests with "
+        "Authorization: Bearer <token>; empty disables them (404).")
     tls_certfile: str = _setting(
         "VOLLI_TLS_CERTFILE", "", str, "PEM certificate: gunicorn then serves https/wss itself.")
     tls_keyfile: str = _setting(
@@ -190,7 +212,14 @@ class Settings:
         "VOLLI_TURN_URIS", "", str,
         "Comma-separated TURN/STUN URIs handed out, e.g. turn:turn.example.com:3478.")
     turn_ttl: int = _setting(
-        "VOLLI_TURN_TTL", 86400, _int, "Seconds a TURN credential stays valid.", 60)
+        "VOLLI_TURN_TTL", 3600, _int, "Seconds a TURN credential stays valid.", 60)
+    turn_for: str = _setting(
+        "VOLLI_TURN_FOR", "signed", _parse_turn_for,
+        "Who gets TURN credentials: signed (sessions registered with a signature) or all.")
+    turn_per_minute: int = _setting(
+        "VOLLI_TURN_PER_MINUTE", 6, _int,
+        "TURN credentials one connection may be issued per minute (the one sent on "
+        "register counts).", 1)
 
     @property
     def origins(self) -> frozenset[str]:
@@ -250,6 +279,10 @@ def load(environ: Mapping[str, str], overrides: Mapping[str, Any] | None = None)
     settings = Settings(**values)
     if settings.send_queue_limit < settings.max_message_size:
         problems.append("VOLLI_SEND_QUEUE_LIMIT must be at least VOLLI_MAX_MESSAGE_SIZE")
+    if settings.max_bindings < settings.max_connections:
+        problems.append("VOLLI_MAX_BINDINGS must be at least VOLLI_MAX_CONNECTIONS")
+    if settings.ip_v6_prefix > 128:
+        problems.append(f"VOLLI_IP_V6_PREFIX={settings.ip_v6_prefix}: must be at most 128")
     workers_problem = check_workers(settings, settings.workers)
     if workers_problem:
         problems.append(f"WEB_CONCURRENCY={settings.workers}: {workers_problem}")

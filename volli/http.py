@@ -21,6 +21,7 @@ def health():
         backend=runtime.backend.name,
         connections=runtime.connections,
         online=runtime.backend.online_count(),
+        bindings=runtime.backend.binding_count(),
         uptime=round(runtime.uptime(), 3),
         version=__version__,
     )
@@ -42,14 +43,23 @@ def ready():
 @bp.get("/metrics")
 def prometheus_metrics():
     """Prometheus text format, summed over every worker of this server."""
-    token = get_runtime().settings.metrics_token
-    if token:
-        supplied = request.headers.get("Authorization", "")
-        if not hmac.compare_digest(supplied.encode(), f"Bearer {token}".encode()):
-            response = jsonify(error="unauthorized", message="a bearer token is required")
-            response.status_code = 401
-            response.headers["WWW-Authenticate"] = "Bearer"
-            return response
+    refusal = bearer_refusal(get_runtime().settings.metrics_token)
+    if refusal is not None:
+        return refusal
     get_runtime().hub.metrics.flush()
     body, content_type = metrics.exposition()
     return Response(body, content_type=content_type)
+
+
+def bearer_refusal(token: str):
+    """None if the request carries ``Authorization: Bearer <token>`` (or no token is
+    set), else the 401 response to return."""
+    if not token:
+        return None
+    supplied = request.headers.get("Authorization", "")
+    if hmac.compare_digest(supplied.encode(), f"Bearer {token}".encode()):
+        return None
+    response = jsonify(error="unauthorized", message="a bearer token is required")
+    response.status_code = 401
+    response.headers["WWW-Authenticate"] = "Bearer"
+    return response

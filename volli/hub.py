@@ -159,13 +159,15 @@ class Hub:
             raise ProtocolError(ErrorCode.ALREADY_REGISTERED,
                                 f"this connection is already registered as {session.user_id!r}")
         signed = message.signature is not None
+        public_key = message.public_key
         if signed:
-            identity.verify(message.public_key, message.signature,
+            identity.verify(public_key, message.signature,
                             identity.register_payload(session.nonce, message.user_id))
+            public_key = identity.canonical_key(public_key)
         elif self.settings.require_signature:
             raise ProtocolError(ErrorCode.SIGNATURE_REQUIRED,
                                 "this server accepts only signed registrations")
-        outcome = self.backend.claim(session, message.user_id, message.public_key, signed)
+        outcome = self.backend.claim(session, message.user_id, public_key, signed)
         if outcome in _CLAIM_ERRORS:
             code, text = _CLAIM_ERRORS[outcome]
             raise ProtocolError(code, text.format(message.user_id))
@@ -177,8 +179,9 @@ class Hub:
                  session.remote_addr, signed,
                  " (took over)" if outcome is Claim.TAKEN_OVER else "")
         session.send(encode(registered_message(message.user_id, message.request_id, next_nonce)))
-        if self._turn_uris:
-            session.send(encode(ice_servers_message(self._ice_server_list(session))))
+        servers = self._ice_server_list(session, received_at)
+        if servers:
+            session.send(encode(ice_servers_message(servers)))
 
     def _rotate_key(self, session: Session, message: RotateKey, received_at: float) -> None:
         user_id = _require_registered(session)
@@ -187,13 +190,13 @@ class Hub:
                                 "rotate-key needs a connection registered with a signature")
         identity.verify(session.public_key, message.signature,
                         identity.rotate_payload(session.nonce, user_id, message.new_public_key))
-        identity.ed25519_key(message.new_public_key, "newPublicKey")
-        if not self.backend.rebind(session, message.new_public_key):
+        new_key = identity.canonical_key(message.new_public_key, "newPublicKey")
+        if not self.backend.rebind(session, new_key):
             raise ProtocolError(ErrorCode.BAD_SIGNATURE,
                                 f"the key bound to {user_id!r} changed meanwhile")
         session.nonce = identity.new_nonce()
         log.info("key rotated user=%s id=%s", user_id, session.id)
-        session.send(encode(key_rotated_message(user_id, message.new_public_key, session.nonce,
+        session.send(encode(key_rotated_message(user_id, new_key, session.nonce,
                                                 message.request_id)))
 
     def _discover(self, session: Session, message: Discover, received_at: float) -> None:
@@ -204,7 +207,8 @@ class Hub:
             return
         presence = self.backend.lookup(message.user_id)
         session.send(encode(discover_response_message(
-            message.user_id, presence.online, presence.public_key, message.request_id)))
+            message.user_id, presence.online, presence.public_key, presence.verified,
+            message.request_id)))
 
     def _relay(self, session: Session, message: Relay, received_at: float) -> None:
         sender = _require_registered(session)
@@ -221,11 +225,24 @@ class Hub:
 
     def _ice_servers(self, session: Session, message: IceServers, received_at: float) -> None:
         _require_registered(session)
-        servers = self._ice_server_list(session) if self._turn_uris else []
-        session.send(encode(ice_servers_message(servers, message.request_id)))
+        if self._turn_uris and not self._may_use_turn(session):
+            raise ProtocolError(ErrorCode.SIGNATURE_REQUIRED,
+                                "TURN credentials are issued to signed sessions only")
+        wait = self._limits[session.id].turn.take(received_at) if self._turn_uris else 0.0
+        if self._check(session, "ice-servers-rate", wait, message.request_id):
+            session.send(encode(ice_servers_message(
+                self._ice_server_list(session, None), message.request_id)))
 
-    def _ice_server_list(self, session: Session) -> list[dict]:
-        return turn.ice_servers(self.settings.turn_secret, self._turn_uris, session.user_id,
+    def _may_use_turn(self, session: Session) -> bool:
+        return session.signed or self.settings.turn_for == "all"
+
+    def _ice_server_list(self, session: Session, charge_at: float | None) -> list[dict]:
+        """The STUN and TURN servers for ``session``: TURN only if it may use it and
+        (when ``charge_at`` is given) its issue rate allows another credential now."""
+        turn_ok = self._may_use_turn(session) and (
+            charge_at is None or not self._limits[session.id].turn.take(charge_at))
+        uris = [u for u in self._turn_uris if turn_ok or u.startswith("stun")]
+        return turn.ice_servers(self.settings.turn_secret, uris, session.user_id,
                                 self.settings.turn_ttl, time.time())
 
     def _ping(self, session: Session, message: Ping, received_at: float) -> None:

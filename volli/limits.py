@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import ipaddress
+
 
 class TokenBucket:
     """``rate`` tokens per second up to ``burst``; each event takes one."""
@@ -62,32 +64,55 @@ class CountInWindow:
         return self.count
 
 
+def per_minute(count: int, now: float) -> TokenBucket:
+    """``count`` a minute, all of them at once if saved up."""
+    return TokenBucket(count / 60.0, count, now)
+
+
 class ConnectionLimits:
     """The per-connection limits of docs/protocol.md, built from Settings."""
 
-    __slots__ = ("messages", "discovers", "targets", "violations")
+    __slots__ = ("messages", "discovers", "targets", "violations", "turn")
 
     def __init__(self, settings, now: float) -> None:
         self.messages = TokenBucket(settings.rate_messages, settings.rate_burst, now)
-        self.discovers = TokenBucket(settings.discover_per_minute / 60.0,
-                                     settings.discover_per_minute, now)
+        self.discovers = per_minute(settings.discover_per_minute, now)
+        self.turn = per_minute(settings.turn_per_minute, now)
         self.targets = DistinctInWindow(settings.fanout_per_minute, 60.0)
         self.violations = CountInWindow(60.0, now)
 
 
+def address_group(address: str, v6_prefix: int) -> str:
+    """What the per-IP limits count by: an IPv4 address (also when IPv4-mapped), or the
+    IPv6 network of ``v6_prefix`` bits around it, since one subscriber holds a /64 or
+    more. Anything else (a Unix socket peer) counts as itself."""
+    try:
+        ip = ipaddress.ip_address(address.split("%", 1)[0])
+    except ValueError:
+        return address
+    if ip.version == 4:
+        return str(ip)
+    if ip.ipv4_mapped is not None:
+        return str(ip.ipv4_mapped)
+    return str(ipaddress.IPv6Network((ip, v6_prefix), strict=False))
+
+
 class AddressLimits:
-    """Per client IP: open connections and upgrade attempts (one process's view)."""
+    """Per client address group (``address_group``): open connections and upgrade
+    attempts (one process's view)."""
 
     PURGE_AT = 4096  # idle buckets are dropped once this many addresses are tracked
 
-    def __init__(self, max_connections: int, connect_rate: float) -> None:
+    def __init__(self, max_connections: int, connect_rate: float, v6_prefix: int = 64) -> None:
         self.max_connections, self.connect_rate = max_connections, connect_rate
+        self.v6_prefix = v6_prefix
         self.open: dict[str, int] = {}
         self.attempts: dict[str, TokenBucket] = {}
 
     def admit(self, address: str, now: float) -> str | None:
         """Count an upgrade attempt; the limit that refuses it ("ip-rate" or
         "ip-connections"), or None (then it is open)."""
+        address = address_group(address, self.v6_prefix)
         if self.connect_rate:
             bucket = self.attempts.get(address)
             if bucket is None:
@@ -103,6 +128,7 @@ class AddressLimits:
         return None
 
     def release(self, address: str) -> None:
+        address = address_group(address, self.v6_prefix)
         left = self.open.get(address, 0) - 1
         if left > 0:
             self.open[address] = left

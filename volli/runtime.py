@@ -36,7 +36,7 @@ class Runtime:
         backend = create_backend(settings)
         runtime = cls(settings=settings, backend=backend, hub=Hub(backend, settings),
                       addresses=AddressLimits(settings.ip_max_connections,
-                                              settings.ip_connect_rate))
+                                              settings.ip_connect_rate, settings.ip_v6_prefix))
         runtime.max_connections = connection_capacity(settings.max_connections)
         app.extensions["volli"] = runtime
         return runtime

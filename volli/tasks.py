@@ -30,7 +30,9 @@ def start_worker_tasks(app: Flask, is_alive: Callable[[], bool]) -> list[gevent.
 
 def stats_line(runtime: Runtime) -> str:
     totals = runtime.hub.metrics
+    bindings = runtime.backend.binding_count()
     return (f"stats online={runtime.backend.online_count()} connections={runtime.connections} "
+            + ("" if bindings is None else f"bindings={bindings} ") +
             f"received={totals['received']} relayed={totals['relayed']} "
             f"errors={totals['errors']}")
 

@@ -10,7 +10,7 @@ def create_backend(settings) -> Backend:
         from .redis import RedisBackend  # imports redis-py only when configured
 
         return RedisBackend(settings)
-    return MemoryBackend()
+    return MemoryBackend(settings.max_bindings, settings.binding_retention)
 
 
 __all__ = ["Backend", "BackendUnavailable", "Claim", "MemoryBackend", "Presence", "Session",

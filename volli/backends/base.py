@@ -26,7 +26,8 @@ class Claim(enum.Enum):
     1. a bound userId needs a signature (else BOUND) by its bound key (else KEY_MISMATCH);
     2. a userId held by another live session is TAKEN, unless the claim is signed by the
        holder's own key: then the holder is replaced (TAKEN_OVER);
-    3. a signed claim binds userId to its key; an unsigned one records the key unbound."""
+    3. a signed claim binds userId to its key (kept for the retention after last use);
+       an unsigned one leaves nothing once its connection closes."""
 
     OK = "ok"
     TAKEN_OVER = "taken-over"
@@ -64,6 +65,7 @@ class Presence:
     user_id: str
     online: bool
     public_key: str | None
+    verified: bool = False  # public_key is bound to user_id by a signed registration
 
 
 class Backend(abc.ABC):
@@ -118,9 +120,14 @@ class Backend(abc.ABC):
         current key; False if it changed meanwhile."""
 
     @abc.abstractmethod
+    def unbind(self, user_id: str) -> bool:
+        """Forget user_id's binding (an operator's command) and close a connection that
+        holds it (as replaced); False if there was neither."""
+
+    @abc.abstractmethod
     def lookup(self, user_id: str) -> Presence:
-        """Whether user_id is online, and its public key: the live one, else the last key
-        it registered with (bindings outlive connections), else None."""
+        """Whether user_id is online, and its public key: the live one, else its bound key
+        (bindings outlive connections, for their retention), else None."""
 
     @abc.abstractmethod
     def deliver(self, user_id: str, text: str, origin: str | None = None) -> bool:
@@ -133,3 +140,7 @@ class Backend(abc.ABC):
     @abc.abstractmethod
     def online_count(self) -> int:
         """Registered users this backend can see."""
+
+    def binding_count(self) -> int | None:
+        """Bindings this process keeps in memory (None: they live in a shared store)."""
+        return None

@@ -2,17 +2,34 @@
 
 from __future__ import annotations
 
+import collections
+import logging
+import time
+from typing import Callable
+
 from .base import Backend, Claim, Presence, Session
+
+log = logging.getLogger("volli.memory")
 
 
 class MemoryBackend(Backend):
-    """Dicts in one process. Under gevent nothing here yields, so each method is atomic."""
+    """Dicts in one process. Under gevent nothing here yields, so each method is atomic.
 
-    def __init__(self) -> None:
+    Only signed registrations leave something behind: a binding userId -> key, kept for
+    ``retention`` seconds after its last use (a registration or a close) and at most
+    ``max_bindings`` of them, the least recently used offline ones forgotten first."""
+
+    def __init__(self, max_bindings: int = 100_000, retention: float = 90 * 86400.0,
+                 clock: Callable[[], float] = time.monotonic) -> None:
         self._sessions: dict[str, Session] = {}
         self._users: dict[str, Session] = {}
-        # userId -> (last registered key, bound by a signature), kept after close
-        self._bindings: dict[str, tuple[str, bool]] = {}
+        # userId -> (bound key, forgotten at), least recently used first
+        self._bindings: collections.OrderedDict[str, tuple[str, float]] = \
+            collections.OrderedDict()
+        self._max_bindings = max_bindings
+        self._retention = retention
+        self._clock = clock
+        self.bindings_evicted = 0  # forgotten to keep under max_bindings (counted for ops)
 
     def attach(self, session: Session) -> None:
         self._sessions[session.id] = session
@@ -21,12 +38,14 @@ class MemoryBackend(Backend):
         self._sessions.pop(session.id, None)
         if session.user_id is not None and self._users.get(session.user_id) is session:
             del self._users[session.user_id]
+            if session.signed and session.user_id in self._bindings:
+                self._bind(session.user_id, self._bindings[session.user_id][0])
 
     def claim(self, session: Session, user_id: str, public_key: str, signed: bool) -> Claim:
-        key, bound = self._bindings.get(user_id, (None, False))
-        if bound and not signed:
+        key = self._bound_key(user_id)
+        if key is not None and not signed:
             return Claim.BOUND
-        if bound and key != public_key:
+        if key is not None and key != public_key:
             return Claim.KEY_MISMATCH
         holder = self._users.get(user_id)
         outcome = Claim.OK
@@ -35,8 +54,8 @@ class MemoryBackend(Backend):
                 return Claim.TAKEN
             outcome = Claim.TAKEN_OVER
         self._hold(session, user_id, public_key, signed)
-        if signed or not bound:
-            self._bindings[user_id] = (public_key, signed)
+        if signed:
+            self._bind(user_id, public_key)
         if outcome is Claim.TAKEN_OVER:
             self.on_replaced(holder)
         return outcome
@@ -47,17 +66,25 @@ class MemoryBackend(Backend):
         session.user_id, session.public_key, session.signed = user_id, public_key, signed
 
     def rebind(self, session: Session, new_public_key: str) -> bool:
-        if self._bindings.get(session.user_id) != (session.public_key, True):
+        if not session.signed or self._bound_key(session.user_id) != session.public_key:
             return False
-        self._bindings[session.user_id] = (new_public_key, True)
+        self._bind(session.user_id, new_public_key)
         session.public_key = new_public_key
         return True
 
+    def unbind(self, user_id: str) -> bool:
+        had = self._bindings.pop(user_id, None) is not None
+        holder = self._users.get(user_id)
+        if holder is not None:
+            self.on_replaced(holder)
+        return had or holder is not None
+
     def lookup(self, user_id: str) -> Presence:
         session = self._users.get(user_id)
-        if session is None:
-            return Presence(user_id, False, self._bindings.get(user_id, (None, False))[0])
-        return Presence(user_id, True, session.public_key)
+        if session is not None:
+            return Presence(user_id, True, session.public_key, session.signed)
+        key = self._bound_key(user_id)
+        return Presence(user_id, False, key, key is not None)
 
     def deliver(self, user_id: str, text: str, origin: str | None = None) -> bool:
         session = self._users.get(user_id)
@@ -68,3 +95,42 @@ class MemoryBackend(Backend):
 
     def online_count(self) -> int:
         return len(self._users)
+
+    def binding_count(self) -> int:
+        return len(self._bindings)
+
+    # -- bindings ---------------------------------------------------------------------
+
+    def _bound_key(self, user_id: str) -> str | None:
+        entry = self._bindings.get(user_id)
+        if entry is None:
+            return None
+        if entry[1] <= self._clock():
+            del self._bindings[user_id]
+            return None
+        return entry[0]
+
+    def _bind(self, user_id: str, public_key: str) -> None:
+        """Bind (or touch) ``user_id``, then forget what expired or is over the cap.
+        Bindings of online signed users are kept (touched) whatever the cap: there are
+        at most as many as connections, and the cap is at least that (config.py)."""
+        now = self._clock()
+        self._bindings[user_id] = (public_key, now + self._retention)
+        self._bindings.move_to_end(user_id)
+        for _ in range(len(self._bindings)):
+            oldest, (key, until) = next(iter(self._bindings.items()))
+            over = len(self._bindings) > self._max_bindings
+            if until > now and not over:
+                break
+            holder = self._users.get(oldest)
+            if holder is not None and holder.signed:  # in use: touched, never forgotten
+                self._bindings[oldest] = (key, now + self._retention)
+                self._bindings.move_to_end(oldest)
+                continue
+            del self._bindings[oldest]
+            if until > now:
+                self.bindings_evicted += 1
+                if self.bindings_evicted % 1000 == 1:
+                    log.warning("VOLLI_MAX_BINDINGS=%d reached: forgetting the least recently "
+                                "used bindings (%d so far)", self._max_bindings,
+                                self.bindings_evicted)

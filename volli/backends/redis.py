@@ -2,7 +2,8 @@
 
 Each worker is a node with its own pub/sub channel. A user's presence is a hash
 ``<prefix>presence:<userId>`` {node, session, publicKey} with a TTL that the node's
-heartbeat refreshes; ``<prefix>key:<userId>`` keeps the last registered key with no TTL.
+heartbeat refreshes; ``<prefix>key:<userId>`` keeps a signed user's bound key with the
+binding retention as its TTL, renewed by each registration and each close.
 Local users are served from memory (the MemoryBackend this extends) without touching
 Redis; a relay to a user on another node is published to that node's channel by a
 script that reads the presence and publishes in one round trip. That script also names
@@ -34,7 +35,9 @@ from .memory import MemoryBackend
 log = logging.getLogger("volli.redis")
 
 # The claim rule of base.Claim, atomically. KEYS: presence, binding. ARGV: node, session,
-# publicKey, ttl ms, signed "1"/"0", refresh "1"/"0" (the heartbeat: never takes over).
+# publicKey, ttl ms, signed "1"/"0", refresh "1"/"0" (the heartbeat: never takes over),
+# binding retention ms. Only a signed claim writes the binding (with the retention as its
+# TTL); a binding hash without bound=1 is a leftover of an older version and goes.
 # Returns {1} ok, {2, old node, old session} taken over, {0} taken, {-1} bound, {-2} key
 # mismatch.
 CLAIM = """
@@ -43,6 +46,8 @@ local signed = ARGV[5] == '1'
 if b[2] == '1' then
   if not signed then return {-1} end
   if b[1] ~= ARGV[3] then return {-2} end
+elseif b[1] then
+  redis.call('DEL', KEYS[2])
 end
 local h = redis.call('HMGET', KEYS[1], 'session', 'publicKey', 'node')
 local taken_over = false
@@ -54,8 +59,7 @@ redis.call('HSET', KEYS[1], 'node', ARGV[1], 'session', ARGV[2], 'publicKey', AR
 redis.call('PEXPIRE', KEYS[1], ARGV[4])
 if signed then
   redis.call('HSET', KEYS[2], 'publicKey', ARGV[3], 'bound', '1')
-elseif b[2] ~= '1' then
-  redis.call('HSET', KEYS[2], 'publicKey', ARGV[3], 'bound', '0')
+  redis.call('PEXPIRE', KEYS[2], ARGV[7])
 end
 if taken_over then return {2, h[3], h[1]} end
 return {1}
@@ -72,12 +76,23 @@ end
 return 1
 """
 
-# Compare-and-delete: only the session that holds the userId may release it.
+# Compare-and-delete: only the session that holds the userId may release it; its binding
+# (if any) is kept for the retention from now. KEYS presence, binding; ARGV session,
+# retention ms.
 RELEASE = """
 if redis.call('HGET', KEYS[1], 'session') == ARGV[1] then
+  redis.call('PEXPIRE', KEYS[2], ARGV[2])
   return redis.call('DEL', KEYS[1])
 end
 return 0
+"""
+
+# An operator's unbind: KEYS binding, presence. Returns {had binding, node, session} of
+# the holder to close (false when nobody holds it).
+UNBIND = """
+local had = redis.call('DEL', KEYS[1])
+local h = redis.call('HMGET', KEYS[2], 'node', 'session')
+return {had, h[1], h[2]}
 """
 
 # {-1}: offline. {0}: its node has no listener (dead), so the stale presence goes.
@@ -107,6 +122,7 @@ class RedisBackend(MemoryBackend):
         super().__init__()
         self._prefix = settings.redis_prefix
         self._ttl_ms = int(settings.presence_ttl * 1000)
+        self._retention_ms = int(settings.binding_retention * 1000)
         self._heartbeat_every = settings.presence_ttl / 3
         self.node = f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(3)}"
         self._channel_prefix = f"{self._prefix}node:"
@@ -123,6 +139,7 @@ class RedisBackend(MemoryBackend):
         self._claim = self._redis.register_script(CLAIM)
         self._rebind = self._redis.register_script(REBIND)
         self._release = self._redis.register_script(RELEASE)
+        self._unbind = self._redis.register_script(UNBIND)
         self._route = self._redis.register_script(ROUTE)
         self._subscribed = False
         self._store_ok = True
@@ -149,17 +166,20 @@ class RedisBackend(MemoryBackend):
         if outcome in (Claim.OK, Claim.TAKEN_OVER):
             self._hold(session, user_id, public_key, signed)  # the binding lives in Redis
         if outcome is Claim.TAKEN_OVER:
-            old_node, old_session = reply[1].decode(), reply[2].decode()
-            if old_node == self.node:
-                self._replace_local(old_session)
-            else:
-                with self._store("takeover"):
-                    self._redis.publish(self._channel_prefix + old_node, f"R\n{old_session}")
+            self._replace_anywhere(reply[1].decode(), reply[2].decode())
         return outcome
+
+    def _replace_anywhere(self, node: str, session_id: str) -> None:
+        """Close a session as replaced, on this node or through its node's channel."""
+        if node == self.node:
+            self._replace_local(session_id)
+        else:
+            with self._store("takeover"):
+                self._redis.publish(self._channel_prefix + node, f"R\n{session_id}")
 
     def _claim_args(self, session: Session, public_key: str, signed: bool, refresh: bool):
         return [self.node, session.id, public_key, self._ttl_ms, "1" if signed else "0",
-                "1" if refresh else "0"]
+                "1" if refresh else "0", self._retention_ms]
 
     def _replace_local(self, session_id: str) -> None:
         session = self._sessions.get(session_id)
@@ -180,8 +200,8 @@ class RedisBackend(MemoryBackend):
         if not mine:
             return
         if self._spawn is None:  # not started (no greenlets): release right here
-            self._call("release", self._release, [self._presence_key(session.user_id)],
-                       [session.id])
+            self._call("release", self._release, self._keys_for(session.user_id),
+                       [session.id, self._retention_ms])
             return
         # Closes that happen together (a restart, a network cut: thousands) share
         # pipelined round trips instead of each waiting for a pooled connection; each
@@ -210,7 +230,8 @@ class RedisBackend(MemoryBackend):
     def _release_batch(self, batch: list[tuple[str, str]]) -> None:
         pipe = self._redis.pipeline(transaction=False)
         for user_id, session_id in batch:
-            self._release(keys=[self._presence_key(user_id)], args=[session_id], client=pipe)
+            self._release(keys=self._keys_for(user_id), args=[session_id, self._retention_ms],
+                          client=pipe)
         try:
             pipe.execute()
         except redis.RedisError as exc:
@@ -224,11 +245,22 @@ class RedisBackend(MemoryBackend):
         with self._store("lookup"):
             pipe = self._redis.pipeline(transaction=False)
             pipe.hget(self._presence_key(user_id), "publicKey")
-            pipe.hget(self._binding_key(user_id), "publicKey")
-            live, bound = pipe.execute()
+            pipe.hmget(self._binding_key(user_id), "publicKey", "bound")
+            live, (bound, flag) = pipe.execute()
+        if flag != b"1":
+            bound = None
         if live is not None:
-            return Presence(user_id, True, live.decode())
-        return Presence(user_id, False, bound.decode() if bound is not None else None)
+            return Presence(user_id, True, live.decode(), live == bound)
+        return Presence(user_id, False, bound and bound.decode(), bound is not None)
+
+    def unbind(self, user_id: str) -> bool:
+        had, node, session_id = self._call("unbind", self._unbind, self._keys_for(user_id), [])
+        if session_id is not None:
+            self._replace_anywhere(node.decode(), session_id.decode())
+        return bool(had) or session_id is not None
+
+    def binding_count(self) -> None:
+        return None  # in Redis, each with its TTL
 
     # -- routing ----------------------------------------------------------------------
 
@@ -450,7 +482,8 @@ class RedisBackend(MemoryBackend):
                     lost.append(session)
                 elif self._users.get(user_id) is not session:
                     # It closed while the batch was in flight: undo the re-announce.
-                    self._release(keys=[self._presence_key(user_id)], args=[session.id])
+                    self._release(keys=self._keys_for(user_id),
+                                  args=[session.id, self._retention_ms])
         return lost
 
     # -- helpers ----------------------------------------------------------------------

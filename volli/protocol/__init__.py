@@ -5,7 +5,7 @@ from .messages import (
     Discover, IceServers, Message, Ping, Register, Relay, RotateKey, discover_response_message,
     encode, encode_relay, ice_servers_message,
     error_message, hello_message, key_rotated_message, parse, pong_message,
-    rate_limited_message, registered_message, relayed_message, session_replaced_message,
+    rate_limited_message, registered_message, session_replaced_message,
     undelivered_message,
 )
 
@@ -14,5 +14,5 @@ __all__ = [
     "Message", "Ping", "Register", "Relay",
     "RotateKey", "discover_response_message", "encode", "encode_relay", "error_message", "hello_message",
     "key_rotated_message", "parse", "pong_message", "rate_limited_message",
-    "registered_message", "relayed_message", "session_replaced_message", "undelivered_message",
+    "registered_message", "session_replaced_message", "undelivered_message",
 ]

@@ -14,6 +14,7 @@ import enum
 class ErrorCode(enum.StrEnum):
     INVALID_JSON = "invalid-json"
     INVALID_MESSAGE = "invalid-message"
+    INVALID_USER_ID = "invalid-user-id"
     BINARY_FRAME = "binary-frame"
     UNKNOWN_TYPE = "unknown-type"
     NOT_REGISTERED = "not-registered"

@@ -36,19 +36,22 @@ def rotate_payload(nonce: str, user_id: str, new_public_key: str) -> bytes:
     return f"{ROTATE_CONTEXT}\n{nonce}\n{user_id}\n{new_public_key}".encode()
 
 
-def ed25519_key(public_key: str, field: str = "publicKey") -> VerifyKey:
-    """A raw 32-byte Ed25519 public key from standard or URL-safe base64."""
+def canonical_key(public_key: str, field: str = "publicKey") -> str:
+    """The one spelling of a raw 32-byte Ed25519 key given in standard or URL-safe base64,
+    padded or not: standard base64 with padding. Bound keys are stored and compared in
+    it, so the same 32 bytes are the same key however a client spells them."""
     raw = _b64decode(public_key, field)
     if len(raw) != 32:
         raise ProtocolError(ErrorCode.INVALID_MESSAGE,
                             f"'{field}' must be a raw 32-byte Ed25519 key in base64 "
                             "when the message is signed")
-    return VerifyKey(raw)
+    return base64.b64encode(raw).decode()
 
 
 def verify(public_key: str, signature: str, payload: bytes) -> None:
-    """Raise ProtocolError(bad-signature) unless ``signature`` is valid for ``payload``."""
-    key = ed25519_key(public_key)
+    """Raise ProtocolError(bad-signature) unless ``signature`` is valid for ``payload``.
+    ``public_key`` is in any spelling ``canonical_key`` accepts."""
+    key = VerifyKey(base64.b64decode(canonical_key(public_key)))
     raw = _b64decode(signature, "signature")
     try:
         key.verify(payload, raw)

@@ -8,12 +8,14 @@ turned into frame text by ``encode``.
 from __future__ import annotations
 
 import dataclasses
+import json
 import re
 from typing import Any, Union
 
 import orjson
 
 from .errors import ErrorCode, ProtocolError
+from .names import key_problem, user_id_problem
 
 PROTOCOL_VERSION = 1
 USER_ID_MAX = 256
@@ -21,10 +23,7 @@ PUBLIC_KEY_MAX = 4096
 SIGNATURE_MAX = 128
 REQUEST_ID_MAX = 128
 RELAY_NESTING_MAX = 254  # orjson's limit when writing
-_JSON_BLANKS = " \t\n\r"
 
-# C0 and C1 control characters, DEL, and the line/paragraph separators.
-_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029]")
 # Standard and URL-safe base64 alphabets with padding. The key is not decoded: the
 # seed's own example ("base64-encoded-public-key") must be accepted as written.
 _BASE64ISH = re.compile(r"[A-Za-z0-9+/=_-]+")
@@ -133,13 +132,11 @@ def _request_id(data: dict[str, Any]) -> RequestId:
 
 def _user_id(data: dict[str, Any], field: str) -> str:
     value = data.get(field)
-    if not isinstance(value, str) or not value:
-        raise ProtocolError(ErrorCode.INVALID_MESSAGE, f"'{field}' must be a non-empty string")
-    if len(value) > USER_ID_MAX:
-        raise ProtocolError(
-            ErrorCode.INVALID_MESSAGE, f"'{field}' is longer than {USER_ID_MAX} characters")
-    if _CONTROL.search(value):
-        raise ProtocolError(ErrorCode.INVALID_MESSAGE, f"'{field}' contains control characters")
+    if not isinstance(value, str):
+        raise ProtocolError(ErrorCode.INVALID_MESSAGE, f"'{field}' must be a string")
+    problem = user_id_problem(value, USER_ID_MAX)
+    if problem:
+        raise ProtocolError(ErrorCode.INVALID_USER_ID, f"'{field}' {problem}")
     return value
 
 
@@ -178,8 +175,52 @@ def _relay(kind: str, data: dict[str, Any], request_id: RequestId, text: str | b
     if not (isinstance(payload, dict) or (payload is None and kind == "ice-candidate")):
         expected = "an object or null" if kind == "ice-candidate" else "an object"
         raise ProtocolError(ErrorCode.INVALID_MESSAGE, f"'{field}' must be {expected}")
-    return Relay(kind, to, sender, data, request_id,
-                 text if isinstance(text, str) else text.decode())
+    if not data.keys() <= _PLAIN_KEYS:
+        for key in data:
+            problem = key_problem(key)
+            if problem:
+                raise ProtocolError(ErrorCode.INVALID_MESSAGE, f"top-level {problem}")
+    return Relay(kind, to, sender, data, request_id, _canonical(data, text))
+
+
+# Top-level keys of a relay that need no look for look-alikes.
+_PLAIN_KEYS = frozenset(("type", "to", "from", "requestId", "offer", "answer", "candidate"))
+
+
+def _canonical(data: dict[str, Any], text: str | bytes) -> str:
+    """The compact JSON of ``data``: what the receiver gets, so its parser reads exactly
+    what was checked here. A received text that is already that (what browsers' and
+    orjson's serializers write) is kept; any other is checked for duplicate top-level
+    keys, which parsers resolve differently (first or last wins), then re-encoded."""
+    try:
+        canonical = orjson.dumps(data)
+    except orjson.JSONEncodeError:  # orjson reads deeper JSON than it writes
+        raise ProtocolError(ErrorCode.INVALID_MESSAGE,
+                            f"a relayed message may nest at most {RELAY_NESTING_MAX} levels"
+                            ) from None
+    raw = text.encode() if isinstance(text, str) else text
+    if canonical == raw:
+        return text if isinstance(text, str) else canonical.decode()
+    duplicate = _duplicate_key(raw)
+    if duplicate is not None:
+        raise ProtocolError(ErrorCode.INVALID_MESSAGE,
+                            f"top-level key {duplicate[:16]!r} appears more than once")
+    return canonical.decode()
+
+
+def _duplicate_key(raw: bytes) -> str | None:
+    """The first top-level key that ``raw`` (a JSON object orjson accepted) repeats."""
+    pairs = json.loads(raw, object_pairs_hook=_pairs)  # the outermost object's, in order
+    seen: set[str] = set()
+    for key, _ in pairs:
+        if key in seen:
+            return key
+        seen.add(key)
+    return None
+
+
+def _pairs(pairs: list[tuple[str, Any]]) -> list[tuple[str, Any]]:
+    return pairs
 
 
 def encode(message: dict[str, Any]) -> str:
@@ -230,9 +271,12 @@ def rate_limited_message(limit: str, retry_after: float,
 
 
 def discover_response_message(user_id: str, online: bool, public_key: str | None,
+                              verified: bool = False,
                               request_id: RequestId = None) -> dict[str, Any]:
+    """``verified``: ``public_key`` is bound to ``user_id`` by a signed registration."""
     return _with_request_id({"type": "discover-response", "userId": user_id,
-                             "online": online, "publicKey": public_key}, request_id)
+                             "online": online, "publicKey": public_key,
+                             "verified": verified}, request_id)
 
 
 def pong_message(request_id: RequestId = None) -> dict[str, Any]:
@@ -251,28 +295,14 @@ def undelivered_message(peer: str, count: int) -> dict[str, Any]:
     return message
 
 
-def relayed_message(relay: Relay, sender: str) -> dict[str, Any]:
-    """The relay as the target receives it: unchanged, with ``from`` set by the server."""
-    relay.body["from"] = sender
-    return relay.body
-
-
 def encode_relay(relay: Relay, sender: str) -> str:
-    """The relayed frame: the received text with ``"from"`` appended, which spares
-    re-encoding the SDP (a sixth of a relay's CPU). Re-encoded when the text may nest too
-    deep (orjson reads deeper JSON than it writes: refuse those here) or already has a
-    ``from`` key."""
-    text = relay.text
-    # Each level costs a bracket: a short text cannot nest too deep (most ICE candidates
-    # are short); counting a long one's brackets costs about 1 µs per 1.5 KB.
-    if text and "from" not in relay.body and (
-            len(text) <= RELAY_NESTING_MAX
-            or text.count("{") + text.count("[") <= RELAY_NESTING_MAX):
-        # The text is a JSON object, so its last non-blank character is its closing brace.
-        return f'{text.rstrip(_JSON_BLANKS)[:-1]},"from":{orjson.dumps(sender).decode()}}}'
-    try:
-        return encode(relayed_message(relay, sender))
-    except orjson.JSONEncodeError:
-        raise ProtocolError(ErrorCode.INVALID_MESSAGE,
-                            f"a relayed message may nest at most {RELAY_NESTING_MAX} levels"
-                            ) from None
+    """The relayed frame: the compact text of the checked message (``Relay.text``) with
+    ``"from"`` appended, which spares re-encoding the SDP. A message that named its own
+    ``from`` already names ``sender`` (the hub checked it) and goes as it is; one whose
+    ``from`` was null gets it set."""
+    if "from" not in relay.body:
+        return f'{relay.text[:-1]},"from":{orjson.dumps(sender).decode()}}}'
+    if relay.sender == sender:
+        return relay.text
+    relay.body["from"] = sender
+    return encode(relay.body)
