@@ -129,3 +129,70 @@ def test_relayed_request_ids_never_settle_requests(web_server, open_page):
     finally:
         mallory.close()
         page.evaluate("window.sig?.close()")
+
+
+REAL_OFFER = """
+async () => {
+  const pc = new RTCPeerConnection();
+  pc.createDataChannel("chat");
+  await pc.setLocalDescription();
+  return pc.localDescription.toJSON();
+}
+"""
+
+
+def test_demo_asks_before_answering_and_decline_sends_nothing(web_server, open_page):
+    base = f"http://127.0.0.1:{web_server.port}"
+    bob = open_page(f"{base}/demo", "bob")
+    connect(bob, "bob@volli.app")
+    bob.click("#camera")  # the camera is on: a demo that answered would send it
+    expect(bob.locator("#camera")).to_have_text("Stop camera")
+    incoming = bob.locator("#incoming")
+    expect(incoming).to_be_hidden()
+
+    # A caller that is a raw Python peer sees everything bob's page sends it. Its offer is a
+    # real one (from another browser), so a demo that answered by itself would answer it.
+    offer = open_page(f"{base}/health", "offerer").evaluate(REAL_OFFER)
+    caller = "<b>mallory</b>@volli.app"  # shown as text, never as markup
+    mallory = Client(web_server.url)
+    try:
+        mallory.register(caller)
+        mallory.send({"type": "offer", "to": "bob@volli.app", "offer": offer})
+        for port in (50000, 50001, 50002):
+            mallory.send({"type": "ice-candidate", "to": "bob@volli.app", "candidate": {
+                "candidate": f"candidate:1 1 udp 2122260223 127.0.0.1 {port} typ host",
+                "sdpMid": "0", "sdpMLineIndex": 0}})
+        with pytest.raises(TimeoutError):  # no answer, no candidates before Accept
+            print("mallory got:", mallory.recv(timeout=3))
+        expect(incoming).to_be_visible()
+        expect(bob.locator("#incoming-from")).to_have_text(caller)
+        expect(bob.locator("#peer-name")).to_have_text("–")
+        assert bob.evaluate("window.volliDemo.call") is None
+
+        bob.click("#decline")
+        expect(incoming).to_be_hidden()
+        assert f"declined the call from {caller}" in page_log(bob)
+        with pytest.raises(TimeoutError):  # Decline sends nothing either
+            print("mallory got:", mallory.recv(timeout=2))
+        assert bob.evaluate("window.volliDemo.call") is None
+        # Candidates of the declined call are dropped with it; nothing reaches Accept later.
+        mallory.send({"type": "ice-candidate", "to": "bob@volli.app", "candidate": None})
+        with pytest.raises(TimeoutError):
+            print("mallory got:", mallory.recv(timeout=1))
+        expect(incoming).to_be_hidden()
+    finally:
+        mallory.close()
+
+    # A real browser caller that is declined stays unanswered.
+    alice = open_page(f"{base}/demo", "alice")
+    connect(alice, "alice@volli.app")
+    alice.fill("#peer-id", "bob@volli.app")
+    alice.click("#call")
+    expect(bob.locator("#incoming-from")).to_have_text("alice@volli.app")
+    bob.click("#decline")
+    expect(incoming).to_be_hidden()
+    alice.wait_for_timeout(2000)
+    expect(alice.locator("#signaling-state")).to_have_text("have-local-offer")
+    expect(alice.locator("#call-status")).to_have_text("Calling bob@volli.app…")
+    assert "← answer" not in page_log(alice)
+    expect(bob.locator("#peer-name")).to_have_text("–")
