@@ -1,7 +1,8 @@
 """Real browsers against a real server: headless Chromium (Debian's `chromium`, driven by
 Playwright) loads /demo and /volli-signaling.js from a gunicorn Volli server.
 
-- Two pages in separate browser contexts connect, one calls the other, WebRTC connects
+- Two pages in separate browser contexts connect, one calls the other, the callee is asked
+  and gets no answer out before clicking Accept, then WebRTC connects
   over loopback with trickle ICE relayed by Volli, and chat messages cross the data channel
   both ways. Screenshots of both pages go to tests/artifacts/.
 - The JS client's signed registration (WebCrypto Ed25519) works against the server:
@@ -113,6 +114,16 @@ def test_demo_pages_chat_peer_to_peer(web_server, open_page):
 
     alice.fill("#peer-id", "bob@volli.app")
     alice.click("#call")
+    # Bob is asked first; until he accepts, alice gets no answer.
+    expect(bob.locator("#incoming")).to_be_visible()
+    expect(bob.locator("#incoming-from")).to_have_text("alice@volli.app")
+    bob.wait_for_timeout(2000)  # an answer sent without asking would be back by now
+    expect(alice.locator("#signaling-state")).to_have_text("have-local-offer")
+    expect(alice.locator("#peer-state")).to_have_text("new")
+    assert "← answer" not in page_log(alice)
+    expect(bob.locator("#peer-name")).to_have_text("–")
+    bob.click("#accept")
+    expect(bob.locator("#incoming")).to_be_hidden()
     for page in (alice, bob):
         status = page.locator("#call-status")
         try:

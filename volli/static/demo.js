@@ -2,6 +2,7 @@
 // WebRTC data channel. Volli carries only the signaling (offer, answer, ICE candidates).
 // Negotiation follows the "perfect negotiation" pattern, so adding the camera mid-call
 // renegotiates from either side; the caller's data channel starts the first offer.
+// A new caller is answered only after the user clicks Accept (see askToAnswer).
 import { VolliSignaling, generateKeyPair } from "/volli-signaling.js";
 
 const $ = (id) => document.getElementById(id);
@@ -12,6 +13,9 @@ let sig = null;
 let call = null;
 /** @type {MediaStream|null} */
 let localStream = null;
+/** A call waiting for Accept or Decline: {peer, offer, queued}. It has no RTCPeerConnection
+ * yet, so nothing (answer, candidates, media) reaches the caller before the user accepts. */
+let incoming = null;
 
 // ---- small UI helpers -------------------------------------------------------------------
 
@@ -160,6 +164,7 @@ async function connect(event) {
 }
 
 function disconnect() {
+  dropIncoming();
   endCall("You disconnected");
   if (sig) {
     const s = sig;
@@ -187,6 +192,7 @@ function wire(s) {
     log(`WebSocket closed: ${code}${reason ? ` ${reason}` : ""}`, willReconnect ? "" : "err");
     if (!willReconnect) {
       sig = null; // connect again by hand
+      dropIncoming();
       if ($("status").dataset.state !== "replaced") {
         setStatus("idle", `Disconnected (${code}${reason ? `: ${reason}` : ""})`);
       }
@@ -217,6 +223,7 @@ function wire(s) {
 
 function newCall(peer, initiator) {
   endCall();
+  if (incoming?.peer === peer) dropIncoming(); // calling them back answers nothing stale
   const pc = new RTCPeerConnection({ iceServers: sig?.iceServers ?? [] });
   const c = {
     peer, pc, dc: null, initiator,
@@ -345,11 +352,39 @@ function startCall(event) {
   newCall(peer, true);
 }
 
+// Anyone who knows your ID can send an offer: ask before answering a new caller.
+function askToAnswer(msg) {
+  if (incoming?.peer !== msg.from) log(`incoming call from ${msg.from}: waiting for you`);
+  incoming = { peer: msg.from, offer: msg, queued: [] }; // a repeated offer replaces the last
+  $("incoming-from").textContent = msg.from;
+  $("incoming").hidden = false;
+}
+
+function dropIncoming() {
+  incoming = null;
+  $("incoming").hidden = true;
+}
+
+async function acceptCall() {
+  const inc = incoming;
+  dropIncoming();
+  if (!inc || sig?.state !== "registered") return;
+  log(`accepted the call from ${inc.peer}`);
+  newCall(inc.peer, false).queued.push(...inc.queued);
+  await onOffer(inc.offer);
+}
+
+function declineCall() {
+  // Nothing is sent: the caller learns nothing, and no state of the offer is kept.
+  if (incoming) log(`declined the call from ${incoming.peer}`);
+  dropIncoming();
+}
+
 async function onOffer(msg) {
-  let c = call;
+  const c = call;
   if (!c || c.peer !== msg.from) {
-    log(`incoming call from ${msg.from}`);
-    c = newCall(msg.from, false);
+    askToAnswer(msg);
+    return;
   }
   log(`← offer from ${msg.from}`);
   const collision = c.makingOffer || c.pc.signalingState !== "stable";
@@ -384,6 +419,10 @@ async function onAnswer(msg) {
 }
 
 async function onCandidate(msg) {
+  if (incoming?.peer === msg.from) { // kept until the user decides (bounded)
+    if (msg.candidate != null && incoming.queued.length < 100) incoming.queued.push(msg.candidate);
+    return;
+  }
   const c = call;
   if (!c || c.peer !== msg.from || msg.candidate == null) return; // null: end of candidates
   if (!c.pc.remoteDescription) {
@@ -454,6 +493,8 @@ $("connect-form").addEventListener("submit", connect);
 $("disconnect").addEventListener("click", disconnect);
 $("call-form").addEventListener("submit", startCall);
 $("hangup").addEventListener("click", () => endCall("You hung up"));
+$("accept").addEventListener("click", acceptCall);
+$("decline").addEventListener("click", declineCall);
 $("chat-form").addEventListener("submit", sendChat);
 $("camera").addEventListener("click", toggleCamera);
 window.addEventListener("pagehide", () => sig?.close());

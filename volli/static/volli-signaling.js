@@ -26,6 +26,15 @@ export const NO_RECONNECT_CODES = Object.freeze([4000, 4029]);
 const RETRYABLE_REGISTER_ERRORS = new Set(["user-id-taken", "unavailable", "rate-limited",
   "internal-error"]);
 
+/**
+ * The direct reply each request type expects (docs/protocol.md section 2); `error` fits
+ * every request. Only these settle a pending request: a relayed offer, answer or
+ * ice-candidate carries whatever `requestId` its sender chose.
+ */
+const REPLY_FOR = Object.freeze({ register: "registered", discover: "discover-response",
+  ping: "pong", "rotate-key": "key-rotated", "ice-servers": "ice-servers" });
+const REPLY_TYPES = new Set([...Object.values(REPLY_FOR), "error"]);
+
 const REGISTER_CONTEXT = "volli/register/v1";
 const ROTATE_CONTEXT = "volli/rotate-key/v1";
 const ED25519 = { name: "Ed25519" };
@@ -170,7 +179,7 @@ export class VolliSignaling extends EventTarget {
     /** The nonce the next signed operation signs. */
     this.nonce = null;
     this._ws = null;
-    this._pending = new Map(); // requestId -> {resolve, reject, timer}
+    this._pending = new Map(); // requestId -> {resolve, reject, timer, expects}
     this._relays = new Map(); // recent relay requestIds -> {type, to}, to explain errors
     this._nextId = 1;
     this._attempt = 0;
@@ -298,9 +307,11 @@ export class VolliSignaling extends EventTarget {
   }
 
   /**
-   * Send a request and resolve with the reply carrying its requestId; reject with a
-   * VolliError carrying the server's `code` on an `error` reply, `timeout` after `timeout`
-   * seconds, `disconnected` if the socket closes first.
+   * Send a request and resolve with the direct reply carrying its requestId (for the
+   * request types of docs/protocol.md, only the reply of that type; otherwise any direct
+   * reply type); reject with a VolliError carrying the server's `code` on an `error`
+   * reply, `timeout` after `timeout` seconds, `disconnected` if the socket closes first.
+   * Relayed messages never settle a request, whatever `requestId` they carry.
    * @param {object} message
    * @param {number} [timeout] seconds
    * @returns {Promise<object>}
@@ -311,13 +322,14 @@ export class VolliSignaling extends EventTarget {
       return Promise.reject(new VolliError("not-connected", "the connection is not open"));
     }
     const requestId = this._nextId++;
+    const text = JSON.stringify({ ...message, requestId }); // throws before anything is pending
     return new Promise((resolve, reject) => {
       const timer = setTimeout(() => {
         this._pending.delete(requestId);
         reject(new VolliError("timeout", `no reply to ${message.type} within ${timeout}s`));
       }, timeout * 1000);
-      this._pending.set(requestId, { resolve, reject, timer });
-      ws.send(JSON.stringify({ ...message, requestId }));
+      this._pending.set(requestId, { resolve, reject, timer, expects: REPLY_FOR[message.type] });
+      ws.send(text);
     });
   }
 
@@ -381,8 +393,9 @@ export class VolliSignaling extends EventTarget {
     } catch {
       return; // the server only sends JSON text; ignore anything else
     }
+    if (msg === null || typeof msg !== "object") return;
     this._emit("message", msg);
-    const pending = msg.requestId != null ? this._pending.get(msg.requestId) : undefined;
+    const pending = this._settles(msg);
     if (pending) {
       this._pending.delete(msg.requestId);
       clearTimeout(pending.timer);
@@ -414,6 +427,16 @@ export class VolliSignaling extends EventTarget {
         return;
     }
     pending?.resolve(msg);
+  }
+
+  /** The pending request `msg` answers, if it is a direct reply that fits that request. */
+  _settles(msg) {
+    if (!REPLY_TYPES.has(msg?.type) || msg.requestId == null) return undefined;
+    const pending = this._pending.get(msg.requestId);
+    if (!pending || (msg.type !== "error" && pending.expects && msg.type !== pending.expects)) {
+      return undefined; // a reply that does not fit leaves the request to its timeout
+    }
+    return pending;
   }
 
   async _register(ws) {
