@@ -24,9 +24,12 @@ class Identity:
     def sign(self, payload: bytes) -> str:
         return base64.b64encode(self.key.sign(payload)).decode()
 
-    def register(self, client: Client, user_id: str, nonce: str | None = None) -> dict:
+    def register(self, client: Client, user_id: str, nonce: str | None = None,
+                 spelling: str | None = None) -> dict:
+        """``spelling``: the public key written another way (URL-safe, unpadded)."""
         nonce = nonce or client.nonce
-        reply = client.call({"type": "register", "userId": user_id, "publicKey": self.public,
+        reply = client.call({"type": "register", "userId": user_id,
+                             "publicKey": spelling or self.public,
                              "signature": self.sign(identity.register_payload(nonce, user_id))})
         if reply["type"] == "registered":
             client.nonce = reply["nonce"]

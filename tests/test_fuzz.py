@@ -53,6 +53,7 @@ from wsproto.events import BytesMessage, TextMessage
 
 from conftest import RECV_TIMEOUT, Client
 from rawclient import RawClient
+from volli.protocol.names import key_problem, user_id_problem
 
 MAX_SIZE = 8192  # VOLLI_MAX_MESSAGE_SIZE of the fuzzed server: oversized cases stay cheap
 MAX_EXAMPLES = 300  # per backend
@@ -65,7 +66,7 @@ DOCUMENTED_CODES = frozenset({
     "invalid-json", "invalid-message", "binary-frame", "unknown-type", "not-registered",
     "already-registered", "user-id-taken", "forbidden-sender", "bad-signature",
     "identity-bound", "signature-required", "rate-limited", "peer-offline", "unavailable",
-    "internal-error",
+    "internal-error", "invalid-user-id",
 })
 
 ALICE, BOB, PROBE = "alice@fuzz.volli", "bob@fuzz.volli", "probe@fuzz.volli"
@@ -86,7 +87,6 @@ TYPE_FIELDS = {"register": ["userId", "publicKey", "signature"],
                "ice-candidate": ["to", "from", "candidate"]}
 OPTIONAL_FIELDS = {"signature", "from"}
 
-CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029]")
 BASE64ISH = re.compile(r"[A-Za-z0-9+/=_-]+")
 B64_ALPHABET = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/=_-"
 
@@ -114,9 +114,9 @@ JSON_VALUES = st.recursive(
 # Each field of a protocol message is drawn valid (most of the time, so that messages
 # get past validation and register, discover and relay for real) or from everything.
 VALID_USER_IDS = (st.sampled_from(KNOWN_IDS) | st.sampled_from(FUZZ_IDS)
-                  | st.text(st.characters(exclude_categories=("Cc", "Cs"),
+                  | st.text(st.characters(exclude_categories=("Cc", "Cs", "Cf", "Cn"),
                                           exclude_characters="\u2028\u2029"),
-                            min_size=1, max_size=24)
+                            min_size=1, max_size=24).filter(lambda t: not user_id_problem(t, 256))
                   | st.sampled_from(["u" * 256, "\U0001f600" * 256, " ", "*", "a\\b",
                                      "volli:presence:*", "\u00a0", "\ufeff"]))
 BAD_USER_IDS = st.sampled_from(["", "u" * 257, "\U0001f600" * 257, "a\x00b", "a\tb", "a\nb",
@@ -484,9 +484,16 @@ def with_request_id(message: dict[str, Any], request_id: Any) -> dict[str, Any]:
     return message
 
 
+def user_id_error(value: Any) -> str | None:
+    """The error a userId or to field gets (section 2), or None if it is valid. The
+    character rules are the server's own (pinned by tests/test_protocol.py)."""
+    if not isinstance(value, str):
+        return "invalid-message"
+    return "invalid-user-id" if user_id_problem(value, 256) else None
+
+
 def valid_user_id(value: Any) -> bool:
-    return (isinstance(value, str) and 0 < len(value) <= 256
-            and not CONTROL.search(value))
+    return user_id_error(value) is None
 
 
 def valid_base64ish(value: Any, limit: int) -> bool:
@@ -569,13 +576,16 @@ class Oracle:
             return error("signature-required", rid)  # the fuzzer never registers signed
         if kind == "discover":
             user_id = data.get("userId")
-            if not valid_user_id(user_id):
-                return error("invalid-message", rid)
+            if user_id_error(user_id):
+                return error(user_id_error(user_id), rid)
             if self.own is None:
                 return error("not-registered", rid)
+            # Nobody here signs: an offline user's key is forgotten.
             return Expect("reply", reply=with_request_id(
                 {"type": "discover-response", "userId": user_id,
-                 "online": user_id in self.online, "publicKey": self.keys.get(user_id)}, rid))
+                 "online": user_id in self.online,
+                 "publicKey": self.keys.get(user_id) if user_id in self.online else None,
+                 "verified": False}, rid))
         if kind in RELAY_PAYLOAD:
             return self._relay(kind, data, rid)
         if kind == "ping":
@@ -590,7 +600,9 @@ class Oracle:
     def _register(self, data: dict[str, Any], rid: Any) -> Expect:
         user_id, key = data.get("userId"), data.get("publicKey")
         signature = data.get("signature")
-        if not (valid_user_id(user_id) and valid_base64ish(key, 4096)
+        if user_id_error(user_id):
+            return error(user_id_error(user_id), rid)
+        if not (valid_base64ish(key, 4096)
                 and (signature is None or valid_base64ish(signature, 128))):
             return error("invalid-message", rid)
         if self.own is not None:
@@ -607,17 +619,17 @@ class Oracle:
     def _relay(self, kind: str, data: dict[str, Any], rid: Any) -> Expect:
         sender, field = data.get("from"), RELAY_PAYLOAD[kind]
         payload = data.get(field)
-        if not (valid_user_id(data.get("to")) and (sender is None or isinstance(sender, str))
-                and field in data
-                and (isinstance(payload, dict) or (payload is None and kind == "ice-candidate"))):
+        if user_id_error(data.get("to")):
+            return error(user_id_error(data.get("to")), rid)
+        if not ((sender is None or isinstance(sender, str)) and field in data
+                and (isinstance(payload, dict) or (payload is None and kind == "ice-candidate"))
+                and not any(key_problem(key) for key in data)
+                and nesting(data) < ENCODE_DEPTH):  # the server re-encodes what it relays
             return error("invalid-message", rid)
         if self.own is None:
             return error("not-registered", rid)
         if sender is not None and sender != self.own:
             return error("forbidden-sender", rid)
-        # The server encodes the relay before it looks the target up.
-        if nesting(data) >= ENCODE_DEPTH:
-            return error("invalid-message", rid)
         if data["to"] not in self.online:
             return error("peer-offline", rid)
         body = dict(data)

@@ -159,7 +159,7 @@ def test_ice_servers_on_register_and_on_request(make_server, clients):
     srv = make_server({"VOLLI_TURN_SECRET": "north-wind", "VOLLI_TURN_TTL": "600",
                        "VOLLI_TURN_URIS": "turn:127.0.0.1:3478,turns:t.example:5349"})
     c = clients(srv.url)
-    c.register("alice@volli.app")
+    assert Identity().register(c, "alice@volli.app")["type"] == "registered"  # TURN: signed
     pushed = c.recv()
     assert pushed["type"] == "ice-servers"
     [server] = pushed["iceServers"]
@@ -198,7 +198,7 @@ def test_credentials_allocate_on_a_real_coturn(make_server, clients, tmp_path):
         srv = make_server({"VOLLI_TURN_SECRET": "north-wind",
                            "VOLLI_TURN_URIS": f"turn:127.0.0.1:{port}"})
         c = clients(srv.url)
-        c.register("alice@volli.app")
+        assert Identity().register(c, "alice@volli.app")["type"] == "registered"
         server_entry = c.recv()["iceServers"][0]
         peer_port = _udp_port()
         peer = subprocess.Popen(["turnutils_peer", "-L", "127.0.0.1", "-p", str(peer_port)],

@@ -185,9 +185,12 @@ def test_redis_restart_local_service_continues_then_presence_is_rebuilt(nodes, o
 
 def test_bindings_survive_a_full_restart_of_the_servers(nodes, open_client):
     first = nodes()
-    alice = open_client(first)
-    alice.register("alice@volli.app", public_key="QWxpY2VLZXk=")
+    alice, me = open_client(first), Identity()
+    assert me.register(alice, "alice@volli.app")["type"] == "registered"
+    plain = open_client(first)
+    plain.register("plain@volli.app", public_key="UGxhaW5LZXk=")
     alice.close()
+    plain.close()
     first.signal(signal.SIGTERM)
     assert first.wait_exit(30) == 0
 
@@ -197,7 +200,10 @@ def test_bindings_survive_a_full_restart_of_the_servers(nodes, open_client):
     reply = watcher.call({"type": "discover", "userId": "alice@volli.app"})
     del reply["requestId"]
     assert reply == {"type": "discover-response", "userId": "alice@volli.app",
-                     "online": False, "publicKey": "QWxpY2VLZXk="}
+                     "online": False, "publicKey": me.public, "verified": True}
+    # An unsigned registration left nothing behind.
+    reply = watcher.call({"type": "discover", "userId": "plain@volli.app"})
+    assert (reply["publicKey"], reply["verified"]) == (None, False)
 
 
 def test_sigterm_with_redis_releases_presence_for_other_servers(nodes, open_client):

@@ -46,8 +46,11 @@ def test_seed_readme_messages_byte_for_byte(server, clients):
     bob.send(SEED_REGISTER.replace("alice", "bob"))
     assert bob.recv() == {"type": "registered", "userId": "bob@volli.app"}
     alice.send(SEED_DISCOVER)
+    # The seed's four fields as written, plus "verified" (unsigned: false), which seed
+    # clients ignore.
     assert alice.recv() == {"type": "discover-response", "userId": "bob@volli.app",
-                            "online": True, "publicKey": "base64-encoded-public-key"}
+                            "online": True, "publicKey": "base64-encoded-public-key",
+                            "verified": False}
     alice.send(SEED_OFFER)
     assert bob.recv() == json.loads(SEED_OFFER)
     bob.send(SEED_ANSWER)
@@ -59,7 +62,7 @@ def test_discover_unknown_user(clients, uid):
     alice.register(uid("alice"))
     reply = alice.request({"type": "discover", "userId": "nobody@volli.app"})
     assert reply == {"type": "discover-response", "userId": "nobody@volli.app",
-                     "online": False, "publicKey": None}
+                     "online": False, "publicKey": None, "verified": False}
 
 
 @pytest.mark.parametrize("kind,field,payload", [
@@ -128,8 +131,8 @@ def test_peer_offline(clients, uid):
     ("{not json", "invalid-json"),
     ("[]", "invalid-message"),
     ('{"type":"offer","to":"x"}', "invalid-message"),
-    ('{"type":"register","userId":"a\\u0007","publicKey":"AAAA"}', "invalid-message"),
-    ('{"type":"register","userId":"' + "u" * 257 + '","publicKey":"AAAA"}', "invalid-message"),
+    ('{"type":"register","userId":"a\\u0007","publicKey":"AAAA"}', "invalid-user-id"),
+    ('{"type":"register","userId":"' + "u" * 257 + '","publicKey":"AAAA"}', "invalid-user-id"),
     ('{"type":"register","userId":"u","publicKey":"' + "A" * 4097 + '"}', "invalid-message"),
     ('{"type":"subscribe"}', "unknown-type"),
     ('{"type":"ping","requestId":{"a":1}}', "invalid-message"),

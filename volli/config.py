@@ -185,7 +185,7 @@ class Settings:
     binding_retention: float = _setting(
         "VOLLI_BINDING_RETENTION", 7776000.0, _float,
         "Seconds a signed user ID stays bound to its key after its last registration or "
-        "disconnect (a TTL in Redis); then anyone may register it again.", 60)
+        "disconnect (a TTL in Redis); then anyone may register it again.", 1)
     max_bindings: int = _setting(
         "VOLLI_MAX_BINDINGS", 100000, _int,
         "Bindings the in-memory backend keeps; beyond it the least recently used offline "

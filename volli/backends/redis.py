@@ -87,11 +87,11 @@ end
 return 0
 """
 
-# An operator's unbind: KEYS binding, presence. Returns {had binding, node, session} of
-# the holder to close (false when nobody holds it).
+# An operator's unbind: KEYS presence, binding. Returns {had binding, node, session} of
+# the holder to close (nil when nobody holds it).
 UNBIND = """
-local had = redis.call('DEL', KEYS[1])
-local h = redis.call('HMGET', KEYS[2], 'node', 'session')
+local had = redis.call('DEL', KEYS[2])
+local h = redis.call('HMGET', KEYS[1], 'node', 'session')
 return {had, h[1], h[2]}
 """
 

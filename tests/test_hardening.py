@@ -1,0 +1,287 @@
+"""Findings of the hardening review (issue 11), each reproduced on a real gunicorn:
+retention of registrations and bindings, look-alike keys and user IDs, key spellings,
+IPv6 grouping of the per-IP limits, who gets TURN credentials, and the operator's unbind.
+(The transport's findings live in tests/test_transport_hardening.py.)"""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+
+import pytest
+from websockets.exceptions import ConnectionClosed
+
+from conftest import ROOT, Client
+from signing import Identity
+from wsclient import churn_registrations, worker_pid, worker_rss_kb
+
+
+# -- finding 2: nothing is kept for unsigned users; bindings are bounded -----------------
+
+def test_unsigned_registrations_leave_nothing_behind(make_server, backend_env, redis_server):
+    """Thousands of distinct unsigned IDs with 4,000-character keys, each registered once
+    and closed: the worker's memory returns to its baseline and nothing stays stored."""
+    prefix = f"churn{os.getpid()}{time.monotonic_ns() % 100000}:"
+    srv = make_server({"VOLLI_REDIS_PREFIX": prefix})
+    key = "A" * 4000
+    churn_registrations(srv.port, 500, key, "warm")  # the allocator's and caches' warm-up
+    time.sleep(0.5)
+    pid = worker_pid(srv)
+    baseline = worker_rss_kb(pid)
+    churn_registrations(srv.port, 4000, key, "churn")
+    time.sleep(1.0)
+    after = worker_rss_kb(pid)
+    status, health = srv.http("/health")
+    assert status == 200 and health["online"] == 0
+    if "VOLLI_REDIS_URL" in backend_env:
+        assert health["bindings"] is None
+        assert _redis_keys(redis_server, prefix) == []
+    else:
+        assert health["bindings"] == 0
+    assert after <= baseline * 1.10, f"worker grew from {baseline} kB to {after} kB"
+
+
+def _redis_keys(redis_server, prefix: str) -> list[bytes]:
+    import redis
+
+    client = redis.Redis.from_url(redis_server.url)
+    try:
+        return list(client.scan_iter(f"{prefix}*"))
+    finally:
+        client.close()
+
+
+def test_bindings_expire_after_the_retention(make_server, uid):
+    srv = make_server({"VOLLI_BINDING_RETENTION": "2"})
+    user, me = uid("kept"), Identity()
+    first = Client(srv.url)
+    assert me.register(first, user)["type"] == "registered"
+    first.close()
+    time.sleep(0.3)
+    thief = Client(srv.url)
+    assert thief.call({"type": "register", "userId": user, "publicKey": "AAAA"})["code"] \
+        == "identity-bound"
+    time.sleep(2.5)
+    assert thief.call({"type": "register", "userId": user, "publicKey": "AAAA"})["type"] \
+        == "registered"
+    thief.close()
+
+
+def test_in_memory_bindings_are_capped_least_recently_used_first(tmp_path):
+    from conftest import Server
+
+    srv = Server(tmp_path, {"VOLLI_MAX_CONNECTIONS": "10", "VOLLI_MAX_BINDINGS": "10"})
+    try:
+        srv.wait_ready()
+        users = [f"capped-{i}" for i in range(12)]
+        for user in users:
+            client = Client(srv.url)
+            assert Identity().register(client, user)["type"] == "registered"
+            client.close()
+        time.sleep(0.3)
+        assert srv.http("/health")[1]["bindings"] == 10
+        probe = Client(srv.url)
+        # The two least recently used are forgotten; the newest are still bound.
+        assert probe.call({"type": "register", "userId": users[0], "publicKey": "AAAA"}
+                          )["type"] == "registered"
+        assert probe.call({"type": "discover", "userId": users[-1]})["verified"] is True
+        probe.close()
+    finally:
+        srv.stop()
+
+
+def test_discover_says_whether_the_key_is_verified(server, clients, uid):
+    signed, plain, asker = uid("signed"), uid("plain"), uid("asker")
+    me = Identity()
+    assert me.register(clients(), signed)["type"] == "registered"
+    clients().register(plain)
+    looker = clients()
+    looker.register(asker)
+    online_signed = looker.call({"type": "discover", "userId": signed})
+    assert online_signed["verified"] is True and online_signed["publicKey"] == me.public
+    assert looker.call({"type": "discover", "userId": plain})["verified"] is False
+    nobody = uid("nobody")
+    reply = looker.call({"type": "discover", "userId": nobody})
+    assert {k: v for k, v in reply.items() if k != "requestId"} == {
+        "type": "discover-response", "userId": nobody, "online": False, "publicKey": None,
+        "verified": False}
+
+
+# -- finding 3: receivers read what the server checked -------------------------------
+
+@pytest.mark.parametrize("extra", [
+    '"From":"carol"', '"FROM":"carol"', '"fRoM":"carol"', '"from\\u0000":"carol"',
+    '"To":"carol"', '"TYPE":"answer"', '"to":"carol"', '"type":"answer"',
+    '"\\u0074o":"carol"', '"from":"carol","from":"ALICE"',
+])
+def test_relays_another_parser_could_misread_are_refused(server, clients, uid, extra):
+    alice, bob = uid("alice"), uid("bob")
+    sender, receiver = clients(), clients()
+    sender.register(alice)
+    receiver.register(bob)
+    text = (f'{{"type":"offer","to":{json.dumps(bob)},"offer":{{"sdp":"x"}},{extra},'
+            f'"requestId":"bad"}}')
+    sender.send(text)
+    reply = sender.recv()
+    assert reply["type"] == "error" and reply["code"] == "invalid-message", reply
+    sender.send({"type": "offer", "to": bob, "offer": {"sdp": "ok"}})
+    relayed = receiver.recv()
+    assert relayed["offer"] == {"sdp": "ok"}, "the refused relay reached the receiver"
+
+
+def test_relays_arrive_compact_with_one_from(server, clients, uid):
+    alice, bob = uid("alice"), uid("bob")
+    sender, receiver = clients(), clients()
+    sender.register(alice)
+    receiver.register(bob)
+    sender.send('{ "type" : "offer", "to" : ' + json.dumps(bob) + ', "offer" : {"n": 1e2} }')
+    raw = receiver.ws.recv(timeout=5)
+    assert raw == ('{"type":"offer","to":' + json.dumps(bob) + ',"offer":{"n":100.0},'
+                   '"from":' + json.dumps(alice) + '}')
+
+
+# -- finding 9: one key, one spelling ------------------------------------------------
+
+def _spellings(public: str) -> list[str]:
+    return [public.rstrip("="), public.replace("+", "-").replace("/", "_"),
+            public.replace("+", "-").replace("/", "_").rstrip("=")]
+
+
+def test_a_bound_key_is_the_same_key_in_any_base64_spelling(server, uid):
+    me = Identity()
+    user = uid("spelled")
+    for spelling in [None, *_spellings(me.public)]:
+        client = Client(server.url)
+        reply = me.register(client, user, spelling=spelling)
+        assert reply["type"] == "registered", (spelling, reply)
+        client.close()
+        time.sleep(0.1)
+
+
+def test_keys_are_bound_and_shown_in_the_canonical_spelling(server, clients, uid):
+    me = Identity()
+    user = uid("canonical")
+    unpadded_urlsafe = _spellings(me.public)[2]
+    assert me.register(clients(), user, spelling=unpadded_urlsafe)["type"] == "registered"
+    looker = clients()
+    looker.register(uid("looker"))
+    assert looker.call({"type": "discover", "userId": user})["publicKey"] == me.public
+    # The padded standard spelling of the same bytes takes over (same key), not refused.
+    assert me.register(clients(), user)["type"] == "registered"
+
+
+# -- finding 10: visually identical user IDs ------------------------------------------
+
+@pytest.mark.parametrize("user_id", [
+    "alice\u200b", "\u202ealice", "\ufeffalice", " ", "\u200b", "cafe\u0301", "alice ",
+])
+def test_user_ids_that_look_like_others_are_refused(server, clients, user_id):
+    client = clients()
+    reply = client.call({"type": "register", "userId": user_id, "publicKey": "AAAA"})
+    assert reply["code"] == "invalid-user-id", reply
+    assert client.call({"type": "register", "userId": "caf\u00e9-" + str(time.monotonic_ns()),
+                        "publicKey": "AAAA"})["type"] == "registered"
+
+
+# -- finding 11: IPv6 clients are limited per /64; TURN for signed sessions ------------
+
+def _upgrade_status(port: int, forwarded_for: str) -> int:
+    import socket
+
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
+        key = base64.b64encode(os.urandom(16)).decode()
+        sock.sendall((f"GET /signaling HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\n"
+                      f"Connection: Upgrade\r\nSec-WebSocket-Key: {key}\r\n"
+                      f"Sec-WebSocket-Version: 13\r\nX-Forwarded-For: {forwarded_for}\r\n\r\n"
+                      ).encode())
+        return int(sock.recv(4096).split(b" ", 2)[1])
+
+
+def test_per_ip_limits_group_ipv6_clients_by_prefix(make_server):
+    srv = make_server({"VOLLI_TRUSTED_PROXIES": "1", "VOLLI_IP_CONNECT_RATE": "1"})
+    # Burst of 2 per group: a third address in the same /64 is refused...
+    assert _upgrade_status(srv.port, "2001:db8:1:2::1") == 101
+    assert _upgrade_status(srv.port, "2001:db8:1:2::2") == 101
+    assert _upgrade_status(srv.port, "2001:db8:1:2:ffff::3") == 429
+    # ...while another /64, and IPv4 addresses, have their own budgets.
+    assert _upgrade_status(srv.port, "2001:db8:1:3::1") == 101
+    assert _upgrade_status(srv.port, "192.0.2.1") == 101
+    assert _upgrade_status(srv.port, "192.0.2.2") == 101
+
+
+TURN = {"VOLLI_TURN_SECRET": "s3cret", "VOLLI_TURN_URIS": "stun:stun.test:3478,turn:turn.test:3478"}
+
+
+def _servers(reply: dict) -> dict[str, dict]:
+    return {uri: server for server in reply["iceServers"] for uri in server["urls"]}
+
+
+def test_turn_credentials_go_to_signed_sessions_only_by_default(make_server, uid):
+    srv = make_server(TURN)
+    plain = Client(srv.url)
+    plain.send({"type": "register", "userId": uid("plain"), "publicKey": "AAAA"})
+    assert plain.recv()["type"] == "registered"
+    pushed = plain.recv()
+    assert pushed["type"] == "ice-servers" and list(_servers(pushed)) == ["stun:stun.test:3478"]
+    assert plain.call({"type": "ice-servers"})["code"] == "signature-required"
+    signed = Client(srv.url)
+    assert Identity().register(signed, uid("signed"))["type"] == "registered"
+    pushed = signed.recv()
+    turn = _servers(pushed)["turn:turn.test:3478"]
+    expiry = int(turn["username"].split(":", 1)[0])
+    assert 3500 < expiry - time.time() <= 3600  # VOLLI_TURN_TTL defaults to an hour
+    plain.close()
+    signed.close()
+
+
+def test_turn_credentials_are_rate_limited_per_connection(make_server, uid):
+    srv = make_server({**TURN, "VOLLI_TURN_FOR": "all"})
+    client = Client(srv.url)
+    client.send({"type": "register", "userId": uid("many"), "publicKey": "AAAA"})
+    assert client.recv()["type"] == "registered"
+    assert "turn:turn.test:3478" in _servers(client.recv())  # "all": unsigned too
+    replies = [client.call({"type": "ice-servers"}) for _ in range(6)]
+    assert [r["type"] for r in replies] == ["ice-servers"] * 5 + ["error"]
+    assert replies[-1]["code"] == "rate-limited" and replies[-1]["limit"] == "ice-servers-rate"
+    client.close()
+
+
+# -- the operator's unbind -----------------------------------------------------------
+
+def _unbind(srv, user_id: str, token: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "volli.admin", "unbind", user_id,
+                           "--url", f"http://127.0.0.1:{srv.port}"], cwd=ROOT,
+                          env={**os.environ, "VOLLI_ADMIN_TOKEN": token},
+                          capture_output=True, text=True, timeout=30)
+
+
+def test_operator_unbinds_a_user_id(make_server, uid):
+    srv = make_server({"VOLLI_ADMIN_TOKEN": "t0ken"})
+    user, lost_key = uid("lost"), Identity()
+    holder = Client(srv.url)
+    assert lost_key.register(holder, user)["type"] == "registered"
+    assert _unbind(srv, user, "wrong").returncode == 1
+    done = _unbind(srv, user, "t0ken")
+    assert done.returncode == 0, done.stderr
+    assert holder.recv() == {"type": "session-replaced"}
+    with pytest.raises(ConnectionClosed) as info:
+        holder.ws.recv(timeout=5)
+    assert info.value.rcvd.code == 4000
+    fresh = Client(srv.url)
+    assert Identity().register(fresh, user)["type"] == "registered"  # a new key binds it
+    fresh.close()
+    assert _unbind(srv, uid("never-bound"), "t0ken").returncode == 1
+
+
+def test_admin_endpoints_are_off_without_a_token(server):
+    request = urllib.request.Request(f"http://127.0.0.1:{server.port}/admin/bindings/x",
+                                     method="DELETE")
+    with pytest.raises(urllib.error.HTTPError) as info:
+        urllib.request.urlopen(request, timeout=5)
+    assert info.value.code == 404

@@ -1,0 +1,85 @@
+"""A lean blocking WebSocket client on a raw socket, for tests that open thousands of
+connections (python-websockets costs the client more CPU than the server), and a look at
+the gunicorn worker's process."""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import socket
+from pathlib import Path
+
+from conftest import Server
+
+HANDSHAKE = ("GET /signaling HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\n"
+             "Connection: Upgrade\r\nSec-WebSocket-Key: {key}\r\n"
+             "Sec-WebSocket-Version: 13\r\n\r\n")
+
+
+def masked_text(text: str) -> bytes:
+    """One masked client text frame (the mask is zero: XOR leaves the payload as is)."""
+    payload = text.encode()
+    n = len(payload)
+    if n < 126:
+        head = bytes((0x81, 0x80 | n))
+    elif n < 65536:
+        head = bytes((0x81, 0xFE)) + n.to_bytes(2, "big")
+    else:
+        head = bytes((0x81, 0xFF)) + n.to_bytes(8, "big")
+    return head + bytes(4) + payload
+
+
+def _read_text(sock: socket.socket, buf: bytearray) -> str:
+    """The next unfragmented server text frame (servers do not mask)."""
+    while True:
+        if len(buf) >= 2:
+            n, start = buf[1] & 0x7F, 2
+            if n == 126:
+                n, start = int.from_bytes(buf[2:4], "big"), 4
+            elif n == 127:
+                n, start = int.from_bytes(buf[2:10], "big"), 10
+            if len(buf) >= start + n:
+                text = bytes(buf[start:start + n]).decode()
+                del buf[:start + n]
+                return text
+        data = sock.recv(65536)
+        if not data:
+            raise ConnectionError("closed")
+        buf += data
+
+
+def register_once(port: int, user_id: str, public_key: str) -> dict:
+    """Open, read hello, register unsigned, close: the reply to register."""
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+        sock.sendall(HANDSHAKE.format(key=base64.b64encode(os.urandom(16)).decode()).encode())
+        buf = bytearray()
+        while b"\r\n\r\n" not in buf:
+            buf += sock.recv(4096)
+        status = bytes(buf[:12])
+        assert status.endswith(b"101"), bytes(buf)
+        del buf[:buf.index(b"\r\n\r\n") + 4]
+        assert json.loads(_read_text(sock, buf))["type"] == "hello"
+        sock.sendall(masked_text(json.dumps({"type": "register", "userId": user_id,
+                                             "publicKey": public_key})))
+        return json.loads(_read_text(sock, buf))
+
+
+def churn_registrations(port: int, count: int, public_key: str, tag: str) -> None:
+    for i in range(count):
+        reply = register_once(port, f"{tag}-{i}@churn", public_key)
+        assert reply["type"] == "registered", reply
+
+
+def worker_pid(srv: Server) -> int:
+    """The one gunicorn worker of ``srv`` (a child of its master)."""
+    children = Path(f"/proc/{srv.proc.pid}/task/{srv.proc.pid}/children").read_text().split()
+    assert len(children) == 1, children
+    return int(children[0])
+
+
+def worker_rss_kb(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    raise RuntimeError(f"no VmRSS for {pid}")
