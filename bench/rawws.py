@@ -55,9 +55,10 @@ STATE_NAMES = ("connecting", "upgrading", "registering", "open", "closing")
 class Target:
     """Where and how to connect: protocol ``volli`` (also the baseline) or ``peerjs``."""
 
-    __slots__ = ("proto", "host", "port", "path", "query")
+    __slots__ = ("proto", "host", "port", "path", "query", "public_key")
 
-    def __init__(self, proto: str, url: str) -> None:
+    def __init__(self, proto: str, url: str, public_key: str = "cap") -> None:
+        """``public_key``: the (unsigned) ``publicKey`` a Volli registration carries."""
         u = urllib.parse.urlsplit(url)
         if u.scheme != "ws" or not u.hostname or not u.hostname.startswith("127."):
             raise ValueError(f"only ws://127.x.y.z targets: {url!r}")
@@ -66,6 +67,7 @@ class Target:
         self.port = u.port or 80
         self.path = u.path or "/"
         self.query = u.query
+        self.public_key = public_key
 
     def request(self, user_id: str, n: int) -> bytes:
         """The upgrade request for one connection (peerjs: id and token in the query)."""
@@ -84,11 +86,11 @@ class Target:
         if self.proto == "peerjs":
             return None  # registered by the query string
         return client_frame(b'{"type":"register","userId":' + json.dumps(user_id).encode() +
-                            b',"publicKey":"cap"}')
+                            b',"publicKey":' + json.dumps(self.public_key).encode() + b'}')
 
 
-def parse_target(proto: str, url: str) -> Target:
-    return Target(proto, url)
+def parse_target(proto: str, url: str, public_key: str = "cap") -> Target:
+    return Target(proto, url, public_key)
 
 
 def _mask(payload: bytes, key: bytes) -> bytes:

@@ -117,7 +117,7 @@ def test_discover_says_whether_the_key_is_verified(server, clients, uid):
 
 @pytest.mark.parametrize("extra", [
     '"From":"carol"', '"FROM":"carol"', '"fRoM":"carol"', '"from\\u0000":"carol"',
-    '"To":"carol"', '"TYPE":"answer"', '"to":"carol"', '"type":"answer"',
+    '"To":"carol"', '"TYPE":"answer"', '"to":"carol"', '"type":"ice-candidate","candidate":null',
     '"\\u0074o":"carol"', '"from":"carol","from":"ALICE"',
 ])
 def test_relays_another_parser_could_misread_are_refused(server, clients, uid, extra):
