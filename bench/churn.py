@@ -90,6 +90,14 @@ class RedisProbe:
     def used_memory(self) -> int:
         return int(self.client.info("memory")["used_memory"])
 
+    def memory(self) -> dict[str, int]:
+        """INFO memory's used_memory, and its dataset part (the keys, without client
+        buffers and other overhead, which move with the connections' recent traffic)."""
+        info = self.client.info("memory")
+        return {k: int(info[k]) for k in ("used_memory", "used_memory_dataset",
+                                          "used_memory_overhead", "used_memory_rss")
+                if k in info}
+
     def keys(self, limit: int = 5_000_000) -> dict[str, int]:
         """{kind: count} of the keys under the prefix; kind is what follows the prefix up to
         the next ':' (presence, key, ...). Bounded by ``limit`` keys."""
@@ -128,7 +136,10 @@ def snapshot(server: Server, probe: RedisProbe | None) -> dict[str, Any]:
     except Exception as exc:  # noqa: BLE001 - recorded, reported under PROBLEMS
         snap["health_error"] = f"{type(exc).__name__}: {exc}"
     if probe is not None:
-        snap["redis_used_memory"] = probe.used_memory()
+        mem = probe.memory()
+        snap["redis_memory"] = mem
+        snap["redis_used_memory"] = mem["used_memory"]
+        snap["redis_used_memory_dataset"] = mem.get("used_memory_dataset")
         snap["redis_keys_by_kind"] = keys = probe.keys()
         snap["redis_keys"] = sum(keys.values())
     return snap
@@ -298,6 +309,15 @@ def run_backend(backend: str, args, log_dir: Path, key: str,
                                                  base["redis_used_memory"]),
                 "redis_bytes_per_registration":
                     (after["redis_used_memory"] - base["redis_used_memory"]) / n,
+                "redis_dataset_baseline": base["redis_used_memory_dataset"],
+                "redis_dataset_after": after["redis_used_memory_dataset"],
+                "redis_dataset_ratio": ratio(after["redis_used_memory_dataset"],
+                                             base["redis_used_memory_dataset"]),
+                "redis_dataset_bytes_per_registration":
+                    (after["redis_used_memory_dataset"] -
+                     base["redis_used_memory_dataset"]) / n
+                    if after["redis_used_memory_dataset"] is not None and
+                    base["redis_used_memory_dataset"] is not None else None,
                 "redis_keys_baseline": base["redis_keys"],
                 "redis_keys_after": after["redis_keys"],
                 "redis_keys_by_kind_after": after["redis_keys_by_kind"],
@@ -364,6 +384,12 @@ def table(results: dict[str, dict[str, Any]], args) -> str:
                         f"{mib(f['redis_used_memory_after'])} | "
                         f"{f['redis_used_memory_ratio']:.3f} | "
                         f"{f['redis_bytes_per_registration']:,.0f} B |")
+            if f.get("redis_dataset_baseline") is not None:
+                rows.append(f"| {backend} | redis used_memory_dataset (keys only) | "
+                            f"{mib(f['redis_dataset_baseline'])} | "
+                            f"{mib(f['redis_dataset_after'])} | "
+                            f"{num(f['redis_dataset_ratio'], '.3f')} | "
+                            f"{num(f['redis_dataset_bytes_per_registration'], ',.0f')} B |")
             kinds = ", ".join(f"{k} {v:,}" for k, v in
                               sorted(f["redis_keys_by_kind_after"].items())) or "none"
             rows.append(f"| {backend} | redis keys under the prefix (after: {kinds}) | "

@@ -258,7 +258,7 @@ def test_js_client_signed_registration_and_takeover(web_server, open_page):
     assert r["rtt"] >= 0
     assert r["unsigned"]["code"] == "identity-bound", r["unsigned"]
     assert r["otherKey"]["code"] == "bad-signature", r["otherKey"]
-    assert r["missing"]["code"] == "invalid-message", r["missing"]
+    assert r["missing"]["code"] == "invalid-user-id", r["missing"]
     assert r["relayed"]["from"] == user_id and r["relayed"]["offer"] == {"type": "offer",
                                                                         "sdp": "v=0"}
     assert r["offlineError"]["code"] == "peer-offline"

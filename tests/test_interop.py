@@ -116,6 +116,9 @@ def test_chromium_and_aiortc_talk_through_volli(web_server, open_page, loopback_
         if caller == "chromium":
             page.fill("#peer-id", aiortc_id)
             page.click("#call")
+        else:  # the demo asks before it answers
+            expect(page.locator("#incoming-from")).to_have_text(aiortc_id, timeout=WAIT_MS)
+            page.click("#accept")
         status = page.locator("#call-status")
         try:
             expect(status).to_have_attribute("data-state", "connected", timeout=WAIT_MS)

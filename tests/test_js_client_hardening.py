@@ -105,7 +105,8 @@ def test_relayed_request_ids_never_settle_requests(web_server, open_page):
         assert lures and lures[0] < reply_at, ("setup: the relays did not arrive while "
                                                f"discover was pending: {seen}")
         assert result == {"reply": {"type": "discover-response", "userId": "ghost@volli.app",
-                                    "online": False, "publicKey": None, "requestId": rid}}, result
+                                    "online": False, "publicKey": None, "verified": False,
+                                    "requestId": rid}}, result
         # Every relay still arrived as its event.
         page.wait_for_function(f"Object.values(window.relays).every((x) => x === {n})",
                                timeout=WAIT_MS)

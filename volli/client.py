@@ -183,7 +183,8 @@ class VolliClient:
             raise ConnectionError("not connected")
         from websockets.exceptions import ConnectionClosed
         try:
-            await self._ws.send(json.dumps(message))
+            # Compact, as the server relays it: such a relay is passed on as written.
+            await self._ws.send(json.dumps(message, separators=(",", ":"), ensure_ascii=False))
         except ConnectionClosed as exc:
             raise ConnectionError(f"signaling connection closed ({exc})") from exc
 
