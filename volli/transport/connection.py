@@ -69,6 +69,11 @@ class _SendTimeout(Exception):
 
 
 class Connection:
+    # Only TLS connections set these. An instance dict past 30 keys stops sharing its keys
+    # with the others and grows from about 0.3 to 1.6 kB: keep __init__ under that.
+    _resumed: Event | None = None  # wakes a paused serve()
+    _sending = 0  # frames at the queue's head inside a TLS sendall
+
     def __init__(self, sock, *, detached: bool, events: Events, max_message_size: int,
                  queue_limit: int, send_timeout: float, remote_addr: str, deflate=None,
                  on_finished: Callable[["Connection"], None] = lambda conn: None) -> None:
@@ -88,13 +93,10 @@ class Connection:
         self._offset = 0  # bytes of the first queued frame already written
         self._queued = 0  # bytes queued and not yet written
         self._queue_limit = queue_limit
-        self._high_water = queue_limit // 2
-        self._low_water = queue_limit // 8
-        self._paused = False  # over the high-water mark: not read
-        self._stall = None  # timer: closes a connection paused for the send timeout
-        self._resumed = None if detached else Event()  # wakes a paused serve()
+        # Backpressure: not read while over half the limit (the timer then closes it after
+        # the send timeout), read again below an eighth.
+        self._stall = None
         self._pong: bytes | None = None  # the answer to the latest ping, not yet written
-        self._sending = 0  # frames at the queue's head inside a TLS sendall
         self._send_timeout = send_timeout
         self._flushing = False  # a flush callback or the writer will write what is queued
         self._writer: gevent.Greenlet | None = None
@@ -188,7 +190,7 @@ class Connection:
         while out and sent >= len(out[0][0]):
             sent -= len(out.popleft()[0])
         self._offset = sent
-        if self._paused and self._queued <= self._low_water:
+        if self._stall is not None and self._queued <= self._queue_limit >> 3:
             self._resume()
 
     def _write_waiting(self) -> None:
@@ -218,7 +220,7 @@ class Connection:
                         self._out.popleft()
                     self._sending = 0
                     self._queued -= len(data)
-                    if self._paused and self._queued <= self._low_water:
+                    if self._stall is not None and self._queued <= self._queue_limit >> 3:
                         self._resume()
         except (_SendTimeout, OSError) as exc:  # the peer is gone or unusable
             if isinstance(exc, _SendTimeout):
@@ -269,7 +271,7 @@ class Connection:
                     data = b""
                 if not self._received(data):
                     return
-                if self._queued > self._high_water and self.close_code is None:
+                if self._queued > self._queue_limit >> 1 and self.close_code is None:
                     self._pause()
                     return
         finally:
@@ -284,32 +286,30 @@ class Connection:
                 data = b""
             if not self._received(data):
                 return
-            if self._queued > self._high_water and self.close_code is None:
+            if self._queued > self._queue_limit >> 1 and self.close_code is None:
+                if self._resumed is None:
+                    self._resumed = Event()
+                self._resumed.clear()
                 self._pause()
                 self._resumed.wait()
 
     def _pause(self) -> None:
         """Backpressure: stop reading until our own output drains (or cut it off)."""
-        self._paused = True
         if self._watcher is not None:
             self._watcher.stop()
-        else:
-            self._resumed.clear()
-        if self._stall is None:
-            self._stall = get_hub().loop.timer(self._send_timeout)
-            self._timers.append(self._stall)
+        self._stall = get_hub().loop.timer(self._send_timeout)
         self._stall.start(gevent.spawn, self._stalled)
 
     def _resume(self) -> None:
-        self._paused = False
-        self._stall.stop()
+        self._stall.close()
+        self._stall = None
         if self._watcher is not None:
             self._watcher.start(self._readable)
-        else:
+        elif self._resumed is not None:
             self._resumed.set()
 
     def _stalled(self) -> None:
-        if self._paused:
+        if self._stall is not None:
             log.info("connection %s (user=%s) left its output unread for %gs: closed",
                      self.id, self.user_id, self._send_timeout)
             self.close(CloseCode.SLOW_CONSUMER, "too slow: output not read")
@@ -419,6 +419,8 @@ class Connection:
         self._released = True
         self._mark_closed(CloseCode.ABNORMAL)
         self._drop_queue()
+        if self._stall is not None:
+            self._stall.close()
         if self._resumed is not None:
             self._resumed.set()  # a paused serve() reads the closed socket and returns
         current = gevent.getcurrent()

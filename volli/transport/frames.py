@@ -70,10 +70,10 @@ class FrameParser:
                  "_compressed", "_deflate")
 
     def __init__(self, max_message_size: int, deflate: Compressor | None = None) -> None:
-        # Input not yet consumed: appended to and trimmed once per feed, never rebuilt, so a
-        # frame arriving in many small reads costs linear time. Bounded: it holds at most
-        # one frame (the header caps it) plus one read.
-        self._buf = bytearray()
+        # Input not yet consumed (a bytearray once there is some): appended to and trimmed
+        # once per feed, never rebuilt, so a frame arriving in many small reads costs linear
+        # time. Bounded: at most one frame (the header caps it) plus one read.
+        self._buf: bytes | bytearray = b""
         self._need = 2  # bytes _buf must hold before parsing it again can make progress
         self._max_size = max_message_size  # characters of text, bytes of binary
         self._max_text_bytes = max_message_size * _UTF8_BYTES_PER_CHAR
@@ -156,11 +156,12 @@ class FrameParser:
             exc.events = events
             raise
         finally:
-            if buf is self._buf:
+            if pos >= end:
+                self._buf = b""
+            elif buf is self._buf:
                 del buf[:pos]
-            elif pos < end:
-                buf = self._buf
-                buf += memoryview(data)[pos:]
+            else:
+                self._buf = bytearray(memoryview(data)[pos:])
             self._need = need
         return events
 
