@@ -13,6 +13,21 @@ from wsproto.events import (
 )
 
 
+def masked(opcode: int, payload: bytes, fin: bool = True, rsv: int = 0,
+           mask: bytes = b"\x01\x02\x03\x04") -> bytes:
+    """One client frame, built by hand (so it can be anything a peer might send)."""
+    n = len(payload)
+    head = bytes([(0x80 if fin else 0) | rsv << 4 | opcode])
+    if n < 126:
+        head += bytes([0x80 | n])
+    elif n < 65536:
+        head += bytes([0xFE]) + n.to_bytes(2, "big")
+    else:
+        head += bytes([0xFF]) + n.to_bytes(8, "big")
+    key = int.from_bytes(mask * (n // 4 + 1), "little") & ((1 << 8 * n) - 1)
+    return head + mask + (int.from_bytes(payload, "little") ^ key).to_bytes(n, "little")
+
+
 class RawClient:
     def __init__(self, port: int, rcvbuf: int | None = None) -> None:
         self.sock = socket.socket()
@@ -45,12 +60,15 @@ class RawClient:
         self.sock.sendall(data)
 
     def next_message(self, deadline: float = 5.0) -> str | bytes:
+        """The next whole message (wsproto hands out a long one in parts)."""
         end = time.monotonic() + deadline
         while time.monotonic() < end:
             for i, event in enumerate(self.events):
-                if isinstance(event, (TextMessage, BytesMessage)):
-                    del self.events[i]
-                    return event.data
+                if isinstance(event, (TextMessage, BytesMessage)) and event.message_finished:
+                    head = self.events[:i + 1]
+                    parts = [e for e in head if isinstance(e, (TextMessage, BytesMessage))]
+                    self.events[:i + 1] = [e for e in head if e not in parts]
+                    return event.data[:0].join(e.data for e in parts)
                 if isinstance(event, CloseConnection):
                     raise ConnectionError(f"closed {event.code}")
             self._read()

@@ -12,6 +12,7 @@ from wsproto.extensions import PerMessageDeflate
 from wsproto.events import BytesMessage, CloseConnection, Message, Ping, TextMessage
 from wsproto.frame_protocol import FrameDecoder
 
+from rawclient import masked
 from volli.transport import deflate
 from volli.transport.frames import (
     OP_BINARY, OP_CLOSE, OP_PING, OP_PONG, OP_TEXT, FrameError, FrameParser, close_frame, frame,
@@ -26,19 +27,6 @@ def client() -> Connection:
 def client_bytes(*events) -> bytes:
     conn = client()
     return b"".join(conn.send(event) for event in events)
-
-
-def masked(opcode: int, payload: bytes, fin: bool = True, rsv: int = 0,
-           mask: bytes = b"\x01\x02\x03\x04") -> bytes:
-    n = len(payload)
-    head = bytes([(0x80 if fin else 0) | rsv << 4 | opcode])
-    if n < 126:
-        head += bytes([0x80 | n])
-    elif n < 65536:
-        head += bytes([0xFE]) + n.to_bytes(2, "big")
-    else:
-        head += bytes([0xFF]) + n.to_bytes(8, "big")
-    return head + mask + bytes(b ^ mask[i % 4] for i, b in enumerate(payload))
 
 
 @pytest.mark.parametrize("size", [0, 1, 3, 4, 5, 125, 126, 1500, 65535, 65536, 70001])
@@ -184,3 +172,33 @@ def test_deflated_messages_from_a_reference_client_and_the_inflated_cap():
 def test_close_connection_event_is_a_reference_close():
     data = client_bytes(CloseConnection(code=1000, reason="done"))
     assert FrameParser(10).feed(data) == [(OP_CLOSE, (1000, "done"))]
+
+
+def test_a_continuation_read_in_pieces_counts_its_size_once():
+    # 61,020 characters (122,040 bytes) under a 65,536 cap, the second half in many reads:
+    # each re-read of the incomplete continuation once added its length again (1009).
+    text = "é" * 61020
+    raw = text.encode()
+    cont = masked(0, raw[len(raw) // 2:])
+    parser = FrameParser(65536)
+    events = parser.feed(masked(OP_TEXT, raw[:len(raw) // 2], fin=False))
+    for i in range(0, len(cont), 4096):
+        events += parser.feed(cont[i:i + 4096])
+    assert events == [(OP_TEXT, text)]
+
+
+def test_a_frame_in_one_byte_reads_is_not_parsed_again_per_read(monkeypatch):
+    calls = []
+    check = FrameParser._check_header
+    monkeypatch.setattr(FrameParser, "_check_header",
+                        lambda self, *args: calls.append(args) or check(self, *args))
+    payload = os.urandom(256 * 1024)
+    data = masked(OP_BINARY, payload) + masked(OP_PING, b"after")
+    parser = FrameParser(len(payload))
+    events = []
+    for i in range(len(data)):
+        events += parser.feed(data[i:i + 1])
+    assert events == [(OP_BINARY, payload), (OP_PING, b"after")]
+    # A header is checked when it is complete and once more with its payload, not per
+    # read (the old parser rebuilt its buffer and parsed it again 262,000 times).
+    assert len(calls) <= 4, len(calls)

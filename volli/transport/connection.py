@@ -11,7 +11,12 @@ leaves in one non-blocking ``sendmsg``. A writer greenlet exists only while the 
 window is full; one that makes no progress within the send timeout cuts the peer off.
 A receiver whose queue would pass its limit is closed (4002) and the send reports False,
 so one slow peer never holds up a sender. Relays that will never be written are reported
-per sender through the hub.
+per sender through the hub. Pongs answer only the latest ping (RFC 6455 5.5.3): one
+waits at most, so a ping flood cannot grow the queue; every frame counts in its bytes.
+
+Backpressure. While the queue is over half its limit the connection is not read (its
+own requests would only add to it); below an eighth reading resumes. One that stays over
+for the send timeout is closed (4002).
 
 Closing. Whoever closes first, presence is released at once. Our close frame goes out
 after what is already queued (but a slow consumer's queue is dropped); then the write
@@ -30,6 +35,7 @@ from typing import Callable, Protocol
 
 import gevent
 from gevent import get_hub
+from gevent.event import Event
 
 from ..protocol import CloseCode
 from .frames import (
@@ -63,6 +69,11 @@ class _SendTimeout(Exception):
 
 
 class Connection:
+    # Only TLS connections set these. An instance dict past 30 keys stops sharing its keys
+    # with the others and grows from about 0.3 to 1.6 kB: keep __init__ under that.
+    _resumed: Event | None = None  # wakes a paused serve()
+    _sending = 0  # frames at the queue's head inside a TLS sendall
+
     def __init__(self, sock, *, detached: bool, events: Events, max_message_size: int,
                  queue_limit: int, send_timeout: float, remote_addr: str, deflate=None,
                  on_finished: Callable[["Connection"], None] = lambda conn: None) -> None:
@@ -82,6 +93,10 @@ class Connection:
         self._offset = 0  # bytes of the first queued frame already written
         self._queued = 0  # bytes queued and not yet written
         self._queue_limit = queue_limit
+        # Backpressure: not read while over half the limit (the timer then closes it after
+        # the send timeout), read again below an eighth.
+        self._stall = None
+        self._pong: bytes | None = None  # the answer to the latest ping, not yet written
         self._send_timeout = send_timeout
         self._flushing = False  # a flush callback or the writer will write what is queued
         self._writer: gevent.Greenlet | None = None
@@ -118,8 +133,21 @@ class Connection:
         self._out.append((data, origin))
         self._queued += len(data)
         if not self._flushing:
-            self._flushing = True
-            get_hub().loop.run_callback(self._flush)
+            self._flush_soon()
+
+    def _flush_soon(self) -> None:
+        self._flushing = True
+        get_hub().loop.run_callback(self._flush)
+
+    def _set_pong(self, pong: bytes | None) -> None:
+        """The one pending pong: a newer ping replaces it (RFC 6455 5.5.3)."""
+        if self._pong is not None:
+            self._queued -= len(self._pong)
+        if pong is not None:
+            self._queued += len(pong)
+            if not self._flushing:
+                self._flush_soon()
+        self._pong = pong
 
     def _flush(self) -> None:
         """Runs in the event loop after the current greenlet yields: never blocks."""
@@ -128,14 +156,14 @@ class Connection:
         self._flushing = False
         if self._detached:
             try:
-                while self._out:
+                while self._out or self._pong:
                     self._write_some()
             except BlockingIOError:
                 pass
             except OSError:  # the peer is gone; releasing may block, not here
                 gevent.spawn(self._release)
                 return
-        if self._out:
+        if self._out or self._pong:
             self._flushing = True
             self._writer = gevent.spawn(self._write_waiting)
         elif self._closing:
@@ -143,19 +171,27 @@ class Connection:
 
     def _write_some(self) -> None:
         out = self._out
-        if len(out) == 1:
+        pong = None if self._offset else self._pong  # control frames go between frames
+        if len(out) == 1 and pong is None:
             data = out[0][0]
             sent = self._sock.send(memoryview(data)[self._offset:] if self._offset else data)
         else:
             bufs = [data for data, _ in itertools.islice(out, MAX_IOV)]
             if self._offset:
                 bufs[0] = memoryview(bufs[0])[self._offset:]
+            elif pong is not None:
+                bufs.insert(0, pong)
             sent = self._sock.sendmsg(bufs)
         self._queued -= sent
+        if pong is not None:  # (partly) written: it heads the queue and must finish first
+            self._pong = None
+            out.appendleft((pong, None))
         sent += self._offset
         while out and sent >= len(out[0][0]):
             sent -= len(out.popleft()[0])
         self._offset = sent
+        if self._stall is not None and self._queued <= self._queue_limit >> 3:
+            self._resume()
 
     def _write_waiting(self) -> None:
         """The writer: drains the queue while the peer's window is full."""
@@ -163,7 +199,7 @@ class Connection:
             if self._detached:
                 watcher = get_hub().loop.io(self._sock.fileno(), 2)
                 try:
-                    while self._out:
+                    while self._out or self._pong:
                         try:
                             self._write_some()
                         except BlockingIOError:
@@ -172,14 +208,20 @@ class Connection:
                 finally:
                     watcher.close()
             else:
-                while self._out:
-                    count = len(self._out)
+                while self._out or self._pong:
+                    if self._pong is not None:  # nothing is partly written here
+                        self._out.appendleft((self._pong, None))
+                        self._pong = None
+                    count = self._sending = len(self._out)
                     data = b"".join(data for data, _ in itertools.islice(self._out, count))
                     with gevent.Timeout(self._send_timeout, _SendTimeout):
                         self._sock.sendall(data)
                     for _ in range(count):
                         self._out.popleft()
+                    self._sending = 0
                     self._queued -= len(data)
+                    if self._stall is not None and self._queued <= self._queue_limit >> 3:
+                        self._resume()
         except (_SendTimeout, OSError) as exc:  # the peer is gone or unusable
             if isinstance(exc, _SendTimeout):
                 log.info("connection %s (user=%s) took no data for %gs: cut off",
@@ -229,6 +271,9 @@ class Connection:
                     data = b""
                 if not self._received(data):
                     return
+                if self._queued > self._queue_limit >> 1 and self.close_code is None:
+                    self._pause()
+                    return
         finally:
             self._reading = False
 
@@ -241,6 +286,33 @@ class Connection:
                 data = b""
             if not self._received(data):
                 return
+            if self._queued > self._queue_limit >> 1 and self.close_code is None:
+                if self._resumed is None:
+                    self._resumed = Event()
+                self._resumed.clear()
+                self._pause()
+                self._resumed.wait()
+
+    def _pause(self) -> None:
+        """Backpressure: stop reading until our own output drains (or cut it off)."""
+        if self._watcher is not None:
+            self._watcher.stop()
+        self._stall = get_hub().loop.timer(self._send_timeout)
+        self._stall.start(gevent.spawn, self._stalled)
+
+    def _resume(self) -> None:
+        self._stall.close()
+        self._stall = None
+        if self._watcher is not None:
+            self._watcher.start(self._readable)
+        elif self._resumed is not None:
+            self._resumed.set()
+
+    def _stalled(self) -> None:
+        if self._stall is not None:
+            log.info("connection %s (user=%s) left its output unread for %gs: closed",
+                     self.id, self.user_id, self._send_timeout)
+            self.close(CloseCode.SLOW_CONSUMER, "too slow: output not read")
 
     def _received(self, data: bytes) -> bool:
         """Handle one read; False once there is nothing more to read."""
@@ -262,7 +334,7 @@ class Connection:
                 elif opcode == OP_BINARY:
                     self._events.receive_binary(self)
                 elif opcode == OP_PING:
-                    self._push(frame(OP_PONG, value))
+                    self._set_pong(frame(OP_PONG, value))
                 elif opcode == OP_PONG:
                     self._awaiting_pong = False
                 else:  # the peer closes: echo its code
@@ -300,12 +372,13 @@ class Connection:
         # Before releasing presence, which may yield: the writer must not drain meanwhile
         # what a slow consumer's queue held (its senders are told it was dropped).
         if code == CloseCode.SLOW_CONSUMER:
-            self._drop_queue()
+            self._drop_queue(keep_started=True)
         self._events.disconnect(self)  # a client that sees our close finds its ID free
         self._send_close(code, reason)
 
     def _send_close(self, code: int, reason: str) -> None:
         self._closing = True
+        self._set_pong(None)  # nothing may follow the close frame
         self._push(close_frame(code, reason))
         self._after(CLOSE_WAIT + self._send_timeout, self._release)
 
@@ -323,10 +396,19 @@ class Connection:
         self._events.disconnect(self)
         return True
 
-    def _drop_queue(self) -> None:
-        undelivered = Counter(origin for _, origin in self._out if origin is not None)
-        self._out.clear()
-        self._queued = self._offset = 0
+    def _drop_queue(self, keep_started: bool = False) -> None:
+        """Discard what is queued; with ``keep_started``, frames already (partly) handed to
+        the socket stay, since a frame cut short would corrupt the stream."""
+        out = self._out
+        started = (1 if self._offset else self._sending) if keep_started else 0
+        kept = [out.popleft() for _ in range(started)]
+        undelivered = Counter(origin for _, origin in out if origin is not None)
+        out.clear()
+        out.extend(kept)
+        if not kept:
+            self._offset = 0
+        self._pong = None
+        self._queued = sum(len(data) for data, _ in kept) - self._offset
         if undelivered and self.user_id is not None:
             self._events.report_undelivered(self.user_id, undelivered)
 
@@ -337,6 +419,10 @@ class Connection:
         self._released = True
         self._mark_closed(CloseCode.ABNORMAL)
         self._drop_queue()
+        if self._stall is not None:
+            self._stall.close()
+        if self._resumed is not None:
+            self._resumed.set()  # a paused serve() reads the closed socket and returns
         current = gevent.getcurrent()
         for timer in self._timers:
             timer.close()

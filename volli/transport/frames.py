@@ -66,11 +66,15 @@ class FrameParser:
     ``(OP_PING, bytes)``, ``(OP_PONG, bytes)`` and ``(OP_CLOSE, (code, reason))``.
     ``feed`` raises FrameError on the first violation; the events before it were valid."""
 
-    __slots__ = ("_buf", "_max_text_bytes", "_max_size", "_parts", "_size", "_opcode",
+    __slots__ = ("_buf", "_need", "_max_text_bytes", "_max_size", "_parts", "_size", "_opcode",
                  "_compressed", "_deflate")
 
     def __init__(self, max_message_size: int, deflate: Compressor | None = None) -> None:
-        self._buf = b""
+        # Input not yet consumed (a bytearray once there is some): appended to and trimmed
+        # once per feed, never rebuilt, so a frame arriving in many small reads costs linear
+        # time. Bounded: at most one frame (the header caps it) plus one read.
+        self._buf: bytes | bytearray = b""
+        self._need = 2  # bytes _buf must hold before parsing it again can make progress
         self._max_size = max_message_size  # characters of text, bytes of binary
         self._max_text_bytes = max_message_size * _UTF8_BYTES_PER_CHAR
         self._parts: list[bytes] = []  # payloads of an unfinished fragmented message
@@ -80,9 +84,16 @@ class FrameParser:
         self._deflate = deflate
 
     def feed(self, data: bytes) -> list[tuple[int, Any]]:
-        buf = self._buf + data if self._buf else data
+        buf = self._buf
+        if buf:
+            buf += data
+            if len(buf) < self._need:
+                return []
+        else:  # the usual case: whole frames, parsed where they lie
+            buf = data
         end = len(buf)
         pos = 0
+        need = 2
         events: list[tuple[int, Any]] = []
         try:
             while end - pos >= 2:
@@ -100,6 +111,7 @@ class FrameParser:
                 head = pos + 2
                 if length == 126:
                     if end - head < 2:
+                        need = 4
                         break
                     length = int.from_bytes(buf[head:head + 2], "big")
                     head += 2
@@ -107,6 +119,7 @@ class FrameParser:
                         raise FrameError(1002, "frame length not minimally encoded")
                 elif length == 127:
                     if end - head < 8:
+                        need = 10
                         break
                     length = int.from_bytes(buf[head:head + 8], "big")
                     head += 8
@@ -114,12 +127,14 @@ class FrameParser:
                         raise FrameError(1002, "frame length has its top bit set")
                     if length < 65536:
                         raise FrameError(1002, "frame length not minimally encoded")
-                self._check_header(opcode, fin, rsv1, length)
+                size = self._check_header(opcode, fin, rsv1, length)
                 stop = head + 4 + length
                 if stop > end:
+                    need = stop - pos
                     break
                 payload = unmask(buf[head:head + 4], buf[head + 4:stop])
                 pos = stop
+                self._size = size  # counted once the frame is whole, never per re-read
                 if opcode >= OP_CLOSE:
                     events.append((opcode, parse_close(payload) if opcode == OP_CLOSE
                                    else payload))
@@ -141,10 +156,18 @@ class FrameParser:
             exc.events = events
             raise
         finally:
-            self._buf = buf[pos:] if pos < end else b""
+            if pos >= end:
+                self._buf = b""
+            elif buf is self._buf:
+                del buf[:pos]
+            else:
+                self._buf = bytearray(memoryview(data)[pos:])
+            self._need = need
         return events
 
-    def _check_header(self, opcode: int, fin: int, rsv1: int, length: int) -> None:
+    def _check_header(self, opcode: int, fin: int, rsv1: int, length: int) -> int:
+        """The message size once this frame is added; raises FrameError. Pure: a header
+        read again while its frame is incomplete is not counted twice."""
         if opcode >= OP_CLOSE:
             if opcode > OP_PONG:
                 raise FrameError(1002, f"reserved opcode {opcode:#x}")
@@ -152,7 +175,7 @@ class FrameParser:
                 raise FrameError(1002, "fragmented control frame")
             if length > 125:
                 raise FrameError(1002, "control frame longer than 125 bytes")
-            return
+            return self._size
         if opcode == OP_CONT:
             if self._opcode is None:
                 raise FrameError(1002, "continuation frame outside a message")
@@ -163,11 +186,12 @@ class FrameParser:
                 raise FrameError(1002, "new message inside a fragmented message")
         else:
             raise FrameError(1002, f"reserved opcode {opcode:#x}")
-        self._size = (self._size if opcode == OP_CONT else 0) + length
+        size = (self._size if opcode == OP_CONT else 0) + length
         text = (opcode or self._opcode) == OP_TEXT
         # Compressed sizes are checked again once inflated.
-        if self._size > (self._max_text_bytes if text else self._max_size):
+        if size > (self._max_text_bytes if text else self._max_size):
             raise FrameError(1009, "Message is too big")
+        return size
 
     def _message(self, payload: bytes) -> tuple[int, Any]:
         opcode, self._opcode = self._opcode, None

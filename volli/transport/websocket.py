@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import _socket
+import base64
+import binascii
 import logging
 import os
 import ssl
 import time
 
-from flask import Blueprint, g, jsonify, request
+from flask import Blueprint, current_app, g, jsonify, request
 from flask_sock import Sock
 
 from ..runtime import Runtime, get_runtime
@@ -24,11 +26,18 @@ sock = Sock()
 
 @bp.before_request
 def admit():
-    """Refuse before the upgrade (so gunicorn keeps slots for /health): draining or full
-    (503), a foreign Origin (403), too many connections or attempts from one IP (429)."""
+    """Refuse before the upgrade (so gunicorn keeps slots for /health): a malformed
+    handshake (400, 426), draining or full (503), a foreign Origin (403), too many
+    connections or attempts from one IP (429)."""
     runtime = get_runtime()
     settings = runtime.settings
     environ = request.environ
+    problem = _handshake_problem(environ)
+    if problem:
+        status, message = problem
+        log.warning("bad handshake from %s: %s", request.remote_addr, message)
+        return _refuse(runtime, status, "bad-handshake", message)
+    environ["HTTP_UPGRADE"] = "websocket"  # the one token wsproto accepts
     if runtime.draining:
         return _refuse(runtime, 503, "draining", "server is shutting down")
     if runtime.connections >= runtime.max_connections:
@@ -71,7 +80,8 @@ def _release_slot(runtime: Runtime, address: str) -> None:
     runtime.addresses.release(address)
 
 
-_ERRORS = {503: "unavailable", 403: "forbidden-origin", 429: "too-many-connections"}
+_ERRORS = {503: "unavailable", 403: "forbidden-origin", 429: "too-many-connections",
+           400: "bad-handshake", 426: "bad-handshake"}
 _IP_REFUSALS = {"ip-rate": "too many connection attempts from this address",
                 "ip-connections": "too many open connections from this address"}
 
@@ -83,7 +93,34 @@ def _refuse(runtime: Runtime, status: int, reason: str, message: str):
     response.status_code = status
     if status in (429, 503):
         response.headers["Retry-After"] = "5"
+    elif status == 426:
+        response.headers["Sec-WebSocket-Version"] = "13"
     return response
+
+
+def _handshake_problem(environ: dict) -> tuple[int, str] | None:
+    """What RFC 6455 4.2.1 (and wsproto, which answers the handshake) requires, checked
+    before any slot is taken: (status, message), or None for a valid handshake."""
+    if environ["REQUEST_METHOD"] != "GET":
+        return 400, "a WebSocket handshake must be a GET"
+    if "websocket" not in _tokens(environ, "HTTP_UPGRADE") \
+            or "upgrade" not in _tokens(environ, "HTTP_CONNECTION"):
+        return 400, "a WebSocket upgrade needs 'Upgrade: websocket' and 'Connection: Upgrade'"
+    if environ.get("HTTP_SEC_WEBSOCKET_VERSION", "").strip() != "13":
+        return 426, "only Sec-WebSocket-Version 13 is supported"
+    try:
+        key = base64.b64decode(environ.get("HTTP_SEC_WEBSOCKET_KEY", "").strip(), validate=True)
+    except binascii.Error:
+        key = b""
+    if len(key) != 16:
+        return 400, "Sec-WebSocket-Key must be 16 bytes in base64"
+    if not environ.get("HTTP_HOST"):
+        return 400, "a WebSocket handshake needs a Host header"
+    return None
+
+
+def _tokens(environ: dict, name: str) -> set[str]:
+    return {token.strip().lower() for token in environ.get(name, "").split(",")}
 
 
 class HandshakeOnly:
@@ -127,6 +164,14 @@ def signaling(ws):
     conn.start(settings.register_timeout)
     if not detached:
         conn.serve()  # TLS, or no descriptor to spare: read here until the end
+
+
+@bp.route("/signaling")
+def signaling_http():
+    """werkzeug routes to the WebSocket rule only an Upgrade header that is exactly
+    "websocket": the rest comes here through ``admit``, which refused it unless it is a
+    valid token list (``Upgrade: websocket, h2c``): then it is a WebSocket after all."""
+    return current_app.view_functions["signaling.signaling"]()
 
 
 def _finished(runtime: Runtime, conn: Connection, address: str, opened: float) -> None:
