@@ -167,18 +167,28 @@ def summarize(runs: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
         med = {ref: median(vs) for ref, vs in vals.items()}
         per_round = [ratio(b, a) for a, b in zip(vals["A"], vals["B"])]
         pr = [x for x in per_round if x is not None]
+        # A round is clean for this phase when neither A's nor B's window had other
+        # processes above relay.NOISY_CORES (the NOISE threshold).
+        clean = [all(((rs[i].get(phase) or {}).get("other_busy_cores") or 0.0)
+                     <= relay.NOISY_CORES for rs in runs.values())
+                 for i in range(len(per_round))]
+        cr = [x for x, ok in zip(per_round, clean) if ok and x is not None]
         out[key] = {"values": vals, "median": med, "ratio_b_a": ratio(med["B"], med["A"]),
                     "round_ratios": per_round,
                     "round_ratio_min": min(pr) if pr else None,
-                    "round_ratio_max": max(pr) if pr else None}
+                    "round_ratio_max": max(pr) if pr else None,
+                    "round_ratio_median": median(pr),
+                    "clean_rounds": clean,
+                    "clean_ratio_median": median(cr), "clean_count": len(cr)}
     return out
 
 
 def table(summary: dict[str, Any], refs: dict[str, dict[str, str]]) -> str:
     a, b = refs["A"], refs["B"]
     rows = [f"| figure | A: {a['ref']} ({a['commit'][:9]}) | B: {b['ref']} ({b['commit'][:9]}) "
-            f"| ratio B/A | per-round B/A (min .. max) | A per round | B per round |",
-            "|---|---:|---:|---:|---|---|---|"]
+            f"| ratio B/A (of medians) | median of per-round B/A | the same, clean rounds "
+            f"only | per-round B/A (min .. max) | A per round | B per round |",
+            "|---|---:|---:|---:|---:|---:|---|---|---|"]
     for key, label, _, spec in ROWS:
         s = summary.get(key)
         if not s:
@@ -186,7 +196,8 @@ def table(summary: dict[str, Any], refs: dict[str, dict[str, str]]) -> str:
         rr = s["round_ratios"]
         rows.append(
             f"| {label} | {fmt(s['median']['A'], spec)} | {fmt(s['median']['B'], spec)} | "
-            f"{fmt(s['ratio_b_a'], '.3f')} | "
+            f"{fmt(s['ratio_b_a'], '.3f')} | {fmt(s['round_ratio_median'], '.3f')} | "
+            f"{fmt(s['clean_ratio_median'], '.3f')} ({s['clean_count']} of {len(rr)}) | "
             f"{', '.join(fmt(x, '.3f') for x in rr)}"
             f"{' (' + fmt(s['round_ratio_min'], '.3f') + ' .. ' + fmt(s['round_ratio_max'], '.3f') + ')' if len(rr) > 1 else ''} | "
             f"{', '.join(fmt(x, spec) for x in s['values']['A'])} | "

@@ -437,6 +437,7 @@ class Server:
                 # Load clients send no Origin; a list keeps the all-origins warning quiet.
                 "VOLLI_ALLOWED_ORIGINS": "http://bench.invalid",
                 "VOLLI_RATE_MESSAGES": "1000000000", "VOLLI_RATE_BURST": "1000000000",
+                "VOLLI_RATE_FRAMES": "1000000000",
                 "VOLLI_FANOUT_PER_MINUTE": "1000000", "VOLLI_DISCOVER_PER_MINUTE": "1000000",
             })
             if self.nworkers != 1:

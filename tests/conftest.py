@@ -26,7 +26,8 @@ RECV_TIMEOUT = 5.0
 # limits out of the way unless a test sets its own (tests/test_limits.py does).
 PERMISSIVE_LIMITS = {"VOLLI_IP_MAX_CONNECTIONS": "0", "VOLLI_IP_CONNECT_RATE": "0",
                      "VOLLI_RATE_MESSAGES": "100000", "VOLLI_RATE_BURST": "100000",
-                     "VOLLI_FANOUT_PER_MINUTE": "100000", "VOLLI_DISCOVER_PER_MINUTE": "100000"}
+                     "VOLLI_FANOUT_PER_MINUTE": "100000", "VOLLI_DISCOVER_PER_MINUTE": "100000",
+                     "VOLLI_RATE_FRAMES": "1000000"}
 
 
 def free_port() -> int:

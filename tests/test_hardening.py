@@ -73,27 +73,23 @@ def test_bindings_expire_after_the_retention(make_server, uid):
     thief.close()
 
 
-def test_in_memory_bindings_are_capped_least_recently_used_first(tmp_path):
-    from conftest import Server
-
-    srv = Server(tmp_path, {"VOLLI_MAX_CONNECTIONS": "10", "VOLLI_MAX_BINDINGS": "10"})
-    try:
-        srv.wait_ready()
-        users = [f"capped-{i}" for i in range(12)]
-        for user in users:
-            client = Client(srv.url)
-            assert Identity().register(client, user)["type"] == "registered"
-            client.close()
-        time.sleep(0.3)
-        assert srv.http("/health")[1]["bindings"] == 10
-        probe = Client(srv.url)
-        # The two least recently used are forgotten; the newest are still bound.
-        assert probe.call({"type": "register", "userId": users[0], "publicKey": "AAAA"}
-                          )["type"] == "registered"
-        assert probe.call({"type": "discover", "userId": users[-1]})["verified"] is True
-        probe.close()
-    finally:
-        srv.stop()
+def test_new_bindings_beyond_the_cap_are_refused_and_none_is_forgotten(make_server):
+    srv = make_server({"VOLLI_MAX_BINDINGS": "10"})
+    owners = {f"capped-{i}-{srv.port}": Identity() for i in range(10)}
+    for user, owner in owners.items():
+        client = Client(srv.url)
+        assert owner.register(client, user)["type"] == "registered"
+        client.close()
+    time.sleep(0.3)
+    attacker = Client(srv.url)
+    # An 11th new ID is refused; flooding bindings frees no bound ID for anyone.
+    assert Identity().register(attacker, f"new-{srv.port}")["code"] == "bindings-full"
+    first = next(iter(owners))
+    assert Identity().register(attacker, first)["code"] == "bad-signature"
+    assert attacker.call({"type": "register", "userId": first, "publicKey": "AAAA"}
+                         )["code"] == "identity-bound"
+    assert owners[first].register(attacker, first)["type"] == "registered"  # still its own
+    attacker.close()
 
 
 def test_discover_says_whether_the_key_is_verified(server, clients, uid):
@@ -180,6 +176,7 @@ def test_keys_are_bound_and_shown_in_the_canonical_spelling(server, clients, uid
 
 @pytest.mark.parametrize("user_id", [
     "alice\u200b", "\u202ealice", "\ufeffalice", " ", "\u200b", "cafe\u0301", "alice ",
+    "alice smith\u2800", "alice\u00a0smith", "alice\u3000smith", "alice  smith",
 ])
 def test_user_ids_that_look_like_others_are_refused(server, clients, user_id):
     client = clients()
@@ -213,6 +210,11 @@ def test_per_ip_limits_group_ipv6_clients_by_prefix(make_server):
     assert _upgrade_status(srv.port, "2001:db8:1:3::1") == 101
     assert _upgrade_status(srv.port, "192.0.2.1") == 101
     assert _upgrade_status(srv.port, "192.0.2.2") == 101
+    # A port some load balancers append does not make a new client.
+    assert _upgrade_status(srv.port, "192.0.2.1:4242") == 101
+    assert _upgrade_status(srv.port, "192.0.2.1:4343") == 429
+    assert _upgrade_status(srv.port, "[2001:db8:1:3::9]:4242") == 101
+    assert _upgrade_status(srv.port, "[2001:db8:1:3::a]:4343") == 429
 
 
 TURN = {"VOLLI_TURN_SECRET": "s3cret", "VOLLI_TURN_URIS": "stun:stun.test:3478,turn:turn.test:3478"}
@@ -285,3 +287,96 @@ def test_admin_endpoints_are_off_without_a_token(server):
     with pytest.raises(urllib.error.HTTPError) as info:
         urllib.request.urlopen(request, timeout=5)
     assert info.value.code == 404
+
+
+# -- frame floods (found by an attack on the first fixes) ---------------------------
+
+def _flood(port: int, frames: bytes, seconds: float, first: bytes = b"") -> int | None:
+    """Send ``first``, then ``frames`` over and over for at most ``seconds``; the close
+    code, or None."""
+    from rawclient import RawClient
+
+    client = RawClient(port)
+    end = time.monotonic() + seconds
+    try:
+        client.send_raw(first)
+        while time.monotonic() < end:
+            client.send_raw(frames)
+    except OSError:
+        pass
+    try:
+        return client.wait_close(10)
+    except OSError:
+        return None
+    finally:
+        client.close()
+
+
+def test_frame_floods_are_closed_4029(tmp_path):
+    from conftest import Server
+    from rawclient import masked
+
+    srv = Server(tmp_path, {"VOLLI_RATE_FRAMES": "500"}).wait_ready()
+    try:
+        pings = masked(0x9, b"") * 1000
+        assert _flood(srv.port, pings, 5) == 4029
+        opened = masked(0x1, b"{", fin=False)
+        empty = masked(0x0, b"", fin=False) * 1000
+        assert _flood(srv.port, empty, 5, first=opened) == 4029
+        assert "sent frames faster than VOLLI_RATE_FRAMES" in srv.log()
+    finally:
+        srv.stop()
+
+
+def test_empty_continuation_frames_do_not_grow_memory(make_server):
+    """Even where the frame rate allows them, frames that carry nothing cost nothing."""
+    from rawclient import RawClient, masked
+
+    srv = make_server()  # permissive limits: VOLLI_RATE_FRAMES is out of the way
+    pid = worker_pid(srv)
+    baseline = worker_rss_kb(pid)
+    client = RawClient(srv.port)
+    client.send_raw(masked(0x1, b'{"type":', fin=False))
+    empty = masked(0x0, b"", fin=False) * 10000
+    for _ in range(300):  # three million empty frames, 18 MB on the wire
+        client.send_raw(empty)
+    _wait_idle(pid)  # every frame parsed, the message still open: measure now
+    grown = worker_rss_kb(pid) - baseline
+    client.send_raw(masked(0x0, b'"ping","requestId":"after"}'))
+    assert json.loads(client.next_message(30)) == {"type": "pong", "requestId": "after"}
+    client.close()
+    assert grown < 8000, f"the worker grew by {grown} kB"
+
+
+def _wait_idle(pid: int, deadline: float = 30.0) -> None:
+    """Until the process used no CPU for half a second (bounded)."""
+    def cpu() -> int:
+        fields = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()
+        return int(fields[11]) + int(fields[12])
+    end = time.monotonic() + deadline
+    last = cpu()
+    while time.monotonic() < end:
+        time.sleep(0.5)
+        now = cpu()
+        if now == last:
+            return
+        last = now
+    raise AssertionError(f"worker {pid} still busy after {deadline}s")
+
+
+def test_a_client_that_resets_during_the_handshake_leaves_no_traceback(server):
+    import socket
+    import struct
+
+    for _ in range(20):
+        sock = socket.create_connection(("127.0.0.1", server.port), timeout=5)
+        key = base64.b64encode(os.urandom(16)).decode()
+        sock.sendall((f"GET /signaling HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\n"
+                      f"Connection: Upgrade\r\nSec-WebSocket-Key: {key}\r\n"
+                      f"Sec-WebSocket-Version: 13\r\n\r\n").encode())
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        sock.close()  # a reset, before the 101 is read
+    time.sleep(1.0)
+    assert server.http("/health")[0] == 200
+    log = server.log()
+    assert "Traceback" not in log and "Exception on /signaling" not in log, log[-3000:]

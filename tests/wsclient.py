@@ -11,23 +11,11 @@ import socket
 from pathlib import Path
 
 from conftest import Server
+from rawclient import masked
 
 HANDSHAKE = ("GET /signaling HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\n"
              "Connection: Upgrade\r\nSec-WebSocket-Key: {key}\r\n"
              "Sec-WebSocket-Version: 13\r\n\r\n")
-
-
-def masked_text(text: str) -> bytes:
-    """One masked client text frame (the mask is zero: XOR leaves the payload as is)."""
-    payload = text.encode()
-    n = len(payload)
-    if n < 126:
-        head = bytes((0x81, 0x80 | n))
-    elif n < 65536:
-        head = bytes((0x81, 0xFE)) + n.to_bytes(2, "big")
-    else:
-        head = bytes((0x81, 0xFF)) + n.to_bytes(8, "big")
-    return head + bytes(4) + payload
 
 
 def _read_text(sock: socket.socket, buf: bytearray) -> str:
@@ -60,8 +48,8 @@ def register_once(port: int, user_id: str, public_key: str) -> dict:
         assert status.endswith(b"101"), bytes(buf)
         del buf[:buf.index(b"\r\n\r\n") + 4]
         assert json.loads(_read_text(sock, buf))["type"] == "hello"
-        sock.sendall(masked_text(json.dumps({"type": "register", "userId": user_id,
-                                             "publicKey": public_key})))
+        sock.sendall(masked(0x1, json.dumps({"type": "register", "userId": user_id,
+                                             "publicKey": public_key}).encode()))
         return json.loads(_read_text(sock, buf))
 
 

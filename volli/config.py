@@ -154,6 +154,11 @@ class Settings:
         "Messages per second one connection may send, sustained (token bucket).", 0.1)
     rate_burst: int = _setting(
         "VOLLI_RATE_BURST", 200, _int, "Messages one connection may send in a burst.", 1)
+    rate_frames: float = _setting(
+        "VOLLI_RATE_FRAMES", 500.0, _float,
+        "WebSocket frames of any kind (messages, continuations, pings, pongs) one connection "
+        "may send per second, bursts of four times that; beyond it the connection is closed "
+        "with 4029.", 100)
     rate_abuse_close: int = _setting(
         "VOLLI_RATE_ABUSE_CLOSE", 100, _int,
         "rate-limited errors within a minute after which the connection is closed (4029).", 1)
@@ -188,8 +193,8 @@ class Settings:
         "disconnect (a TTL in Redis); then anyone may register it again.", 1)
     max_bindings: int = _setting(
         "VOLLI_MAX_BINDINGS", 100000, _int,
-        "Bindings the in-memory backend keeps; beyond it the least recently used offline "
-        "ones are forgotten. At least VOLLI_MAX_CONNECTIONS. (Redis: bounded by the TTL.)", 1)
+        "Signed user IDs bound at once (per worker in memory, per deployment in Redis); "
+        "beyond it new ones are refused with bindings-full until bindings expire.", 1)
     admin_token: str = _setting(
         "VOLLI_ADMIN_TOKEN", "", str,
         "Enables the operator's /admin endpoints (unbind) for requests with "
@@ -279,8 +284,6 @@ def load(environ: Mapping[str, str], overrides: Mapping[str, Any] | None = None)
     settings = Settings(**values)
     if settings.send_queue_limit < settings.max_message_size:
         problems.append("VOLLI_SEND_QUEUE_LIMIT must be at least VOLLI_MAX_MESSAGE_SIZE")
-    if settings.max_bindings < settings.max_connections:
-        problems.append("VOLLI_MAX_BINDINGS must be at least VOLLI_MAX_CONNECTIONS")
     if settings.ip_v6_prefix > 128:
         problems.append(f"VOLLI_IP_V6_PREFIX={settings.ip_v6_prefix}: must be at most 128")
     workers_problem = check_workers(settings, settings.workers)

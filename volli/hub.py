@@ -28,6 +28,8 @@ _CLAIM_ERRORS = {
     Claim.BOUND: (ErrorCode.IDENTITY_BOUND,
                   "{!r} is bound to a key: register with a signature by that key"),
     Claim.KEY_MISMATCH: (ErrorCode.BAD_SIGNATURE, "{!r} is bound to a different key"),
+    Claim.FULL: (ErrorCode.BINDINGS_FULL,
+                 "the server keeps no more key bindings: {!r} cannot be bound now"),
 }
 
 
@@ -115,6 +117,16 @@ class Hub:
         if self._within_rate(session, self._clock()):
             self._reply_error(session, ErrorCode.BINARY_FRAME,
                               "binary frames are not supported; send JSON text frames")
+
+    def receive_frames(self, session: Session, count: int) -> None:
+        """``count`` more WebSocket frames of any kind arrived (a flood of pings or of
+        empty continuation frames costs CPU without ever making a message)."""
+        limits = self._limits.get(session.id)
+        if limits is not None and limits.frames.take(self._clock(), count):
+            log.warning("closing session %s (user=%s): sent frames faster than "
+                        "VOLLI_RATE_FRAMES", session.id, session.user_id)
+            self.metrics.refused("frame-rate")
+            session.close(CloseCode.RATE_LIMIT_ABUSE, "too many frames")
 
     def shutdown(self) -> int:
         """Close every local connection with 1001; returns how many."""

@@ -14,14 +14,14 @@ class TokenBucket:
         self.rate, self.burst = rate, burst
         self.tokens, self.stamp = float(burst), now
 
-    def take(self, now: float) -> float:
-        """0 if allowed (one token spent), else seconds until a token is available."""
+    def take(self, now: float, cost: float = 1) -> float:
+        """0 if allowed (``cost`` tokens spent), else seconds until they are available."""
         self.tokens = min(self.burst, self.tokens + (now - self.stamp) * self.rate)
         self.stamp = now
-        if self.tokens >= 1:
-            self.tokens -= 1
+        if self.tokens >= cost:
+            self.tokens -= cost
             return 0.0
-        return (1 - self.tokens) / self.rate
+        return (cost - self.tokens) / self.rate
 
     def full(self, now: float) -> bool:
         return self.tokens + (now - self.stamp) * self.rate >= self.burst
@@ -72,10 +72,11 @@ def per_minute(count: int, now: float) -> TokenBucket:
 class ConnectionLimits:
     """The per-connection limits of docs/protocol.md, built from Settings."""
 
-    __slots__ = ("messages", "discovers", "targets", "violations", "turn")
+    __slots__ = ("messages", "discovers", "targets", "violations", "turn", "frames")
 
     def __init__(self, settings, now: float) -> None:
         self.messages = TokenBucket(settings.rate_messages, settings.rate_burst, now)
+        self.frames = TokenBucket(settings.rate_frames, 4 * settings.rate_frames, now)
         self.discovers = per_minute(settings.discover_per_minute, now)
         self.turn = per_minute(settings.turn_per_minute, now)
         self.targets = DistinctInWindow(settings.fanout_per_minute, 60.0)
@@ -85,9 +86,15 @@ class ConnectionLimits:
 def address_group(address: str, v6_prefix: int) -> str:
     """What the per-IP limits count by: an IPv4 address (also when IPv4-mapped), or the
     IPv6 network of ``v6_prefix`` bits around it, since one subscriber holds a /64 or
-    more. Anything else (a Unix socket peer) counts as itself."""
+    more; a port some proxies append is dropped. Anything else (a Unix socket peer)
+    counts as itself."""
+    host = address.strip()
+    if host.startswith("["):  # "[v6]:port", as some load balancers write it
+        host = host[1:].split("]", 1)[0]
+    elif host.count(":") == 1:  # "v4:port"
+        host = host.split(":", 1)[0]
     try:
-        ip = ipaddress.ip_address(address.split("%", 1)[0])
+        ip = ipaddress.ip_address(host.split("%", 1)[0])
     except ValueError:
         return address
     if ip.version == 4:

@@ -26,14 +26,16 @@ class Claim(enum.Enum):
     1. a bound userId needs a signature (else BOUND) by its bound key (else KEY_MISMATCH);
     2. a userId held by another live session is TAKEN, unless the claim is signed by the
        holder's own key: then the holder is replaced (TAKEN_OVER);
-    3. a signed claim binds userId to its key (kept for the retention after last use);
-       an unsigned one leaves nothing once its connection closes."""
+    3. a signed claim binds userId to its key (kept for the retention after last use;
+       a new binding beyond the cap is FULL, since evicting one would free an ID for
+       anyone); an unsigned one leaves nothing once its connection closes."""
 
     OK = "ok"
     TAKEN_OVER = "taken-over"
     TAKEN = "taken"
     BOUND = "bound"
     KEY_MISMATCH = "key-mismatch"
+    FULL = "full"  # a new binding would pass VOLLI_MAX_BINDINGS: refused, nothing evicted
 
 
 class BackendUnavailable(Exception):

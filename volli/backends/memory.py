@@ -16,8 +16,9 @@ class MemoryBackend(Backend):
     """Dicts in one process. Under gevent nothing here yields, so each method is atomic.
 
     Only signed registrations leave something behind: a binding userId -> key, kept for
-    ``retention`` seconds after its last use (a registration or a close) and at most
-    ``max_bindings`` of them, the least recently used offline ones forgotten first."""
+    ``retention`` seconds after its last use (a registration or a close), at most
+    ``max_bindings`` of them: beyond that a new binding is refused (Claim.FULL), since
+    forgetting one early would hand its ID to anyone."""
 
     def __init__(self, max_bindings: int = 100_000, retention: float = 90 * 86400.0,
                  clock: Callable[[], float] = time.monotonic) -> None:
@@ -29,7 +30,7 @@ class MemoryBackend(Backend):
         self._max_bindings = max_bindings
         self._retention = retention
         self._clock = clock
-        self.bindings_evicted = 0  # forgotten to keep under max_bindings (counted for ops)
+        self._full_logged_at = float("-inf")
 
     def attach(self, session: Session) -> None:
         self._sessions[session.id] = session
@@ -47,6 +48,8 @@ class MemoryBackend(Backend):
             return Claim.BOUND
         if key is not None and key != public_key:
             return Claim.KEY_MISMATCH
+        if signed and key is None and self._full():
+            return Claim.FULL
         holder = self._users.get(user_id)
         outcome = Claim.OK
         if holder is not None and holder is not session:
@@ -106,31 +109,37 @@ class MemoryBackend(Backend):
         if entry is None:
             return None
         if entry[1] <= self._clock():
-            del self._bindings[user_id]
-            return None
+            holder = self._users.get(user_id)
+            if holder is not None and holder.signed:  # in use: never expires
+                self._bind(user_id, entry[0])
+            else:
+                del self._bindings[user_id]
+                return None
         return entry[0]
 
     def _bind(self, user_id: str, public_key: str) -> None:
-        """Bind (or touch) ``user_id``, then forget what expired or is over the cap.
-        Bindings of online signed users are kept (touched) whatever the cap: there are
-        at most as many as connections, and the cap is at least that (config.py)."""
-        now = self._clock()
-        self._bindings[user_id] = (public_key, now + self._retention)
+        """Bind (or touch) ``user_id``: it becomes the most recently used."""
+        self._bindings[user_id] = (public_key, self._clock() + self._retention)
         self._bindings.move_to_end(user_id)
+
+    def _full(self) -> bool:
+        """Whether a new binding would pass the cap, once the expired ones are gone (they
+        are the least recently used, at the front). An online signed user's binding never
+        expires: it is touched instead."""
+        now = self._clock()
         for _ in range(len(self._bindings)):
             oldest, (key, until) = next(iter(self._bindings.items()))
-            over = len(self._bindings) > self._max_bindings
-            if until > now and not over:
+            if until > now:
                 break
             holder = self._users.get(oldest)
-            if holder is not None and holder.signed:  # in use: touched, never forgotten
-                self._bindings[oldest] = (key, now + self._retention)
-                self._bindings.move_to_end(oldest)
-                continue
-            del self._bindings[oldest]
-            if until > now:
-                self.bindings_evicted += 1
-                if self.bindings_evicted % 1000 == 1:
-                    log.warning("VOLLI_MAX_BINDINGS=%d reached: forgetting the least recently "
-                                "used bindings (%d so far)", self._max_bindings,
-                                self.bindings_evicted)
+            if holder is not None and holder.signed:
+                self._bind(oldest, key)
+            else:
+                del self._bindings[oldest]
+        if len(self._bindings) < self._max_bindings:
+            return False
+        if now >= self._full_logged_at + 60:  # one line a minute, not one per refusal
+            self._full_logged_at = now
+            log.warning("VOLLI_MAX_BINDINGS=%d reached: new signed user IDs are refused "
+                        "(bindings-full) until bindings expire", self._max_bindings)
+        return True

@@ -34,12 +34,13 @@ from .memory import MemoryBackend
 
 log = logging.getLogger("volli.redis")
 
-# The claim rule of base.Claim, atomically. KEYS: presence, binding. ARGV: node, session,
+# The claim rule of base.Claim, atomically. KEYS: presence, binding, bindings index (a
+# sorted set userId -> expiry ms that counts bindings for the cap). ARGV: node, session,
 # publicKey, ttl ms, signed "1"/"0", refresh "1"/"0" (the heartbeat: never takes over),
-# binding retention ms. Only a signed claim writes the binding (with the retention as its
-# TTL); a binding hash without bound=1 is a leftover of an older version and goes.
-# Returns {1} ok, {2, old node, old session} taken over, {0} taken, {-1} bound, {-2} key
-# mismatch.
+# binding retention ms, max bindings, userId. Only a signed claim writes the binding (with
+# the retention as its TTL); a new one beyond the cap is refused. A binding hash without
+# bound=1 is a leftover of an older version and goes. Returns {1} ok, {2, old node, old
+# session} taken over, {0} taken, {-1} bound, {-2} key mismatch, {-3} full.
 CLAIM = """
 local b = redis.call('HMGET', KEYS[2], 'publicKey', 'bound')
 local signed = ARGV[5] == '1'
@@ -55,11 +56,18 @@ if h[1] and h[1] ~= ARGV[2] then
   if ARGV[6] == '1' or not signed or h[2] ~= ARGV[3] then return {0} end
   taken_over = true
 end
+local t = redis.call('TIME')
+local now = t[1] * 1000 + math.floor(t[2] / 1000)
+if signed and b[2] ~= '1' then
+  redis.call('ZREMRANGEBYSCORE', KEYS[3], '-inf', now)
+  if redis.call('ZCARD', KEYS[3]) >= tonumber(ARGV[8]) then return {-3} end
+end
 redis.call('HSET', KEYS[1], 'node', ARGV[1], 'session', ARGV[2], 'publicKey', ARGV[3])
 redis.call('PEXPIRE', KEYS[1], ARGV[4])
 if signed then
   redis.call('HSET', KEYS[2], 'publicKey', ARGV[3], 'bound', '1')
   redis.call('PEXPIRE', KEYS[2], ARGV[7])
+  redis.call('ZADD', KEYS[3], now + ARGV[7], ARGV[9])
 end
 if taken_over then return {2, h[3], h[1]} end
 return {1}
@@ -77,20 +85,24 @@ return 1
 """
 
 # Compare-and-delete: only the session that holds the userId may release it; its binding
-# (if any) is kept for the retention from now. KEYS presence, binding; ARGV session,
-# retention ms.
+# (if any) is kept for the retention from now. KEYS presence, binding, bindings index;
+# ARGV session, retention ms, userId.
 RELEASE = """
 if redis.call('HGET', KEYS[1], 'session') == ARGV[1] then
-  redis.call('PEXPIRE', KEYS[2], ARGV[2])
+  if redis.call('PEXPIRE', KEYS[2], ARGV[2]) == 1 then
+    local t = redis.call('TIME')
+    redis.call('ZADD', KEYS[3], 'XX', t[1] * 1000 + math.floor(t[2] / 1000) + ARGV[2], ARGV[3])
+  end
   return redis.call('DEL', KEYS[1])
 end
 return 0
 """
 
-# An operator's unbind: KEYS presence, binding. Returns {had binding, node, session} of
-# the holder to close (nil when nobody holds it).
+# An operator's unbind: KEYS presence, binding, bindings index; ARGV userId. Returns
+# {had binding, node, session} of the holder to close (nil when nobody holds it).
 UNBIND = """
 local had = redis.call('DEL', KEYS[2])
+redis.call('ZREM', KEYS[3], ARGV[1])
 local h = redis.call('HMGET', KEYS[1], 'node', 'session')
 return {had, h[1], h[2]}
 """
@@ -106,7 +118,7 @@ return {n, node}
 """
 
 _CLAIM_CODES = {1: Claim.OK, 2: Claim.TAKEN_OVER, 0: Claim.TAKEN, -1: Claim.BOUND,
-                -2: Claim.KEY_MISMATCH}
+                -2: Claim.KEY_MISMATCH, -3: Claim.FULL}
 
 LISTEN_POLL = 1.0  # seconds a listener waits for a message before checking its state
 BACKOFF_FIRST, BACKOFF_CAP = 0.1, 5.0
@@ -123,6 +135,8 @@ class RedisBackend(MemoryBackend):
         self._prefix = settings.redis_prefix
         self._ttl_ms = int(settings.presence_ttl * 1000)
         self._retention_ms = int(settings.binding_retention * 1000)
+        self._max_bindings = settings.max_bindings
+        self._bindings_index = f"{self._prefix}bindings"
         self._heartbeat_every = settings.presence_ttl / 3
         self.node = f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(3)}"
         self._channel_prefix = f"{self._prefix}node:"
@@ -161,7 +175,8 @@ class RedisBackend(MemoryBackend):
         if self._releasing:  # a user reconnecting here must not find its old session
             self._release_queued()
         reply = self._call("claim", self._claim, self._keys_for(user_id),
-                           self._claim_args(session, public_key, signed, refresh=False))
+                           self._claim_args(session, user_id, public_key, signed,
+                                            refresh=False))
         outcome = _CLAIM_CODES[int(reply[0])]
         if outcome in (Claim.OK, Claim.TAKEN_OVER):
             self._hold(session, user_id, public_key, signed)  # the binding lives in Redis
@@ -177,9 +192,10 @@ class RedisBackend(MemoryBackend):
             with self._store("takeover"):
                 self._redis.publish(self._channel_prefix + node, f"R\n{session_id}")
 
-    def _claim_args(self, session: Session, public_key: str, signed: bool, refresh: bool):
+    def _claim_args(self, session: Session, user_id: str, public_key: str, signed: bool,
+                    refresh: bool):
         return [self.node, session.id, public_key, self._ttl_ms, "1" if signed else "0",
-                "1" if refresh else "0", self._retention_ms]
+                "1" if refresh else "0", self._retention_ms, self._max_bindings, user_id]
 
     def _replace_local(self, session_id: str) -> None:
         session = self._sessions.get(session_id)
@@ -201,7 +217,7 @@ class RedisBackend(MemoryBackend):
             return
         if self._spawn is None:  # not started (no greenlets): release right here
             self._call("release", self._release, self._keys_for(session.user_id),
-                       [session.id, self._retention_ms])
+                       [session.id, self._retention_ms, session.user_id])
             return
         # Closes that happen together (a restart, a network cut: thousands) share
         # pipelined round trips instead of each waiting for a pooled connection; each
@@ -230,8 +246,8 @@ class RedisBackend(MemoryBackend):
     def _release_batch(self, batch: list[tuple[str, str]]) -> None:
         pipe = self._redis.pipeline(transaction=False)
         for user_id, session_id in batch:
-            self._release(keys=self._keys_for(user_id), args=[session_id, self._retention_ms],
-                          client=pipe)
+            self._release(keys=self._keys_for(user_id),
+                          args=[session_id, self._retention_ms, user_id], client=pipe)
         try:
             pipe.execute()
         except redis.RedisError as exc:
@@ -254,7 +270,8 @@ class RedisBackend(MemoryBackend):
         return Presence(user_id, False, bound and bound.decode(), bound is not None)
 
     def unbind(self, user_id: str) -> bool:
-        had, node, session_id = self._call("unbind", self._unbind, self._keys_for(user_id), [])
+        had, node, session_id = self._call("unbind", self._unbind, self._keys_for(user_id),
+                                           [user_id])
         if session_id is not None:
             self._replace_anywhere(node.decode(), session_id.decode())
         return bool(had) or session_id is not None
@@ -474,16 +491,16 @@ class RedisBackend(MemoryBackend):
         for batch in _batches(owned):
             pipe = self._redis.pipeline(transaction=False)
             for user_id, session in batch:
-                self._claim(self._keys_for(user_id),
-                            self._claim_args(session, session.public_key, session.signed,
-                                             refresh=True), client=pipe)
+                args = self._claim_args(session, user_id, session.public_key, session.signed,
+                                        refresh=True)
+                self._claim(self._keys_for(user_id), args, client=pipe)
             for (user_id, session), reply in zip(batch, pipe.execute()):
                 if int(reply[0]) != 1:
                     lost.append(session)
                 elif self._users.get(user_id) is not session:
                     # It closed while the batch was in flight: undo the re-announce.
                     self._release(keys=self._keys_for(user_id),
-                                  args=[session.id, self._retention_ms])
+                                  args=[session.id, self._retention_ms, user_id])
         return lost
 
     # -- helpers ----------------------------------------------------------------------
@@ -495,7 +512,9 @@ class RedisBackend(MemoryBackend):
         return f"{self._prefix}key:{user_id}"
 
     def _keys_for(self, user_id: str) -> list[str]:
-        return [self._presence_key(user_id), self._binding_key(user_id)]
+        """presence, binding, bindings index: the keys of the claim, release and unbind
+        scripts."""
+        return [self._presence_key(user_id), self._binding_key(user_id), self._bindings_index]
 
     @contextlib.contextmanager
     def _store(self, operation: str):

@@ -23,6 +23,7 @@ class ErrorCode(enum.StrEnum):
     FORBIDDEN_SENDER = "forbidden-sender"
     BAD_SIGNATURE = "bad-signature"
     IDENTITY_BOUND = "identity-bound"
+    BINDINGS_FULL = "bindings-full"
     SIGNATURE_REQUIRED = "signature-required"
     RATE_LIMITED = "rate-limited"
     PEER_OFFLINE = "peer-offline"

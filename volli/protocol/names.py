@@ -11,11 +11,13 @@ from __future__ import annotations
 import re
 import unicodedata
 
-# C0, DEL, C1 controls; the line/paragraph separators; and every default-ignorable code
+# C0, DEL, C1 controls; the line/paragraph separators; every default-ignorable code
 # point of Unicode (DerivedCoreProperties.txt): soft hyphen, zero-width characters, bidi
-# marks and overrides, word joiners, Hangul fillers, variation selectors, BOM, tags.
+# marks and overrides, word joiners, Hangul fillers, variation selectors, BOM, tags; and
+# symbols that render as blank space (braille blank, object replacement, null notehead).
 _INVISIBLE = re.compile(
     "[\x00-\x1f\x7f-\x9f\u2028\u2029\u00ad\u034f\u061c\u115f\u1160\u17b4\u17b5"
+    "\u2800\ufffc\U0001d159"
     "\u180b-\u180f\u200b-\u200f\u202a-\u202e\u2060-\u206f\u3164\ufe00-\ufe0f\ufeff\uffa0"
     "\ufff0-\ufff8\U0001bca0-\U0001bca3\U0001d173-\U0001d17a\U000e0000-\U000e0fff]")
 # Categories refused on top of that: format (Cf), surrogates (Cs), unassigned (Cn: their
@@ -38,6 +40,8 @@ def user_id_problem(value: str, max_length: int) -> str | None:
             return "is not in Unicode normalization form NFC"
     if value.strip() != value:
         return "starts or ends with whitespace"
+    if "  " in value or any(c.isspace() and c != " " for c in value):
+        return "has whitespace other than single spaces (U+0020)"
     return None
 
 

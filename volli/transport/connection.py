@@ -48,6 +48,7 @@ log = logging.getLogger("volli.ws")
 CLOSE_WAIT = 2.0  # seconds the peer gets to finish the close handshake
 RECV_SIZE = 65536
 READS_PER_TURN = 8  # then other connections get a turn
+FRAME_BATCH = 64  # frames counted here before the hub's frame-rate limit is charged
 MAX_IOV = 512  # buffers per sendmsg
 PING_FRAME = frame(OP_PING, b"")
 
@@ -58,6 +59,8 @@ class Events(Protocol):
     def receive_text(self, session: "Connection", text: str) -> None: ...
 
     def receive_binary(self, session: "Connection") -> None: ...
+
+    def receive_frames(self, session: "Connection", count: int) -> None: ...
 
     def disconnect(self, session: "Connection") -> None: ...
 
@@ -321,10 +324,14 @@ class Connection:
             return False
         if self.close_code is not None:
             return True  # closing: discard until the peer closes
+        parser = self._parser
         try:
-            events, error = self._parser.feed(data), None
+            events, error = parser.feed(data), None
         except FrameError as exc:
             events, error = exc.events, exc
+        if parser.frames >= FRAME_BATCH:  # every frame counts: pings, continuations too
+            frames, parser.frames = parser.frames, 0
+            self._events.receive_frames(self, frames)
         try:
             for opcode, value in events:
                 if self.close_code is not None:

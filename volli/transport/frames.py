@@ -67,7 +67,7 @@ class FrameParser:
     ``feed`` raises FrameError on the first violation; the events before it were valid."""
 
     __slots__ = ("_buf", "_need", "_max_text_bytes", "_max_size", "_parts", "_size", "_opcode",
-                 "_compressed", "_deflate")
+                 "_compressed", "_deflate", "frames")
 
     def __init__(self, max_message_size: int, deflate: Compressor | None = None) -> None:
         # Input not yet consumed (a bytearray once there is some): appended to and trimmed
@@ -77,8 +77,11 @@ class FrameParser:
         self._need = 2  # bytes _buf must hold before parsing it again can make progress
         self._max_size = max_message_size  # characters of text, bytes of binary
         self._max_text_bytes = max_message_size * _UTF8_BYTES_PER_CHAR
-        self._parts: list[bytes] = []  # payloads of an unfinished fragmented message
+        # Payloads of an unfinished fragmented message, joined as they come: its memory is
+        # their bytes (capped by the size rule), however many (empty) frames carry them.
+        self._parts = bytearray()
         self._size = 0
+        self.frames = 0  # frames of any kind parsed so far (for the caller's frame rate)
         self._opcode: int | None = None  # of the unfinished message
         self._compressed = False
         self._deflate = deflate
@@ -135,6 +138,7 @@ class FrameParser:
                 payload = unmask(buf[head:head + 4], buf[head + 4:stop])
                 pos = stop
                 self._size = size  # counted once the frame is whole, never per re-read
+                self.frames += 1
                 if opcode >= OP_CLOSE:
                     events.append((opcode, parse_close(payload) if opcode == OP_CLOSE
                                    else payload))
@@ -145,12 +149,12 @@ class FrameParser:
                     self._opcode = opcode
                     self._compressed = bool(rsv1)
                 if not fin:
-                    self._parts.append(payload)
+                    self._parts += payload
                     continue
                 if self._parts:
-                    self._parts.append(payload)
-                    payload = b"".join(self._parts)
-                    self._parts = []
+                    self._parts += payload
+                    payload = bytes(self._parts)
+                    self._parts = bytearray()
                 events.append(self._message(payload))
         except FrameError as exc:
             exc.events = events

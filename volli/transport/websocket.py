@@ -66,6 +66,15 @@ def admit():
     return None
 
 
+@bp.errorhandler(ConnectionError)
+def client_left(exc: ConnectionError):
+    """The client hung up (say, a reset) while the handshake was being answered: nothing
+    to answer and nothing of ours broke, so one line and no traceback."""
+    log.info("client %s left during the WebSocket handshake (%s)",
+             g.get("volli_address", request.remote_addr), exc)
+    return "", 400
+
+
 @bp.teardown_request
 def release(_exc):
     # Set only when the request ended before a Connection took the slot over.
