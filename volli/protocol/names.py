@@ -8,6 +8,7 @@ Pure functions; ``docs/protocol.md`` section 2 states the same rules.
 
 from __future__ import annotations
 
+import functools
 import re
 import unicodedata
 
@@ -31,17 +32,27 @@ def user_id_problem(value: str, max_length: int) -> str | None:
         return "is empty"
     if len(value) > max_length:
         return f"is longer than {max_length} characters"
+    return _characters_problem(value)
+
+
+# Relay targets repeat: each is checked once. Bounded in count, and in bytes by the
+# length check before it.
+@functools.lru_cache(maxsize=4096)
+def _characters_problem(value: str) -> str | None:
     if _INVISIBLE.search(value):
         return "contains control, format or invisible characters"
-    if not value.isascii():
-        if any(unicodedata.category(c) in _REFUSED_CATEGORIES for c in value):
-            return "contains control, format or unassigned characters"
-        if not unicodedata.is_normalized("NFC", value):
-            return "is not in Unicode normalization form NFC"
     if value.strip() != value:
         return "starts or ends with whitespace"
-    if "  " in value or any(c.isspace() and c != " " for c in value):
+    if "  " in value:
         return "has whitespace other than single spaces (U+0020)"
+    if value.isascii():  # ASCII whitespace but the space is control characters: done
+        return None
+    if any(unicodedata.category(c) in _REFUSED_CATEGORIES for c in value):
+        return "contains control, format or unassigned characters"
+    if any(c.isspace() and c != " " for c in value):
+        return "has whitespace other than single spaces (U+0020)"
+    if not unicodedata.is_normalized("NFC", value):
+        return "is not in Unicode normalization form NFC"
     return None
 
 
