@@ -10,6 +10,7 @@ that rebuilds its buffer per read is quadratic here (at 238f7aa, about 1.5 s for
 
     .venv/bin/python bench/partial_frames.py                 # the working tree
     .venv/bin/python bench/partial_frames.py --ref 238f7aa   # as committed at a ref
+    .venv/bin/python bench/partial_frames.py --ref 238f7aa --parser-only   # the parser alone
 """
 
 from __future__ import annotations
@@ -121,17 +122,45 @@ def run(port: int, worker: int, size: int, chunk: int) -> dict:
             "worker_cpu_seconds": round(cpu1 - cpu0, 3)}
 
 
+# --parser-only: the same frame fed to that tree's FrameParser in this many-byte pieces, in
+# a process of its own; prints the parser's CPU seconds. The server figure also counts a
+# recv and a greenlet switch per read, and its reads coalesce while it is busy, which
+# hides most of a quadratic parser; this one does not.
+PARSER_ONLY = """
+import sys, time
+from volli.transport.frames import FrameParser, OP_TEXT
+size, chunk = int(sys.argv[1]), int(sys.argv[2])
+payload = b'{"type":"ping","pad":"' + b"x" * (size - 26) + b'"}'
+data = bytes((0x81, 0xFF)) + len(payload).to_bytes(8, "big") + bytes(4) + payload
+parser, events, t0 = FrameParser(size), [], time.process_time()
+for i in range(0, len(data), chunk):
+    events += parser.feed(data[i:i + chunk])
+assert [op for op, _ in events] == [OP_TEXT], events
+print(round(time.process_time() - t0, 3))
+"""
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--ref", help="git ref whose server files to run (default: working tree)")
     ap.add_argument("--size", type=int, default=256 * 1024, help="frame payload bytes")
     ap.add_argument("--chunk", type=int, default=1, help="bytes per write")
+    ap.add_argument("--parser-only", action="store_true",
+                    help="feed the frame to the parser in-process instead of a server")
     args = ap.parse_args()
     workdir = Path(tempfile.mkdtemp(prefix="volli-partial-frames-"))
     tree, commit = ROOT, "working tree"
     if args.ref:
         tree = workdir / "tree"
         commit = machine.export_tree(args.ref, tree)
+    if args.parser_only:
+        done = subprocess.run([sys.executable, "-c", PARSER_ONLY, str(args.size),
+                               str(args.chunk)], cwd=tree, env={**os.environ,
+                              "PYTHONPATH": str(tree)}, capture_output=True, text=True,
+                              timeout=300, check=True)
+        print(json.dumps({"server": commit, "frame_bytes": args.size, "chunk": args.chunk,
+                          "parser_cpu_seconds": float(done.stdout)}))
+        return
     proc, port = start(tree, args.size, workdir / "gunicorn.log")
     try:
         result = run(port, proc_children(proc.pid)[0], args.size, args.chunk)
