@@ -66,7 +66,7 @@ DOCUMENTED_CODES = frozenset({
     "invalid-json", "invalid-message", "binary-frame", "unknown-type", "not-registered",
     "already-registered", "user-id-taken", "forbidden-sender", "bad-signature",
     "identity-bound", "signature-required", "rate-limited", "peer-offline", "unavailable",
-    "internal-error", "invalid-user-id", "bindings-full",
+    "internal-error", "invalid-user-id", "bindings-full", "peer-busy",
 })
 
 ALICE, BOB, PROBE = "alice@fuzz.volli", "bob@fuzz.volli", "probe@fuzz.volli"

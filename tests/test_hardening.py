@@ -380,3 +380,67 @@ def test_a_client_that_resets_during_the_handshake_leaves_no_traceback(server):
     assert server.http("/health")[0] == 200
     log = server.log()
     assert "Traceback" not in log and "Exception on /signaling" not in log, log[-3000:]
+
+
+# -- no sender can get a receiver closed (found by the attack) ----------------------
+
+def test_a_flood_of_large_relays_gets_the_sender_peer_busy_not_the_receiver_closed(
+        server, clients, uid):
+    """60 relays of 60,000 emoji (240 kB each) at a receiver reading 2 MB/s once made it
+    a "slow consumer" (4002) on demand. Now the flooder's relays are refused with
+    peer-busy while the receiver's queue is full, and the receiver stays."""
+    from rawclient import RawClient
+    from wsproto.events import CloseConnection, TextMessage
+
+    victim_id, attacker_id, friend_id = uid("victim"), uid("attacker"), uid("friend")
+    victim = RawClient(server.port)
+    victim.send_json({"type": "register", "userId": victim_id, "publicKey": "AAAA"})
+    assert json.loads(victim.next_message())["type"] == "registered"
+    attacker, friend = clients(), clients()
+    attacker.register(attacker_id)
+    friend.register(friend_id)
+    victim.sock.setblocking(False)
+
+    def read_a_while(seconds: float) -> None:  # 64 kB every 30 ms: about 2 MB/s
+        end = time.monotonic() + seconds
+        while time.monotonic() < end:
+            try:
+                data = victim.sock.recv(65536)
+            except BlockingIOError:
+                data = None
+            if data == b"":
+                break
+            if data:
+                victim.ws.receive_data(data)
+                victim.events.extend(victim.ws.events())
+            time.sleep(0.03)
+
+    emoji = "\U0001f600" * 60_000
+    for i in range(60):
+        attacker.send(json.dumps({"type": "offer", "to": victim_id, "offer": {"sdp": emoji},
+                                  "requestId": i}, ensure_ascii=False))
+    read_a_while(4)
+    friend.send({"type": "offer", "to": victim_id, "offer": {"sdp": "hello"}})
+    read_a_while(3)
+    assert not [e for e in victim.events if isinstance(e, CloseConnection)], "victim closed"
+    texts, text = [], ""
+    for event in victim.events:  # wsproto hands out messages in the pieces that arrived
+        if isinstance(event, TextMessage):
+            text += event.data
+            if event.message_finished:
+                texts.append(json.loads(text))
+                text = ""
+    assert texts[-1] == {"type": "offer", "to": victim_id, "offer": {"sdp": "hello"},
+                         "from": friend_id}
+    replies = []
+    while True:
+        try:
+            replies.append(attacker.recv(timeout=1))
+        except TimeoutError:
+            break
+    codes = {r["code"] for r in replies}
+    assert codes == {"peer-busy"}, codes
+    delivered = [t for t in texts if t.get("from") == attacker_id]
+    assert len(delivered) + len(replies) == 60  # each relay delivered or refused, once
+    assert friend.call({"type": "discover", "userId": victim_id})["online"] is True
+    victim.close()

@@ -13,7 +13,8 @@ from rawclient import RawClient
 
 
 def test_slow_receiver_never_blocks_senders_or_others(make_server, clients):
-    srv = make_server({"VOLLI_SEND_QUEUE_LIMIT": "131072", "VOLLI_SEND_TIMEOUT": "2"})
+    srv = make_server({"VOLLI_SEND_QUEUE_LIMIT": "131072", "VOLLI_SEND_TIMEOUT": "2",
+                       "VOLLI_PING_INTERVAL": "1"})
     slow = RawClient(srv.port, rcvbuf=4096)  # registers, then never reads again
     slow.send_json({"type": "register", "userId": "slow@volli.app", "publicKey": "AAAA"})
     assert json.loads(slow.next_message())["type"] == "registered"
@@ -45,27 +46,30 @@ def test_slow_receiver_never_blocks_senders_or_others(make_server, clients):
     thread.join(timeout=40)
     assert results.get("flood_done")
 
-    # The flooder is told the slow peer went offline, and it is offline.
-    deadline = time.monotonic() + 20
-    refused = dropped = 0
-    while not (refused and dropped):
-        assert time.monotonic() < deadline, f"flooder not told: {refused=} {dropped=}"
-        reply = flooder.recv(timeout=10)
-        assert reply["code"] == "peer-offline", reply
-        if "undelivered" in reply:  # frames it had queued when the slow peer was cut off
+    # The flooder is told its relays were refused while the slow peer's queue was full
+    # (peer-busy); the slow peer is not closed for that, but for not answering pings.
+    busy = 0
+    while True:
+        try:
+            reply = flooder.recv(timeout=1)
+        except TimeoutError:
+            break
+        assert reply["code"] in ("peer-busy", "peer-offline"), reply
+        busy += reply["code"] == "peer-busy"
+        if "undelivered" in reply:  # relays it had queued when it was cut off
             assert reply["peer"] == "slow@volli.app" and reply["undelivered"] > 0
-            dropped += 1
-        else:  # the frame that overflowed, and any sent after
-            refused += 1
+    assert busy > 0
+    srv.wait_log("user=slow@volli.app code=1008")
     assert flooder.call({"type": "discover", "userId": "slow@volli.app"})["online"] is False
-    srv.wait_log("user=slow@volli.app code=4002")
     slow.close()
 
 
 def test_many_concurrent_senders_to_one_receiver_every_frame_intact(make_server, clients, uid):
     # ~9 MB arrive at once: a queue big enough that the receiver is not (rightly) cut off
     # as too slow, so that every large frame crosses the socket in pieces.
-    srv = make_server({"VOLLI_SEND_QUEUE_LIMIT": str(32 * 1024 * 1024)})
+    # (relays are refused as busy past an eighth of it while the receiver lags: 12 MB >
+    # the 9 MB)
+    srv = make_server({"VOLLI_SEND_QUEUE_LIMIT": str(96 * 1024 * 1024)})
     receiver_id = uid("sink")
     receiver = clients(srv.url)
     receiver.register(receiver_id)

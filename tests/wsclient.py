@@ -61,9 +61,10 @@ def churn_registrations(port: int, count: int, public_key: str, tag: str) -> Non
 
 def worker_pid(srv: Server) -> int:
     """The one gunicorn worker of ``srv`` (a child of its master)."""
-    children = Path(f"/proc/{srv.proc.pid}/task/{srv.proc.pid}/children").read_text().split()
+    children = [int(pid) for task in Path(f"/proc/{srv.proc.pid}/task").iterdir()
+                for pid in (task / "children").read_text().split()]
     assert len(children) == 1, children
-    return int(children[0])
+    return children[0]
 
 
 def worker_rss_kb(pid: int) -> int:

@@ -118,7 +118,9 @@ class Settings:
         "Seconds a connection may stay unregistered before it is closed with 4001.", 0.1)
     send_queue_limit: int = _setting(
         "VOLLI_SEND_QUEUE_LIMIT", 1048576, _int,
-        "Bytes of frames queued for one receiver before it is closed as too slow (4002).",
+        "Bytes of frames queued for one connection: relays are refused (peer-busy) past "
+        "it (past an eighth while the peer's window is full); replies past it close the "
+        "connection (4002).",
         1024)
     send_timeout: float = _setting(
         "VOLLI_SEND_TIMEOUT", 10.0, _float,

@@ -71,13 +71,14 @@ class Hub:
             log.warning("could not release %r in the shared store; it expires by TTL",
                         session.user_id)
 
-    def report_undelivered(self, peer: str, undelivered: Mapping[str, int]) -> None:
+    def report_undelivered(self, peer: str, undelivered: Mapping[str, int],
+                           busy: bool = False) -> None:
         """Tell each sender how many of its relays to ``peer`` were accepted but will never
         be written (so nothing accepted is dropped without a word)."""
         for origin, count in undelivered.items():
             self.metrics.undelivered(count)
             try:
-                self.backend.deliver(origin, encode(undelivered_message(peer, count)))
+                self.backend.deliver(origin, encode(undelivered_message(peer, count, busy)))
             except BackendUnavailable:
                 log.warning("could not tell %r that %d relays to %r were dropped",
                             origin, count, peer)

@@ -14,8 +14,9 @@ from typing import Any, Callable, Mapping, Protocol
 
 # Starts a background task; the server decides what that is (a greenlet under gunicorn).
 Spawn = Callable[..., Any]
-# (peer userId, {sender userId: count}): relays accepted for peer that can no longer reach it.
-UndeliveredHook = Callable[[str, Mapping[str, int]], None]
+# (peer userId, {sender userId: count}, busy): relays accepted for peer that can no longer
+# reach it (busy: refused on arrival at its node, its queue was full of unread frames).
+UndeliveredHook = Callable[[str, Mapping[str, int], bool], None]
 
 
 ReplacedHook = Callable[["Session"], None]
@@ -56,7 +57,8 @@ class Session(Protocol):
         """Queue a text frame; False if the connection is closed or could not take it.
 
         ``origin`` is the userId a relayed frame comes from: if the frame is still queued
-        when the connection closes, that sender is told."""
+        when the connection closes, that sender is told. A relay that the receiver's queue
+        cannot take now raises ProtocolError(peer-busy) and leaves the receiver open."""
 
     def close(self, code: int, reason: str = "") -> None:
         """Start closing; returns at once."""
@@ -83,7 +85,7 @@ class Backend(abc.ABC):
     Methods that need a shared store raise BackendUnavailable while it is unreachable.
     """
 
-    on_undelivered: UndeliveredHook = staticmethod(lambda peer, counts: None)
+    on_undelivered: UndeliveredHook = staticmethod(lambda peer, counts, busy=False: None)
     # Called with a local session whose userId a signed registration took over.
     on_replaced: ReplacedHook = staticmethod(lambda session: None)
     # Called with the name of a shared-store operation that failed.

@@ -28,7 +28,7 @@ import redis
 from redis.backoff import ExponentialBackoff
 from redis.retry import Retry
 
-from ..protocol import CloseCode
+from ..protocol import CloseCode, ProtocolError
 from .base import BackendUnavailable, Claim, Presence, Session, Spawn
 from .memory import MemoryBackend
 
@@ -353,14 +353,24 @@ class RedisBackend(MemoryBackend):
             return
         if kind == "B":  # frames sent here by a node that remembered this node
             for user_id, origin, text in orjson.loads(rest):
-                if not super().deliver(user_id, text, origin or None) \
-                        and not self._reroute(user_id, origin, text):  # the user moved on
-                    self._report([(user_id, origin, text)])
+                delivered = self._deliver_here(user_id, origin, text)
+                if delivered is False and not self._reroute(user_id, origin, text):
+                    self._report([(user_id, origin, text)])  # the user moved on
             return
         user_id, origin, text = rest.split("\n", 2)
-        if not super().deliver(user_id, text, origin or None) and origin:
+        if self._deliver_here(user_id, origin, text) is False and origin:
             # It left this node between the sender's lookup and now.
             self.on_undelivered(user_id, {origin: 1})
+
+    def _deliver_here(self, user_id: str, origin: str, text: str) -> bool | None:
+        """Deliver a frame published to this node to its local user; None when the user is
+        here but too busy to take it (its sender is told so)."""
+        try:
+            return super().deliver(user_id, text, origin or None)
+        except ProtocolError:  # peer-busy
+            if origin:
+                self.on_undelivered(user_id, {origin: 1}, True)
+            return None
 
     def _reroute(self, user_id: str, origin: str, text: str) -> bool:
         if user_id in self._users:

@@ -27,6 +27,7 @@ class ErrorCode(enum.StrEnum):
     SIGNATURE_REQUIRED = "signature-required"
     RATE_LIMITED = "rate-limited"
     PEER_OFFLINE = "peer-offline"
+    PEER_BUSY = "peer-busy"
     UNAVAILABLE = "unavailable"
     INTERNAL_ERROR = "internal-error"
 

@@ -288,10 +288,15 @@ def error_message(code: ErrorCode, message: str, request_id: RequestId = None) -
     return _with_request_id({"type": "error", "code": str(code), "message": message}, request_id)
 
 
-def undelivered_message(peer: str, count: int) -> dict[str, Any]:
-    """Tells a sender that relays it had sent were dropped because ``peer`` went away."""
-    message = error_message(ErrorCode.PEER_OFFLINE,
-                            f"{count} message(s) to {peer!r} were not delivered: it disconnected")
+def undelivered_message(peer: str, count: int, busy: bool = False) -> dict[str, Any]:
+    """Tells a sender that relays it had sent were dropped because ``peer`` went away, or
+    (``busy``) because its worker found its queue full of unread frames."""
+    if busy:
+        message = error_message(ErrorCode.PEER_BUSY, f"{count} message(s) to {peer!r} were "
+                                "not delivered: it is not reading fast enough")
+    else:
+        message = error_message(ErrorCode.PEER_OFFLINE, f"{count} message(s) to {peer!r} "
+                                "were not delivered: it disconnected")
     message.update(peer=peer, undelivered=count)
     return message
 

@@ -11,7 +11,9 @@ leaves in one non-blocking ``sendmsg``. A writer greenlet exists only while the 
 window is full; one that makes no progress within the send timeout cuts the peer off.
 A receiver whose queue would pass its limit is closed (4002) and the send reports False,
 so one slow peer never holds up a sender. Relays that will never be written are reported
-per sender through the hub. Pongs answer only the latest ping (RFC 6455 5.5.3): one
+per sender through the hub. A relay is refused (peer-busy, to its sender) when it would
+pass the limit, or an eighth of it while the peer's window is full: other peers cannot
+fill a receiver's queue on purpose to get it closed. Pongs answer only the latest ping (RFC 6455 5.5.3): one
 waits at most, so a ping flood cannot grow the queue; every frame counts in its bytes.
 
 Backpressure. While the queue is over half its limit the connection is not read (its
@@ -37,7 +39,7 @@ import gevent
 from gevent import get_hub
 from gevent.event import Event
 
-from ..protocol import CloseCode
+from ..protocol import CloseCode, ErrorCode, ProtocolError
 from .frames import (
     OP_BINARY, OP_PING, OP_PONG, OP_TEXT, FrameError, FrameParser, close_frame, frame,
 )
@@ -126,11 +128,22 @@ class Connection:
             data = frame(OP_TEXT, self._deflate.compress(payload), rsv1=True)
         else:
             data = frame(OP_TEXT, payload)
-        if self._queued + len(data) > self._queue_limit:
+        queued = self._queued
+        if origin is not None and queued and self._busy(queued + len(data)):
+            raise ProtocolError(ErrorCode.PEER_BUSY,
+                                f"{self.user_id!r} is not reading fast enough; retry shortly")
+        if queued + len(data) > self._queue_limit:
             self.close(CloseCode.SLOW_CONSUMER, "too slow: send queue full")
             return False
         self._push(data, origin)
         return True
+
+    def _busy(self, queued: int) -> bool:
+        """Whether a relay that would leave ``queued`` bytes queued must wait: past the
+        limit, or past an eighth of it while the peer's window is full (a writer waits). A
+        burst within one turn of the loop, about to be flushed, is not refused."""
+        return queued > self._queue_limit or (self._writer is not None
+                                              and queued > self._queue_limit >> 3)
 
     def _push(self, data: bytes, origin: str | None = None) -> None:
         self._out.append((data, origin))
