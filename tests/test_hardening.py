@@ -57,8 +57,11 @@ def _redis_keys(redis_server, prefix: str) -> list[bytes]:
         client.close()
 
 
+RETENTION_2S = {"VOLLI_BINDING_RETENTION": "2", "VOLLI_PRESENCE_TTL": "1"}
+
+
 def test_bindings_expire_after_the_retention(make_server, uid):
-    srv = make_server({"VOLLI_BINDING_RETENTION": "2"})
+    srv = make_server(RETENTION_2S)
     user, me = uid("kept"), Identity()
     first = Client(srv.url)
     assert me.register(first, user)["type"] == "registered"
@@ -70,6 +73,24 @@ def test_bindings_expire_after_the_retention(make_server, uid):
     time.sleep(2.5)
     assert thief.call({"type": "register", "userId": user, "publicKey": "AAAA"})["type"] \
         == "registered"
+    thief.close()
+
+
+def test_an_online_users_binding_never_expires(make_server, uid):
+    """Found by an attack: with Redis, the binding of a user connected for longer than the
+    retention lapsed (only registrations and closes renewed it), and its ID was free."""
+    srv = make_server(RETENTION_2S)
+    user, owner = uid("online"), Identity()
+    holder = Client(srv.url)
+    assert owner.register(holder, user)["type"] == "registered"
+    time.sleep(5)  # two and a half retentions, connected
+    assert holder.call({"type": "ping"})["type"] == "pong"
+    holder.close()
+    time.sleep(0.5)
+    thief = Client(srv.url)
+    assert Identity().register(thief, user)["code"] == "bad-signature"
+    thief.register(uid("looker"))
+    assert thief.call({"type": "discover", "userId": user})["verified"] is True
     thief.close()
 
 

@@ -19,7 +19,8 @@ HANDSHAKE = ("GET /signaling HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r
 
 
 def _read_text(sock: socket.socket, buf: bytearray) -> str:
-    """The next unfragmented server text frame (servers do not mask)."""
+    """The next unfragmented server text frame (servers do not mask); a keepalive ping
+    that comes first is skipped."""
     while True:
         if len(buf) >= 2:
             n, start = buf[1] & 0x7F, 2
@@ -28,9 +29,11 @@ def _read_text(sock: socket.socket, buf: bytearray) -> str:
             elif n == 127:
                 n, start = int.from_bytes(buf[2:10], "big"), 10
             if len(buf) >= start + n:
-                text = bytes(buf[start:start + n]).decode()
+                opcode, text = buf[0] & 0x0F, bytes(buf[start:start + n]).decode()
                 del buf[:start + n]
-                return text
+                if opcode == 0x1:
+                    return text
+                continue
         data = sock.recv(65536)
         if not data:
             raise ConnectionError("closed")

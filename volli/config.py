@@ -288,6 +288,9 @@ def load(environ: Mapping[str, str], overrides: Mapping[str, Any] | None = None)
         problems.append("VOLLI_SEND_QUEUE_LIMIT must be at least VOLLI_MAX_MESSAGE_SIZE")
     if settings.ip_v6_prefix > 128:
         problems.append(f"VOLLI_IP_V6_PREFIX={settings.ip_v6_prefix}: must be at most 128")
+    if settings.backend == "redis" and settings.binding_retention < settings.presence_ttl:
+        problems.append("VOLLI_BINDING_RETENTION must be at least VOLLI_PRESENCE_TTL (the "
+                        "heartbeat, every TTL/3, renews online users' bindings)")
     workers_problem = check_workers(settings, settings.workers)
     if workers_problem:
         problems.append(f"WEB_CONCURRENCY={settings.workers}: {workers_problem}")

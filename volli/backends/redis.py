@@ -84,15 +84,25 @@ end
 return 1
 """
 
+# Renews a binding that still exists (never recreates one an operator unbound): KEYS
+# presence, binding, bindings index; ARGV retention ms, userId.
+_RENEW_BINDING = """
+if redis.call('PEXPIRE', KEYS[2], ARGV[{retention}]) == 1 then
+  local t = redis.call('TIME')
+  redis.call('ZADD', KEYS[3], 'XX', t[1] * 1000 + math.floor(t[2] / 1000) + ARGV[{retention}],
+             ARGV[{user}])
+end
+"""
+# The heartbeat's renewal of an online signed user's binding (it never expires while in
+# use). Same KEYS; ARGV retention ms, userId.
+RENEW = _RENEW_BINDING.format(retention=1, user=2)
+
 # Compare-and-delete: only the session that holds the userId may release it; its binding
 # (if any) is kept for the retention from now. KEYS presence, binding, bindings index;
 # ARGV session, retention ms, userId.
 RELEASE = """
 if redis.call('HGET', KEYS[1], 'session') == ARGV[1] then
-  if redis.call('PEXPIRE', KEYS[2], ARGV[2]) == 1 then
-    local t = redis.call('TIME')
-    redis.call('ZADD', KEYS[3], 'XX', t[1] * 1000 + math.floor(t[2] / 1000) + ARGV[2], ARGV[3])
-  end
+""" + _RENEW_BINDING.format(retention=2, user=3) + """
   return redis.call('DEL', KEYS[1])
 end
 return 0
@@ -154,6 +164,8 @@ class RedisBackend(MemoryBackend):
         self._rebind = self._redis.register_script(REBIND)
         self._release = self._redis.register_script(RELEASE)
         self._unbind = self._redis.register_script(UNBIND)
+        self._renew = self._redis.register_script(RENEW)
+        self._renewed_at = float("-inf")  # when the heartbeat last renewed bindings
         self._route = self._redis.register_script(ROUTE)
         self._subscribed = False
         self._store_ok = True
@@ -478,11 +490,26 @@ class RedisBackend(MemoryBackend):
         it is missing. After Redis was unreachable, every user goes through the register
         script again; returns the sessions whose userId another session took meanwhile."""
         owned = list(self._users.items())
+        self._renew_bindings(owned)
         if self._full_announce:
             self._full_announce = False
         else:
             owned = self._refresh(owned)
         return self._reclaim(owned)
+
+    def _renew_bindings(self, owned: list[tuple[str, Session]]) -> None:
+        """A third of the retention after the last renewal, renew the bindings of online
+        signed users (the heartbeat runs at least that often: config.py checks)."""
+        now = time.monotonic()
+        if now - self._renewed_at < self._retention_ms / 3000:
+            return
+        for batch in _batches([(user, s) for user, s in owned if s.signed]):
+            pipe = self._redis.pipeline(transaction=False)
+            for user_id, _ in batch:
+                self._renew(keys=self._keys_for(user_id), args=[self._retention_ms, user_id],
+                            client=pipe)
+            pipe.execute()
+        self._renewed_at = now
 
     def _refresh(self, owned: list[tuple[str, Session]]) -> list[tuple[str, Session]]:
         """PEXPIRE each presence; returns the users whose presence was gone."""
