@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import os
 import resource
 import shutil
@@ -533,14 +532,7 @@ def main(argv: list[str] | None = None) -> int:
         if after.get("online") not in (None, 0):
             problems.append(f"{backend}: /health reports {after['online']} online after every "
                             f"connection closed")
-        for label, finding in (r.get("log_findings") or {}).items():
-            if label == "close codes (volli log)":
-                unusual = {k: v for k, v in finding.items() if k not in ("1000", "1001")}
-                if unusual:
-                    problems.append(f"{backend} log: unusual close codes {unusual}")
-                continue
-            problems.append(f"{backend} log: {label} x{finding['count']}:\n"
-                            f"{finding['excerpt']}")
+        problems += machine.log_problems(backend, r.get("log_findings"))
 
     print()
     print(f"Volli {args.volli_ref or 'working tree'}"
@@ -556,28 +548,13 @@ def main(argv: list[str] | None = None) -> int:
                              if "redis_used_memory" in p else "") for p in r["curve"])
             print(f"- {backend} RSS MB" + (" / redis used_memory MiB" if backend == "redis"
                                            else "") + f" by registrations: {pts}")
-    if noise:
-        print("\nNOISE (the machine was shared):")
-        for n in noise:
-            print(f"- {n}")
-    if problems:
-        print("\nPROBLEMS:")
-        for p in problems:
-            print(f"- {p}")
-    print(f"\ntotal {elapsed:.0f}s; server logs: {log_dir}")
-    json_path = Path(args.json) if args.json else (
-        None if args.no_save else machine.default_result_path("churn"))
-    if json_path is not None:
-        payload = {"kind": "churn", **machine.describe(), "volli_ref": args.volli_ref,
-                   "volli_commit": volli_commit or "working tree",
-                   "volli_tree_before": tree_before, "volli_tree_after": tree_after,
-                   "args": vars(args), "elapsed_seconds": elapsed, "notes": notes,
-                   "figures": {b: r.get("figures") for b, r in results.items()},
-                   "table_markdown": md, "results": results, "problems": problems,
-                   "noise": noise}
-        json_path.parent.mkdir(parents=True, exist_ok=True)
-        json_path.write_text(json.dumps(payload, indent=2, default=str))
-        print(f"results written to {json_path}")
+    machine.print_report(noise, problems, elapsed, log_dir)
+    machine.save_results(args, "churn", lambda: {
+        **machine.describe(), "volli_ref": args.volli_ref,
+        "volli_commit": volli_commit or "working tree", "volli_tree_before": tree_before,
+        "volli_tree_after": tree_after, "args": vars(args), "elapsed_seconds": elapsed,
+        "notes": notes, "figures": {b: r.get("figures") for b, r in results.items()},
+        "table_markdown": md, "results": results, "problems": problems, "noise": noise})
     if interrupted:
         return 130
     return 1 if any(r.get("failure") for r in results.values()) else 0

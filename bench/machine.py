@@ -1,4 +1,5 @@
-"""Machine, version and repo facts stored with every bench result (bench/results/*.json)."""
+"""Machine, version and repo facts stored with every bench result (bench/results/*.json),
+and the report and results file every bench ends with."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results"
@@ -150,3 +151,41 @@ def server_tree_state(root: Path = ROOT) -> dict[str, Any]:
     dirty = [p[3:] for p in repo_info()["dirty_paths"]
              if p[3:].startswith("volli/") or p[3:] in SERVER_PATHS]
     return {"digest": h.hexdigest(), "dirty": dirty}
+
+
+def log_problems(where: str, findings: dict[str, Any] | None) -> list[str]:
+    """PROBLEMS lines for what scan_log found in a server's log: unusual close codes,
+    tracebacks and warnings."""
+    problems = []
+    for label, finding in (findings or {}).items():
+        if label == "close codes (volli log)":
+            unusual = {c: n for c, n in finding.items() if c not in ("1000", "1001")}
+            if unusual:
+                problems.append(f"{where} log: unusual close codes {unusual}")
+            continue
+        problems.append(f"{where} log: {label} x{finding['count']}:\n{finding['excerpt']}")
+    return problems
+
+
+def print_report(noise: list[str], problems: list[str], elapsed: float, log_dir) -> None:
+    """The NOISE and PROBLEMS lists and the closing line every bench prints."""
+    if noise:
+        print("\nNOISE (the machine was shared; compare ratios with care, or re-run):")
+        for line in noise:
+            print(f"- {line}")
+    if problems:
+        print("\nPROBLEMS:")
+        for line in problems:
+            print(f"- {line}")
+    print(f"\ntotal {elapsed:.0f}s; server logs: {log_dir}")
+
+
+def save_results(args, kind: str, payload: Callable[[], dict[str, Any]]) -> None:
+    """Write ``payload()`` as JSON to --json, or bench/results/ unless --no-save."""
+    path = Path(args.json) if args.json else (
+        None if args.no_save else default_result_path(kind))
+    if path is None:
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"kind": kind, **payload()}, indent=2, default=str))
+    print(f"results written to {path}")

@@ -382,34 +382,13 @@ def main(argv: list[str] | None = None) -> int:
             if lat and lat.get("rate", 0) < 0.95 * args.rate:
                 problems.append(f"{where} latency: achieved only {lat['rate']:.0f} of "
                                 f"{args.rate:g} msg/s")
-            for label, finding in (r.get("log_findings") or {}).items():
-                if label == "close codes (volli log)":
-                    unusual = {c: v for c, v in finding.items() if c not in ("1000", "1001")}
-                    if unusual:
-                        problems.append(f"{where} log: unusual close codes {unusual}")
-                    continue
-                problems.append(f"{where} log: {label} x{finding['count']}:\n"
-                                f"{finding['excerpt']}")
-    if noise:
-        print("\nNOISE (the machine was shared; compare ratios with care, or re-run):")
-        for x in noise:
-            print(f"- {x}")
-    if problems:
-        print("\nPROBLEMS:")
-        for x in problems:
-            print(f"- {x}")
-    print(f"\ntotal {elapsed:.0f}s; gunicorn logs: {log_dir}")
-    json_path = Path(args.json) if args.json else (
-        None if args.no_save else machine.default_result_path("refcompare"))
-    if json_path is not None:
-        payload = {"kind": "refcompare", **machine.describe(), "refs": refs,
-                   "args": vars(args), "elapsed_seconds": elapsed, "notes": notes,
-                   "volli_tree_before": tree_before, "volli_tree_after": tree_after,
-                   "offer_check": compact, "summary": summary, "table_markdown": md,
-                   "results": runs, "problems": problems, "noise": noise}
-        json_path.parent.mkdir(parents=True, exist_ok=True)
-        json_path.write_text(json.dumps(payload, indent=2, default=str))
-        print(f"results written to {json_path}")
+            problems += machine.log_problems(where, r.get("log_findings"))
+    machine.print_report(noise, problems, elapsed, log_dir)
+    machine.save_results(args, "refcompare", lambda: {
+        **machine.describe(), "refs": refs, "args": vars(args), "elapsed_seconds": elapsed,
+        "notes": notes, "volli_tree_before": tree_before, "volli_tree_after": tree_after,
+        "offer_check": compact, "summary": summary, "table_markdown": md, "results": runs,
+        "problems": problems, "noise": noise})
     if interrupted:
         return 130
     return 1 if any(r.get("failure") for rs in runs.values() for r in rs) else 0

@@ -2388,39 +2388,16 @@ def main(argv: list[str] | None = None) -> int:
             if rt and rt.get("round_trips", 0) < rt.get("asked", 0):
                 problems.append(f"{where} round trips: only {rt['round_trips']} of "
                                 f"{rt['asked']} within {args.rtt_limit:g}s")
-            for label, finding in (r.get("log_findings") or {}).items():
-                if label == "close codes (volli log)":
-                    unusual = {c: n for c, n in finding.items() if c not in ("1000", "1001")}
-                    if unusual:
-                        problems.append(f"{where} log: unusual close codes {unusual}")
-                    continue
-                problems.append(f"{where} log: {label} x{finding['count']}:\n"
-                                f"{finding['excerpt']}")
-    if noise:
-        print("\nNOISE (the machine was shared; compare ratios with care, or re-run):")
-        for n in noise:
-            print(f"- {n}")
-    if problems:
-        print("\nPROBLEMS:")
-        for p in problems:
-            print(f"- {p}")
-    print(f"\ntotal {elapsed:.0f}s; gunicorn logs: {log_dir}")
-    json_path = Path(args.json) if args.json else (
-        None if args.no_save else machine.default_result_path("relay"))
-    if json_path is not None:
-        figures = main_values(results, args)
-        payload = {"kind": "relay", **machine.describe(PEERJS_PKG),
-                   "volli_ref": args.volli_ref, "volli_commit": volli_commit or "working tree",
-                   "volli_tree_before": tree_before, "volli_tree_after": tree_after,
-                   "args": vars(args), "elapsed_seconds": elapsed, "notes": notes,
-                   "peerjs": peerjs_info,
-                   "figures": figures,
-                   "table_markdown": table(results, args),
-                   "redis_table_markdown": redis_table(results, args) if args.redis else None,
-                   "results": results, "problems": problems, "noise": noise}
-        json_path.parent.mkdir(parents=True, exist_ok=True)
-        json_path.write_text(json.dumps(payload, indent=2, default=str))
-        print(f"results written to {json_path}")
+            problems += machine.log_problems(where, r.get("log_findings"))
+    machine.print_report(noise, problems, elapsed, log_dir)
+    machine.save_results(args, "relay", lambda: {
+        **machine.describe(PEERJS_PKG), "volli_ref": args.volli_ref,
+        "volli_commit": volli_commit or "working tree", "volli_tree_before": tree_before,
+        "volli_tree_after": tree_after, "args": vars(args), "elapsed_seconds": elapsed,
+        "notes": notes, "peerjs": peerjs_info, "figures": main_values(results, args),
+        "table_markdown": table(results, args),
+        "redis_table_markdown": redis_table(results, args) if args.redis else None,
+        "results": results, "problems": problems, "noise": noise})
     if interrupted:
         return 130
     return 1 if peerjs_info.get("failure") or any(
