@@ -54,6 +54,8 @@ class Hub:
             IceServers: self._ice_servers,
         }
         self._turn_uris = [u.strip() for u in settings.turn_uris.split(",") if u.strip()]
+        # Only turn:/turns: URIs carry credentials (the policy and the issue rate apply).
+        self._issues_credentials = any(not u.startswith("stun") for u in self._turn_uris)
 
     def connect(self, session: Session) -> None:
         session.nonce = identity.new_nonce()
@@ -238,10 +240,11 @@ class Hub:
 
     def _ice_servers(self, session: Session, message: IceServers, received_at: float) -> None:
         _require_registered(session)
-        if self._turn_uris and not self._may_use_turn(session):
+        if self._issues_credentials and not self._may_use_turn(session):
             raise ProtocolError(ErrorCode.SIGNATURE_REQUIRED,
                                 "TURN credentials are issued to signed sessions only")
-        wait = self._limits[session.id].turn.take(received_at) if self._turn_uris else 0.0
+        wait = (self._limits[session.id].turn.take(received_at) if self._issues_credentials
+                else 0.0)
         if self._check(session, "ice-servers-rate", wait, message.request_id):
             session.send(encode(ice_servers_message(
                 self._ice_server_list(session, None), message.request_id)))
@@ -252,7 +255,7 @@ class Hub:
     def _ice_server_list(self, session: Session, charge_at: float | None) -> list[dict]:
         """The STUN and TURN servers for ``session``: TURN only if it may use it and
         (when ``charge_at`` is given) its issue rate allows another credential now."""
-        turn_ok = self._may_use_turn(session) and (
+        turn_ok = self._issues_credentials and self._may_use_turn(session) and (
             charge_at is None or not self._limits[session.id].turn.take(charge_at))
         uris = [u for u in self._turn_uris if turn_ok or u.startswith("stun")]
         return turn.ice_servers(self.settings.turn_secret, uris, session.user_id,
