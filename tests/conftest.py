@@ -12,6 +12,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
 from pathlib import Path
@@ -171,7 +172,9 @@ class RedisServer:
     def start(self) -> "RedisServer":
         self.proc = subprocess.Popen(
             ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1",
-             "--save", "", "--appendonly", "no", "--logfile", str(self.log_path)],
+             "--save", "", "--appendonly", "no", "--logfile", str(self.log_path),
+             # DEBUG SLEEP pauses the server (fault tests): allowed from loopback only.
+             "--enable-debug-command", "local"],
             stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT, start_new_session=True)
         end = time.monotonic() + 10
         while time.monotonic() < end:
@@ -188,6 +191,22 @@ class RedisServer:
         if self.proc is not None and self.proc.poll() is None:
             self.proc.terminate()
             self.proc.wait(timeout=10)
+
+    def restart_empty(self) -> "RedisServer":
+        """Stop and start again on the same port: with no persistence, every key is gone."""
+        self.stop()
+        return self.start()
+
+    def pause(self, seconds: float) -> threading.Thread:
+        """Block the server for ``seconds`` (DEBUG SLEEP) from a thread; join it to wait."""
+        def sleep() -> None:
+            with socket.create_connection(("127.0.0.1", self.port), timeout=seconds + 10) as c:
+                c.sendall(f"DEBUG SLEEP {seconds}\r\n".encode())
+                c.recv(16)
+        thread = threading.Thread(target=sleep, daemon=True)
+        thread.start()
+        time.sleep(0.05)  # the command has reached the server
+        return thread
 
 
 @pytest.fixture(scope="session")
