@@ -36,6 +36,10 @@ class RecordingSession:
     def close(self, code, reason=""):
         self.closed_with = code
 
+    @property
+    def closed(self):
+        return self.closed_with is not None
+
     def last(self):
         return self.sent[-1]
 

@@ -120,7 +120,8 @@ class _Events:
 
     def receive_frames(self, session, count): pass
 
-    def disconnect(self, session): pass
+    def disconnect(self, session, then=lambda: None):
+        then()
 
     def report_undelivered(self, peer, counts, busy=False):
         self.undelivered.append(dict(counts))

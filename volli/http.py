@@ -14,17 +14,23 @@ bp = Blueprint("http", __name__)
 
 @bp.get("/health")
 def health():
-    """Liveness of this worker; figures are this worker's own."""
+    """Liveness of this worker; figures are this worker's own. 503 (degraded) while one
+    of its background loops is down."""
     runtime = get_runtime()
-    return jsonify(
-        status="draining" if runtime.draining else "ok",
+    failing = runtime.loops.failing()
+    response = jsonify(
+        status="degraded" if failing else "draining" if runtime.draining else "ok",
         backend=runtime.backend.name,
         connections=runtime.connections,
         online=runtime.backend.online_count(),
         bindings=runtime.backend.binding_count(),
+        loops=runtime.loops.states,
         uptime=round(runtime.uptime(), 3),
         version=__version__,
     )
+    if failing:  # a background loop raised and waits to run again
+        response.status_code = 503
+    return response
 
 
 @bp.get("/ready")

@@ -63,15 +63,12 @@ class Hub:
         self.backend.attach(session)
         session.send(encode(hello_message(session.nonce)))
 
-    def disconnect(self, session: Session) -> None:
-        """The session is closing: release its userId at once."""
+    def disconnect(self, session: Session, then: Callable[[], None] = lambda: None) -> None:
+        """The session is closing: release its userId at once, then call ``then`` (the
+        transport sends its close frame: a client that sees it finds its ID free)."""
         if self._limits.pop(session.id, None) is not None and session.user_id is not None:
             self.metrics.unregistered()
-        try:
-            self.backend.detach(session)
-        except BackendUnavailable:
-            log.warning("could not release %r in the shared store; it expires by TTL",
-                        session.user_id)
+        self.backend.detach(session, then)
 
     def report_undelivered(self, peer: str, undelivered: Mapping[str, int],
                            busy: bool = False) -> None:
@@ -183,6 +180,8 @@ class Hub:
             raise ProtocolError(ErrorCode.SIGNATURE_REQUIRED,
                                 "this server accepts only signed registrations")
         outcome = self.backend.claim(session, message.user_id, public_key, signed)
+        if outcome is Claim.CLOSED:  # nobody to answer
+            return
         if outcome in _CLAIM_ERRORS:
             code, text = _CLAIM_ERRORS[outcome]
             raise ProtocolError(code, text.format(message.user_id))

@@ -37,6 +37,8 @@ REFUSED = Counter("volli_refused", "Refusals by limit: upgrades (503/429/403) an
                   "rate-limited messages.", ["reason"])
 REGISTRATIONS = Counter("volli_registrations", "Successful registrations.", ["signed"])
 REDIS_FAILURES = Counter("volli_redis_failures", "Redis operations that failed.", ["operation"])
+LOOP_FAILURES = Counter("volli_loop_failures",
+                        "Background loops that raised and were restarted, by loop.", ["loop"])
 
 
 class Metrics:
@@ -120,6 +122,9 @@ class Metrics:
 
     def redis_failure(self, operation: str) -> None:
         self._child(REDIS_FAILURES, operation).inc()
+
+    def loop_failure(self, loop: str) -> None:
+        self._child(LOOP_FAILURES, loop).inc()
 
     def __getitem__(self, key: str) -> int:
         self.flush()

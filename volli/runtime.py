@@ -14,6 +14,7 @@ from .backends import Backend, create_backend
 from .config import Settings
 from .hub import Hub
 from .limits import AddressLimits
+from .supervise import Loops
 
 
 @dataclasses.dataclass
@@ -30,6 +31,7 @@ class Runtime:
     draining: bool = False
     # Set once a drain has finished (created lazily: it must be a gevent Event).
     drained: Any = None
+    loops: Loops = dataclasses.field(default_factory=Loops)
 
     @classmethod
     def init_app(cls, app: Flask, settings: Settings) -> "Runtime":
@@ -38,6 +40,7 @@ class Runtime:
                       addresses=AddressLimits(settings.ip_max_connections,
                                               settings.ip_connect_rate, settings.ip_v6_prefix))
         runtime.max_connections = connection_capacity(settings.max_connections)
+        runtime.loops = Loops(on_failure=runtime.hub.metrics.loop_failure)
         app.extensions["volli"] = runtime
         return runtime
 

@@ -15,17 +15,21 @@ from .runtime import Runtime
 log = logging.getLogger("volli.tasks")
 
 DRAIN_POLL = 0.2  # seconds between checks of the worker's alive flag
-DRAIN_WAIT = 5.0
+DRAIN_WAIT = 5.0  # seconds to wait for connections to finish after closing with 1001
 KEEPALIVE_SLICE = 200  # pings between yields to other greenlets
-METRICS_FLUSH = 1.0  # seconds: how far other workers' counters may lag in /metrics  # seconds to wait for handlers to finish after closing with 1001
+METRICS_FLUSH = 1.0  # seconds: how far other workers' counters may lag in /metrics
 
 
-def start_worker_tasks(app: Flask, is_alive: Callable[[], bool]) -> list[gevent.Greenlet]:
+def start_worker_tasks(app: Flask, is_alive: Callable[[], bool]) -> None:
+    """Start this worker's background loops, each supervised (see supervise.py)."""
     runtime: Runtime = app.extensions["volli"]
     runtime.backend.start(gevent.spawn)
-    return [gevent.spawn(stats_loop, runtime), gevent.spawn(keepalive_loop, runtime),
-            gevent.spawn(metrics_loop, runtime),
-            gevent.spawn(drain_on_exit, runtime, is_alive)]
+    loops = {"stats": stats_loop, "keepalive": keepalive_loop, "metrics": metrics_loop}
+    for name, loop in loops.items():
+        runtime.loops.start(name, loop, runtime)
+    for name, loop in runtime.backend.loops().items():
+        runtime.loops.start(name, loop)
+    runtime.loops.start("drain-watch", drain_on_exit, runtime, is_alive)
 
 
 def stats_line(runtime: Runtime) -> str:

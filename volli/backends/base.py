@@ -20,6 +20,13 @@ UndeliveredHook = Callable[[str, Mapping[str, int], bool], None]
 
 
 ReplacedHook = Callable[["Session"], None]
+# Called once a closing session's userId is released (or its release gave up): the
+# transport sends its close frame then, so a client that sees it finds its ID free.
+Released = Callable[[], None]
+
+
+def nothing() -> None:
+    """The default ``then``: nothing to do once released."""
 
 
 class Claim(enum.Enum):
@@ -37,6 +44,24 @@ class Claim(enum.Enum):
     BOUND = "bound"
     KEY_MISMATCH = "key-mismatch"
     FULL = "full"  # a new binding would pass VOLLI_MAX_BINDINGS: refused, nothing evicted
+    # The session closed while its claim was in flight: what the claim got is released.
+    CLOSED = "closed"
+
+
+def local_refusal(holder: "Session | None", session: "Session", public_key: str,
+                  signed: bool) -> Claim | None:
+    """The claim rule applied to a live session of this process that holds the userId:
+    its answer needs no shared store (which may have forgotten that holder), or None when
+    the rule lets the claim go on (no live local holder, or a same-key signed takeover)."""
+    if holder is None or holder is session or holder.closed:
+        return None
+    if holder.signed and not signed:
+        return Claim.BOUND
+    if holder.signed and holder.public_key != public_key:
+        return Claim.KEY_MISMATCH
+    if not (signed and holder.public_key == public_key):
+        return Claim.TAKEN
+    return None
 
 
 class BackendUnavailable(Exception):
@@ -52,6 +77,10 @@ class Session(Protocol):
     signed: bool  # registered with a verified signature
     remote_addr: str  # the client's IP, for logs
     nonce: str  # the current one-time nonce for signed requests
+
+    @property
+    def closed(self) -> bool:
+        """Closing or closed: it may hold nothing any more."""
 
     def send(self, text: str, origin: str | None = None) -> bool:
         """Queue a text frame; False if the connection is closed or could not take it.
@@ -75,9 +104,11 @@ class Presence:
 class Backend(abc.ABC):
     """Presence and routing.
 
-    Guarantees: ``claim`` is atomic per userId; ``release`` only removes a userId that is
-    still held by that very session (compare-and-delete), so a late close of an old
-    connection never removes a newer registration. ``deliver`` returning True means the
+    Guarantees: ``claim`` is atomic per userId; every change of a shared record (claim,
+    refresh, release, takeover) acts only if the record still names the session that
+    makes it (compare-and-set on the session id), so a late close of an old connection
+    never removes a newer registration, and a holder the store no longer names is closed.
+    A process never holds two live sessions for one userId. ``deliver`` returning True means the
     frame was accepted into the target connection's send queue; it is not an end-to-end
     acknowledgement; relays that are accepted and then cannot reach their target are
     reported through ``on_undelivered`` so the hub can tell their senders.
@@ -109,14 +140,22 @@ class Backend(abc.ABC):
     def attach(self, session: Session) -> None:
         """A connection opened in this process."""
 
+    def loops(self) -> dict[str, Callable[[], None]]:
+        """Background loops to run (supervised) per worker, by name."""
+        return {}
+
     @abc.abstractmethod
-    def detach(self, session: Session) -> None:
-        """A connection closed: release its userId (if still its own) and forget it."""
+    def detach(self, session: Session, then: Released = nothing) -> None:
+        """A connection closed: forget it and release its userId (if still its own); call
+        ``then`` once that release is done or given up (at once if there is none). Never
+        blocks: closes that come together share their round trips."""
 
     @abc.abstractmethod
     def claim(self, session: Session, user_id: str, public_key: str, signed: bool) -> Claim:
         """Give user_id to session under the rule of ``Claim``; on OK or TAKEN_OVER the
-        session's user_id, public_key and signed are set."""
+        session's user_id, public_key and signed are set, and a live local session that
+        held user_id is replaced. A session that closed meanwhile gets CLOSED and holds
+        nothing."""
 
     @abc.abstractmethod
     def rebind(self, session: Session, new_public_key: str) -> bool:

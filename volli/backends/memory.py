@@ -7,7 +7,7 @@ import logging
 import time
 from typing import Callable
 
-from .base import Backend, Claim, Presence, Session
+from .base import Backend, Claim, Presence, Released, Session, nothing
 
 log = logging.getLogger("volli.memory")
 
@@ -35,12 +35,19 @@ class MemoryBackend(Backend):
     def attach(self, session: Session) -> None:
         self._sessions[session.id] = session
 
-    def detach(self, session: Session) -> None:
+    def detach(self, session: Session, then: Released = nothing) -> None:
+        self._forget(session)
+        then()
+
+    def _forget(self, session: Session) -> bool:
+        """Local bookkeeping of a closed session; whether it held its userId here."""
         self._sessions.pop(session.id, None)
-        if session.user_id is not None and self._users.get(session.user_id) is session:
-            del self._users[session.user_id]
-            if session.signed and session.user_id in self._bindings:
-                self._bind(session.user_id, self._bindings[session.user_id][0])
+        if session.user_id is None or self._users.get(session.user_id) is not session:
+            return False
+        del self._users[session.user_id]
+        if session.signed and session.user_id in self._bindings:
+            self._bind(session.user_id, self._bindings[session.user_id][0])
+        return True
 
     def claim(self, session: Session, user_id: str, public_key: str, signed: bool) -> Claim:
         key = self._bound_key(user_id)
@@ -56,17 +63,19 @@ class MemoryBackend(Backend):
             if not (signed and holder.public_key == public_key):
                 return Claim.TAKEN
             outcome = Claim.TAKEN_OVER
-        self._hold(session, user_id, public_key, signed)
         if signed:
             self._bind(user_id, public_key)
-        if outcome is Claim.TAKEN_OVER:
-            self.on_replaced(holder)
+        self._hold(session, user_id, public_key, signed)  # replaces a taken-over holder
         return outcome
 
     def _hold(self, session: Session, user_id: str, public_key: str, signed: bool) -> None:
-        """Local bookkeeping of a claimed userId (shared with the Redis backend)."""
+        """Local bookkeeping of a claimed userId (shared with the Redis backend): a live
+        session that held it here is replaced, never left holding it too."""
+        previous = self._users.get(user_id)
         self._users[user_id] = session
         session.user_id, session.public_key, session.signed = user_id, public_key, signed
+        if previous is not None and previous is not session and not previous.closed:
+            self.on_replaced(previous)
 
     def rebind(self, session: Session, new_public_key: str) -> bool:
         if not session.signed or self._bound_key(session.user_id) != session.public_key:

@@ -2,8 +2,11 @@
 
 Each worker is a node with its own pub/sub channel. A user's presence is a hash
 ``<prefix>presence:<userId>`` {node, session, publicKey} with a TTL that the node's
-heartbeat refreshes; ``<prefix>key:<userId>`` keeps a signed user's bound key with the
-binding retention as its TTL, renewed by each registration and each close.
+heartbeat renews while it still names this node's session (every change to it is a
+compare-and-set on the session id); ``<prefix>key:<userId>`` keeps a signed user's bound
+key with the binding retention as its TTL, renewed by each registration and each close;
+``<prefix>epoch`` tells a store that lost its state, so that live users are announced
+again before anyone may take their IDs.
 Local users are served from memory (the MemoryBackend this extends) without touching
 Redis; a relay to a user on another node is published to that node's channel by a
 script that reads the presence and publishes in one round trip. That script also names
@@ -29,19 +32,69 @@ from redis.backoff import ExponentialBackoff
 from redis.retry import Retry
 
 from ..protocol import CloseCode, ProtocolError
-from .base import BackendUnavailable, Claim, Presence, Session, Spawn
+from .base import (
+    BackendUnavailable, Claim, Presence, Released, Session, Spawn, local_refusal, nothing,
+)
 from .memory import MemoryBackend
 
 log = logging.getLogger("volli.redis")
 
+# The store's epoch: a hash <prefix>epoch {id, until, beat, born}, gone 20 TTLs after the
+# last node stopped. Every node's heartbeat
+# stamps `beat`; a store found without it (restarted empty) or with no beat for a presence
+# TTL (paused, or every node cut off: presences may have expired under live users) gets a
+# new id, and registrations are refused until `until` (a TTL later) while every node,
+# seeing the new id, announces its live users again. A node that had users can tell (it
+# knew the old id); a new node cannot, so an old node that finds a young epoch begun
+# without a window opens it. Shared by BEAT and CLAIM: KEYS[EPOCH], ARGV[TTL] ms,
+# ARGV[NEW] a new id, MINE the node's epoch, RECOVER whether to open a window.
+_EPOCH = """
+local t = redis.call('TIME')
+local now = t[1] * 1000 + math.floor(t[2] / 1000)
+local e = redis.call('HMGET', KEYS[EPOCH], 'id', 'until', 'beat', 'born')
+local lost = not e[1] or now - tonumber(e[3] or 0) > tonumber(ARGV[TTL])
+if lost then
+  local u = 0
+  if RECOVER then u = now + ARGV[TTL] end
+  redis.call('HSET', KEYS[EPOCH], 'id', ARGV[NEW], 'until', u, 'beat', now, 'born', now)
+  e = {ARGV[NEW], u}
+elseif MINE ~= '' and MINE ~= e[1] and tonumber(e[2]) < tonumber(e[4]) + ARGV[TTL] then
+  -- A node from before sees a young epoch that a new node began without a window.
+  e[2] = tonumber(e[4]) + ARGV[TTL]
+  redis.call('HSET', KEYS[EPOCH], 'until', e[2])
+end
+"""
+
+
+def _epoch(epoch: int, ttl: int, new: int, mine: int, recover: str) -> str:
+    return (_EPOCH.replace("EPOCH", str(epoch)).replace("TTL", str(ttl))
+            .replace("NEW", str(new)).replace("MINE", f"ARGV[{mine}]")
+            .replace("RECOVER", recover))
+
+
+# A node's heartbeat: KEYS epoch; ARGV ttl ms, new id, the node's epoch ("" when it has
+# none yet: a new node opens no recovery window). Returns the epoch id (the node announces
+# all its users again when it changed).
+BEAT = _epoch(1, 1, 2, 3, "ARGV[3] ~= ''") + """
+redis.call('HSET', KEYS[1], 'beat', now)
+redis.call('PEXPIRE', KEYS[1], ARGV[1] * 20)
+return e[1]
+"""
+
 # The claim rule of base.Claim, atomically. KEYS: presence, binding, bindings index (a
-# sorted set userId -> expiry ms that counts bindings for the cap). ARGV: node, session,
-# publicKey, ttl ms, signed "1"/"0", refresh "1"/"0" (the heartbeat: never takes over),
-# binding retention ms, max bindings, userId. Only a signed claim writes the binding (with
-# the retention as its TTL); a new one beyond the cap is refused. A binding hash without
-# bound=1 is a leftover of an older version and goes. Returns {1} ok, {2, old node, old
-# session} taken over, {0} taken, {-1} bound, {-2} key mismatch, {-3} full.
-CLAIM = """
+# sorted set userId -> expiry ms that counts bindings for the cap), epoch. ARGV: node,
+# session, publicKey, ttl ms, signed "1"/"0", refresh "1"/"0" (the heartbeat announcing a
+# live user again: never takes over, allowed while recovering, never refused by the cap),
+# binding retention ms, max bindings, userId, the node's epoch, a new epoch id, channel
+# prefix. Only a signed claim writes the binding (with the retention as its TTL). A
+# binding hash without bound=1 is a leftover of an older version and goes. A takeover
+# tells the old holder's node (its channel) in the same script. Returns {1} ok,
+# {2, old node, old session} taken over, {0} taken, {-1} bound, {-2} key mismatch,
+# {-3} full, {-4, epoch} the node's epoch is not the store's, {-5} recovering.
+CLAIM = _epoch(4, 4, 11, 10, "true") + """
+if lost or e[1] ~= ARGV[10] then return {-4, e[1]} end
+local refresh = ARGV[6] == '1'
+if not refresh and tonumber(e[2]) > now then return {-5} end
 local b = redis.call('HMGET', KEYS[2], 'publicKey', 'bound')
 local signed = ARGV[5] == '1'
 if b[2] == '1' then
@@ -53,12 +106,10 @@ end
 local h = redis.call('HMGET', KEYS[1], 'session', 'publicKey', 'node')
 local taken_over = false
 if h[1] and h[1] ~= ARGV[2] then
-  if ARGV[6] == '1' or not signed or h[2] ~= ARGV[3] then return {0} end
+  if refresh or not signed or h[2] ~= ARGV[3] then return {0} end
   taken_over = true
 end
-local t = redis.call('TIME')
-local now = t[1] * 1000 + math.floor(t[2] / 1000)
-if signed and b[2] ~= '1' then
+if signed and b[2] ~= '1' and not refresh then
   redis.call('ZREMRANGEBYSCORE', KEYS[3], '-inf', now)
   if redis.call('ZCARD', KEYS[3]) >= tonumber(ARGV[8]) then return {-3} end
 end
@@ -69,8 +120,29 @@ if signed then
   redis.call('PEXPIRE', KEYS[2], ARGV[7])
   redis.call('ZADD', KEYS[3], now + ARGV[7], ARGV[9])
 end
-if taken_over then return {2, h[3], h[1]} end
+if taken_over then
+  if h[3] ~= ARGV[1] then redis.call('PUBLISH', ARGV[12] .. h[3], 'R\\n' .. h[1]) end
+  return {2, h[3], h[1]}
+end
 return {1}
+"""
+
+# The heartbeat's compare-and-renew, for a batch of presences: KEYS presences; ARGV ttl ms,
+# then the session each should name. Per key: 1 renewed, 0 gone, -1 names another session.
+REFRESH = """
+local out = {}
+for i, key in ipairs(KEYS) do
+  local s = redis.call('HGET', key, 'session')
+  if s == ARGV[i + 1] then
+    redis.call('PEXPIRE', key, ARGV[1])
+    out[i] = 1
+  elseif s then
+    out[i] = -1
+  else
+    out[i] = 0
+  end
+end
+return out
 """
 
 # Key rotation: KEYS binding, presence; ARGV old key, new key, session.
@@ -129,14 +201,19 @@ return {n, node}
 
 _CLAIM_CODES = {1: Claim.OK, 2: Claim.TAKEN_OVER, 0: Claim.TAKEN, -1: Claim.BOUND,
                 -2: Claim.KEY_MISMATCH, -3: Claim.FULL}
+EPOCH_CHANGED, RECOVERING = -4, -5
 
 LISTEN_POLL = 1.0  # seconds a listener waits for a message before checking its state
-BACKOFF_FIRST, BACKOFF_CAP = 0.1, 5.0
+# The listener reconnects quickly: while it is away, relays to this node's users find no
+# subscriber and delete their presence.
+BACKOFF_FIRST, BACKOFF_CAP = 0.1, 1.0
 PIPELINE_BATCH = 500  # commands per pipelined round trip (heartbeats, releases)
 # Seconds a target's node is remembered after the route script named it. A relay sent
 # within it to a user who just moved reaches the old node, which re-routes it once.
 ROUTE_CACHE = 1.0
-RELEASE_WAIT = 10.0  # seconds a closing connection waits for its presence release
+# Releases get a client of their own that gives up quickly: a drain with Redis down must
+# end well within gunicorn's graceful timeout (presence then expires by TTL).
+RELEASE_TIMEOUT = 1.0
 
 
 class RedisBackend(MemoryBackend):
@@ -160,7 +237,14 @@ class RedisBackend(MemoryBackend):
         self._listener_redis = redis.Redis.from_url(
             settings.redis_url, socket_timeout=None, socket_connect_timeout=2,
             health_check_interval=10, retry=retry)
+        self._quick = redis.Redis(connection_pool=redis.BlockingConnectionPool.from_url(
+            settings.redis_url, max_connections=2, timeout=RELEASE_TIMEOUT,
+            socket_timeout=RELEASE_TIMEOUT, socket_connect_timeout=RELEASE_TIMEOUT))
+        self._beat_script = self._redis.register_script(BEAT)
+        self._epoch_key = f"{self._prefix}epoch"
+        self._epoch: str | None = None  # the store's epoch this node has announced in
         self._claim = self._redis.register_script(CLAIM)
+        self._refresh_script = self._redis.register_script(REFRESH)
         self._rebind = self._redis.register_script(REBIND)
         self._release = self._redis.register_script(RELEASE)
         self._unbind = self._redis.register_script(UNBIND)
@@ -176,7 +260,7 @@ class RedisBackend(MemoryBackend):
         self._outbox: list[tuple[str, str, str, str]] = []  # (node, userId, origin, frame)
         self._publishing = contextlib.nullcontext()  # a gevent lock once started
         self._publisher = None
-        self._releasing: list[tuple[str, str]] = []  # (userId, session) to release
+        self._releasing: list[tuple[str, str, Released]] = []  # (userId, session, then)
         self._release_lock = contextlib.nullcontext()  # a gevent lock once started
         self._releaser = None
         self._full_announce = False  # the next heartbeat runs the register script for all
@@ -184,17 +268,53 @@ class RedisBackend(MemoryBackend):
     # -- presence ---------------------------------------------------------------------
 
     def claim(self, session: Session, user_id: str, public_key: str, signed: bool) -> Claim:
+        # A live user of this worker is known here even when the store has forgotten it
+        # (restarted empty): the same rule answers without it.
+        refusal = local_refusal(self._users.get(user_id), session, public_key, signed)
+        if refusal is not None:
+            return refusal
         if self._releasing:  # a user reconnecting here must not find its old session
             self._release_queued()
-        reply = self._call("claim", self._claim, self._keys_for(user_id),
+        reply = self._call("claim", self._claim, self._claim_keys(user_id),
                            self._claim_args(session, user_id, public_key, signed,
                                             refresh=False))
-        outcome = _CLAIM_CODES[int(reply[0])]
-        if outcome in (Claim.OK, Claim.TAKEN_OVER):
-            self._hold(session, user_id, public_key, signed)  # the binding lives in Redis
-        if outcome is Claim.TAKEN_OVER:
-            self._replace_anywhere(reply[1].decode(), reply[2].decode())
+        code = int(reply[0])
+        if code in (EPOCH_CHANGED, RECOVERING):
+            if code == EPOCH_CHANGED:
+                self._adopt_epoch(reply[1].decode())
+            raise BackendUnavailable("the presence store is being rebuilt")
+        outcome = _CLAIM_CODES[code]
+        if outcome not in (Claim.OK, Claim.TAKEN_OVER):
+            return outcome
+        if session.closed:  # it closed while the claim was in flight: give it back
+            self._queue_release(user_id, session.id)
+            return Claim.CLOSED
+        self._hold(session, user_id, public_key, signed)  # the binding lives in Redis
+        if outcome is Claim.TAKEN_OVER and reply[1].decode() == self.node:
+            self._replace_local(reply[2].decode())  # other nodes heard it from the script
         return outcome
+
+    def _claim_keys(self, user_id: str) -> list[str]:
+        return [*self._keys_for(user_id), self._epoch_key]
+
+    def _claim_args(self, session: Session, user_id: str, public_key: str, signed: bool,
+                    refresh: bool):
+        return [self.node, session.id, public_key, self._ttl_ms, "1" if signed else "0",
+                "1" if refresh else "0", self._retention_ms, self._max_bindings, user_id,
+                self._epoch or "", secrets.token_hex(8), self._channel_prefix]
+
+    def _adopt_epoch(self, epoch: str) -> None:
+        """The store is not the one this node announced its users in: announce them all
+        again (at once: registrations are refused until every node has)."""
+        if epoch == self._epoch:
+            return
+        if self._epoch is not None:
+            log.warning("the shared store lost its presence state (restarted empty or "
+                        "paused); announcing %d users again", len(self._users))
+        self._epoch = epoch
+        self._full_announce = True
+        if self._wake is not None:
+            self._wake.set()
 
     def _replace_anywhere(self, node: str, session_id: str) -> None:
         """Close a session as replaced, on this node or through its node's channel."""
@@ -203,11 +323,6 @@ class RedisBackend(MemoryBackend):
         else:
             with self._store("takeover"):
                 self._redis.publish(self._channel_prefix + node, f"R\n{session_id}")
-
-    def _claim_args(self, session: Session, user_id: str, public_key: str, signed: bool,
-                    refresh: bool):
-        return [self.node, session.id, public_key, self._ttl_ms, "1" if signed else "0",
-                "1" if refresh else "0", self._retention_ms, self._max_bindings, user_id]
 
     def _replace_local(self, session_id: str) -> None:
         session = self._sessions.get(session_id)
@@ -222,23 +337,22 @@ class RedisBackend(MemoryBackend):
         session.public_key = new_public_key
         return True
 
-    def detach(self, session: Session) -> None:
-        mine = session.user_id is not None and self._users.get(session.user_id) is session
-        super().detach(session)
-        if not mine:
+    def detach(self, session: Session, then: Released = nothing) -> None:
+        user_id = session.user_id
+        if not self._forget(session):
+            then()
             return
+        self._queue_release(user_id, session.id, then)
+
+    def _queue_release(self, user_id: str, session_id: str, then: Released = nothing) -> None:
+        """Release user_id if the store still names session_id, then call ``then``.
+        Closes that happen together (a restart, a network cut: thousands) share pipelined
+        round trips; nobody waits for them but ``then``."""
+        self._releasing.append((user_id, session_id, then))
         if self._spawn is None:  # not started (no greenlets): release right here
-            self._call("release", self._release, self._keys_for(session.user_id),
-                       [session.id, self._retention_ms, session.user_id])
-            return
-        # Closes that happen together (a restart, a network cut: thousands) share
-        # pipelined round trips instead of each waiting for a pooled connection; each
-        # still returns only once its release is done, before its close frame goes out.
-        done = self._released
-        self._releasing.append((session.user_id, session.id))
-        if self._releaser is None:
+            self._release_queued()
+        elif self._releaser is None:
             self._releaser = self._spawn(self._release_in_background)
-        done.wait(RELEASE_WAIT)
 
     def _release_in_background(self) -> None:
         try:
@@ -247,25 +361,32 @@ class RedisBackend(MemoryBackend):
             self._releaser = None
 
     def _release_queued(self) -> None:
+        """Release what is queued, a pipelined round trip per batch; once one fails the
+        rest are not tried (they expire by TTL), so Redis down costs one timeout."""
         with self._release_lock:
+            failed = False
             while self._releasing:
                 queued, self._releasing = self._releasing, []
-                done, self._released = self._released, threading.Event()
                 for batch in _batches(queued):
-                    self._release_batch(batch)
-                done.set()
+                    failed = failed or not self._release_batch(batch)
+                    for _, _, then in batch:
+                        _call_quietly(then)
+            if failed:
+                log.warning("could not release users in the shared store; they expire by "
+                            "TTL (VOLLI_PRESENCE_TTL)")
 
-    def _release_batch(self, batch: list[tuple[str, str]]) -> None:
-        pipe = self._redis.pipeline(transaction=False)
-        for user_id, session_id in batch:
+    def _release_batch(self, batch: list[tuple[str, str, Released]]) -> bool:
+        pipe = self._quick.pipeline(transaction=False)
+        for user_id, session_id, _ in batch:
             self._release(keys=self._keys_for(user_id),
                           args=[session_id, self._retention_ms, user_id], client=pipe)
         try:
             pipe.execute()
+            return True
         except redis.RedisError as exc:
             self.on_failure("release")
-            log.warning("could not release %d users in the shared store (%s); they expire "
-                        "by TTL", len(batch), exc)
+            log.debug("release of %d users failed: %s", len(batch), exc)
+            return False
 
     def lookup(self, user_id: str) -> Presence:
         if user_id in self._users:
@@ -405,10 +526,14 @@ class RedisBackend(MemoryBackend):
         # Likewise a gevent lock; reentrant: reporting a failed publish may relay again.
         self._publishing = threading.RLock()
         self._release_lock = threading.Lock()
-        self._released = threading.Event()  # set when the releases queued so far are done
         self._spawn = spawn
-        spawn(self._listen)
-        spawn(self._heartbeat)
+        try:  # before serving: registrations need the store's epoch
+            self._beat()
+        except redis.RedisError as exc:
+            log.error("redis unreachable at start: %s", exc)
+
+    def loops(self) -> dict:
+        return {"redis-listener": self._listen, "redis-heartbeat": self._heartbeat}
 
     def stop(self) -> None:
         self._release_queued()  # before exit: other nodes must see these users leave
@@ -470,32 +595,45 @@ class RedisBackend(MemoryBackend):
             try:
                 lost = self._announce()
                 if not self._store_ok:
-                    log.warning("redis reachable again; re-announced %d users",
+                    log.warning("redis reachable again; announced %d users",
                                 len(self._users))
                 self._store_ok = True
                 for session in lost:
-                    session.close(CloseCode.SESSION_REPLACED, "userId registered elsewhere")
+                    log.info("user=%s id=%s: the store names another session; replaced",
+                             session.user_id, session.id)
+                    self.on_replaced(session)
             except redis.RedisError as exc:
                 self.on_failure("heartbeat")
                 self._full_announce = True
                 if self._store_ok:
                     log.error("redis unreachable: %s; serving local users only", exc)
                 self._store_ok = False
-            self._wake.wait(self._heartbeat_every if self._store_ok else BACKOFF_CAP / 5)
+            if not self._store_ok:
+                self._wake.wait(BACKOFF_CAP)
+            elif not self._full_announce:  # else announce again at once (epoch changed)
+                self._wake.wait(self._heartbeat_every)
             self._wake.clear()
 
+    def _beat(self) -> None:
+        """Stamp the store's epoch; a new one means the store lost its state."""
+        epoch = self._beat_script(keys=[self._epoch_key],
+                                  args=[self._ttl_ms, secrets.token_hex(8), self._epoch or ""])
+        self._adopt_epoch(epoch.decode())
+
     def _announce(self) -> list[Session]:
-        """Refresh the presence of every local user: its TTL only (PEXPIRE, a third of the
-        client CPU and a seventeenth of Redis's of the register script), re-claimed where
-        it is missing. After Redis was unreachable, every user goes through the register
-        script again; returns the sessions whose userId another session took meanwhile."""
+        """Renew the presence of every local user that the store still names as its
+        holder (compare-and-renew, one script per batch), announce again those it lost
+        (every user when the store's epoch changed); returns the sessions whose userId
+        another session holds now: they are replaced."""
+        self._beat()
         owned = list(self._users.items())
         self._renew_bindings(owned)
         if self._full_announce:
             self._full_announce = False
+            missing, lost = owned, []
         else:
-            owned = self._refresh(owned)
-        return self._reclaim(owned)
+            missing, lost = self._refresh(owned)
+        return lost + self._reclaim(missing)
 
     def _renew_bindings(self, owned: list[tuple[str, Session]]) -> None:
         """A third of the retention after the last renewal, renew the bindings of online
@@ -511,33 +649,42 @@ class RedisBackend(MemoryBackend):
             pipe.execute()
         self._renewed_at = now
 
-    def _refresh(self, owned: list[tuple[str, Session]]) -> list[tuple[str, Session]]:
-        """PEXPIRE each presence; returns the users whose presence was gone."""
-        missing = []
+    def _refresh(self, owned):
+        """Compare-and-renew each presence; returns (users whose presence was gone,
+        sessions the store no longer names)."""
+        missing, lost = [], []
         for batch in _batches(owned):
-            pipe = self._redis.pipeline(transaction=False)
-            for user_id, _ in batch:
-                pipe.pexpire(self._presence_key(user_id), self._ttl_ms)
-            missing += [(user_id, session) for (user_id, session), kept
-                        in zip(batch, pipe.execute())
-                        if not kept and self._users.get(user_id) is session]
-        return missing
+            replies = self._refresh_script(
+                keys=[self._presence_key(user_id) for user_id, _ in batch],
+                args=[self._ttl_ms, *(session.id for _, session in batch)])
+            for (user_id, session), reply in zip(batch, replies):
+                if self._users.get(user_id) is not session:
+                    continue  # closed or replaced here meanwhile
+                if reply == 0:
+                    missing.append((user_id, session))
+                elif reply == -1:
+                    lost.append(session)
+        return missing, lost
 
     def _reclaim(self, owned: list[tuple[str, Session]]) -> list[Session]:
+        """Announce users again (the claim script, never taking over)."""
         lost: list[Session] = []
         for batch in _batches(owned):
             pipe = self._redis.pipeline(transaction=False)
             for user_id, session in batch:
                 args = self._claim_args(session, user_id, session.public_key, session.signed,
                                         refresh=True)
-                self._claim(self._keys_for(user_id), args, client=pipe)
+                self._claim(self._claim_keys(user_id), args, client=pipe)
             for (user_id, session), reply in zip(batch, pipe.execute()):
-                if int(reply[0]) != 1:
+                code = int(reply[0])
+                if code == EPOCH_CHANGED:  # announce everyone again, in the new epoch
+                    self._adopt_epoch(reply[1].decode())
+                    return lost
+                if self._users.get(user_id) is not session:
+                    if code == 1:  # it closed while the batch was in flight: undo
+                        self._queue_release(user_id, session.id)
+                elif code != 1:
                     lost.append(session)
-                elif self._users.get(user_id) is not session:
-                    # It closed while the batch was in flight: undo the re-announce.
-                    self._release(keys=self._keys_for(user_id),
-                                  args=[session.id, self._retention_ms, user_id])
         return lost
 
     # -- helpers ----------------------------------------------------------------------
@@ -572,6 +719,13 @@ class RedisBackend(MemoryBackend):
             pubsub.close()
         except Exception:
             pass
+
+
+def _call_quietly(then: Released) -> None:
+    try:
+        then()
+    except Exception:
+        log.exception("a callback after a release failed")
 
 
 def _batches(items: list) -> list[list]:

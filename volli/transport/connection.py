@@ -64,7 +64,8 @@ class Events(Protocol):
 
     def receive_frames(self, session: "Connection", count: int) -> None: ...
 
-    def disconnect(self, session: "Connection") -> None: ...
+    def disconnect(self, session: "Connection",
+                   then: Callable[[], None] = lambda: None) -> None: ...
 
     def report_undelivered(self, peer: str, undelivered: Counter[str]) -> None: ...
 
@@ -358,9 +359,7 @@ class Connection:
                 elif opcode == OP_PONG:
                     self._awaiting_pong = False
                 else:  # the peer closes: echo its code
-                    code = value[0]
-                    if self._mark_closed(code):
-                        self._send_close(code, "")
+                    self._mark_closed(value[0], "")  # echoed
             if error is not None and self.close_code is None:
                 self.close(error.code, error.reason)
         except Exception:
@@ -386,17 +385,11 @@ class Connection:
 
     def close(self, code: int, reason: str = "") -> None:
         """Start closing with ``code``; returns at once."""
-        if self.close_code is not None:
-            return
-        self.close_code = code
-        # Before releasing presence, which may yield: the writer must not drain meanwhile
-        # what a slow consumer's queue held (its senders are told it was dropped).
-        if code == CloseCode.SLOW_CONSUMER:
-            self._drop_queue(keep_started=True)
-        self._events.disconnect(self)  # a client that sees our close finds its ID free
-        self._send_close(code, reason)
+        self._mark_closed(code, reason)
 
     def _send_close(self, code: int, reason: str) -> None:
+        if self._released:  # the socket went first
+            return
         self._closing = True
         self._set_pong(None)  # nothing may follow the close frame
         self._push(close_frame(code, reason))
@@ -408,12 +401,21 @@ class Connection:
         timer.start(gevent.spawn, action)
         self._timers.append(timer)
 
-    def _mark_closed(self, code: int) -> bool:
-        """First call wins: record the code and release presence at once."""
+    def _mark_closed(self, code: int, reason: str | None = None) -> bool:
+        """First call wins: record the code and release presence at once; with a
+        ``reason``, our close frame follows once the release is done (a client that sees
+        it finds its ID free)."""
         if self.close_code is not None:
             return False
         self.close_code = code
-        self._events.disconnect(self)
+        # The writer must not drain, while the release is under way, what a slow
+        # consumer's queue held (its senders are told it was dropped).
+        if code == CloseCode.SLOW_CONSUMER:
+            self._drop_queue(keep_started=True)
+        if reason is None:
+            self._events.disconnect(self)
+        else:
+            self._events.disconnect(self, lambda: self._send_close(code, reason))
         return True
 
     def _drop_queue(self, keep_started: bool = False) -> None:
