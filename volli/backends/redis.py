@@ -273,11 +273,18 @@ class RedisBackend(MemoryBackend):
         refusal = local_refusal(self._users.get(user_id), session, public_key, signed)
         if refusal is not None:
             return refusal
-        if self._releasing:  # a user reconnecting here must not find its old session
-            self._release_queued()
-        reply = self._call("claim", self._claim, self._claim_keys(user_id),
-                           self._claim_args(session, user_id, public_key, signed,
-                                            refresh=False))
+        # Releases queued or under way go first: a user reconnecting here must not find
+        # its old session, and a release queued for this session must not undo this claim.
+        self._release_queued()
+        try:
+            reply = self._call("claim", self._claim, self._claim_keys(user_id),
+                               self._claim_args(session, user_id, public_key, signed,
+                                                refresh=False))
+        except BackendUnavailable:
+            # The script may have run before the reply was lost: give back what it may
+            # have given (compare-and-delete; queued before this session's next claim).
+            self._queue_release(user_id, session.id)
+            raise
         code = int(reply[0])
         if code in (EPOCH_CHANGED, RECOVERING):
             if code == EPOCH_CHANGED:
