@@ -142,7 +142,7 @@ class Settings:
         "Prefix of every Redis key and channel (several deployments can share one Redis).")
     presence_ttl: float = _setting(
         "VOLLI_PRESENCE_TTL", 15.0, _float,
-        "Seconds a worker's users stay online in Redis without its heartbeat (every TTL/3).",
+        "Seconds a worker's users stay online in Redis without its heartbeat (every TTL/4).",
         1.0)
     redis_pool_size: int = _setting(
         "VOLLI_REDIS_POOL_SIZE", 64, _int,
@@ -290,7 +290,7 @@ def load(environ: Mapping[str, str], overrides: Mapping[str, Any] | None = None)
         problems.append(f"VOLLI_IP_V6_PREFIX={settings.ip_v6_prefix}: must be at most 128")
     if settings.backend == "redis" and settings.binding_retention < settings.presence_ttl:
         problems.append("VOLLI_BINDING_RETENTION must be at least VOLLI_PRESENCE_TTL (the "
-                        "heartbeat, every TTL/3, renews online users' bindings)")
+                        "heartbeat, every TTL/4, renews online users' bindings)")
     workers_problem = check_workers(settings, settings.workers)
     if workers_problem:
         problems.append(f"WEB_CONCURRENCY={settings.workers}: {workers_problem}")

@@ -40,19 +40,20 @@ from .memory import MemoryBackend
 log = logging.getLogger("volli.redis")
 
 # The store's epoch: a hash <prefix>epoch {id, until, beat, born}, gone 20 TTLs after the
-# last node stopped. Every node's heartbeat
-# stamps `beat`; a store found without it (restarted empty) or with no beat for a presence
-# TTL (paused, or every node cut off: presences may have expired under live users) gets a
-# new id, and registrations are refused until `until` (a TTL later) while every node,
-# seeing the new id, announces its live users again. A node that had users can tell (it
-# knew the old id); a new node cannot, so an old node that finds a young epoch begun
-# without a window opens it. Shared by BEAT and CLAIM: KEYS[EPOCH], ARGV[TTL] ms,
-# ARGV[NEW] a new id, MINE the node's epoch, RECOVER whether to open a window.
+# last node stopped. Every node's heartbeat (each TTL/4) stamps `beat`. A store found
+# without it (restarted empty) or with no beat for half a TTL (paused, or every node cut
+# off: a node's presences, renewed at most a TTL/4 before the last beat of any node, may
+# expire under live users a TTL/4 later) gets a new id, and registrations are refused
+# until `until` (a TTL later) while every node, seeing the new id, announces its live
+# users again. A node that had users can tell (it knew the old id); a new node cannot, so
+# an old node that finds a young epoch begun without a window opens it. Shared by BEAT and
+# CLAIM: KEYS[EPOCH], ARGV[TTL] ms, ARGV[NEW] a new id, MINE the node's epoch, RECOVER
+# whether to open a window.
 _EPOCH = """
 local t = redis.call('TIME')
 local now = t[1] * 1000 + math.floor(t[2] / 1000)
 local e = redis.call('HMGET', KEYS[EPOCH], 'id', 'until', 'beat', 'born')
-local lost = not e[1] or now - tonumber(e[3] or 0) > tonumber(ARGV[TTL])
+local lost = not e[1] or now - tonumber(e[3] or 0) > ARGV[TTL] / 2
 if lost then
   local u = 0
   if RECOVER then u = now + ARGV[TTL] end
@@ -224,7 +225,7 @@ class RedisBackend(MemoryBackend):
         self._retention_ms = int(settings.binding_retention * 1000)
         self._max_bindings = settings.max_bindings
         self._bindings_index = f"{self._prefix}bindings"
-        self._heartbeat_every = settings.presence_ttl / 3
+        self._heartbeat_every = settings.presence_ttl / 4
         self.node = f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(3)}"
         self._channel_prefix = f"{self._prefix}node:"
         self._channel = self._channel_prefix + self.node
