@@ -512,7 +512,7 @@ class Workload:
     def confirm_double(self, uid: str, conn: Conn, before: list[Conn]) -> None:
         for old in before:
             if old.holds() == uid and old.sync() and old.holds() == uid:
-                self.history.count("double-confirmed")
+                self.history.count("violation:double-holder")
                 self.history.reported.add((old.n, conn.n))
                 self.immediate.append(Violation(
                     "double-holder", self.history.phase.name, uid,
