@@ -1,0 +1,39 @@
+"""The presence invariant of issue 12 under a seeded random workload and Redis faults, on
+2 real gunicorn servers x 2 gevent workers sharing one real redis-server (tests/invariant.py
+has the workload, model and checker; bench/invariant_soak.py runs it for longer).
+
+Reproduce a failure with its seed: VOLLI_INVARIANT_SEED=<seed> pytest
+tests/test_presence_invariant.py (the report names the phase, the ID and the clients).
+"""
+
+from __future__ import annotations
+
+import os
+import time
+
+from conftest import Server
+from invariant import Cluster, Settings, ci_schedule, run, server_env
+
+SEED = int(os.environ.get("VOLLI_INVARIANT_SEED", "1201"))
+SETTINGS = Settings(ttl=3.0, register_timeout=1.0, ping_interval=2.0)
+# The workload must have done these, at least, for a pass to mean anything.
+MINIMUM = {"registered": 40, "session-replaced": 5, "takeover-registered": 3,
+           "collision-refused": 2, "burst": 2, "rotated": 1, "deadline-race": 4,
+           "relay-delivered": 100, "relay-reported": 5, "probe-delivered": 40}
+
+
+def test_one_live_connection_per_id_and_online_exactly_while_open(tmp_path, redis):
+    env = server_env(SETTINGS, redis.url, prefix="inv:", workers=2)
+    servers = [Server(tmp_path, env), Server(tmp_path, env)]
+    started = time.monotonic()
+    try:
+        for srv in servers:
+            srv.wait_ready()
+        report = run(Cluster(servers, redis), SETTINGS, SEED, ci_schedule(SETTINGS))
+    finally:
+        for srv in servers:
+            srv.stop()
+    print(f"{time.monotonic() - started:.0f}s, counts: {dict(sorted(report.counts.items()))}")
+    assert not report.violations, report.describe()
+    done = {key: report.counts[key] for key in MINIMUM}
+    assert all(done[key] >= n for key, n in MINIMUM.items()), (done, MINIMUM)
