@@ -23,28 +23,14 @@ CONNECTIONS = 1500
 EXIT_WITHIN = 15.0  # seconds from SIGTERM; gunicorn's graceful_timeout is 30
 
 
-class DrainPool(rawws.Pool):
-    """A rawws.Pool that records, for each registered connection, when it ended and with
-    which close code the server sent (None: the TCP connection ended without one)."""
-
-    def __init__(self, *args, **kwargs) -> None:
-        super().__init__(*args, **kwargs)
-        self.ended: list[tuple[float, int | None]] = []
-
-    def _drop(self, c) -> None:
-        if c.fd in self.conns and c.state == rawws.OPEN:
-            self.ended.append((time.monotonic(), c.close_code))
-        super()._drop(c)
-
-
-def open_pool(srv: Server, count: int, tag: str) -> DrainPool:
-    pool = DrainPool(rawws.Target("volli", srv.url, "ZHJhaW4="), ["127.0.0.1"], 100, 30)
+def open_pool(srv: Server, count: int, tag: str) -> rawws.DrainPool:
+    pool = rawws.DrainPool(rawws.Target("volli", srv.url, "ZHJhaW4="), ["127.0.0.1"], 100, 30)
     result = pool.open([f"{tag}-{i}@drain" for i in range(count)], time.monotonic() + 60)
     assert result["opened"] == count, (result, pool.stats())
     return pool
 
 
-def drain_and_measure(srv: Server, pool: DrainPool, count: int,
+def drain_and_measure(srv: Server, pool: rawws.DrainPool, count: int,
                       limit: float = 25.0) -> dict:
     """SIGTERM the server; service the clients until all ended or ``limit``; wait for the
     process to exit (bounded). Returns the durations and the close codes seen."""
