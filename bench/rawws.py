@@ -500,6 +500,21 @@ class Pool:
         c.sock.close()
 
 
+
+class DrainPool(Pool):
+    """A Pool that records, for each registered connection, when it ended and the close
+    code the server sent (None: the TCP connection ended without a close frame): for
+    measuring a server's drain (bench/drain.py, tests/test_drain.py)."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.ended: list[tuple[float, int | None]] = []  # (time.monotonic(), close code)
+
+    def _drop(self, c: Conn) -> None:
+        if c.fd in self.conns and c.state == OPEN:
+            self.ended.append((time.monotonic(), c.close_code))
+        super()._drop(c)
+
 class BlockingWS:
     """One blocking, registered connection (TCP_NODELAY), for sequential round trips."""
 
