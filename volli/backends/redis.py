@@ -39,7 +39,7 @@ from .memory import MemoryBackend
 
 log = logging.getLogger("volli.redis")
 
-# The store's epoch: a hash <prefix>epoch {id, until, beat, born}, gone 20 TTLs after the
+# The store's epoch: a hash <prefix>epoch {id, until, beat, born, seq}, gone 20 TTLs after the
 # last node stopped. Every node's heartbeat (each TTL/4) stamps `beat`. A store found
 # without it (restarted empty) or with no beat for half a TTL (paused, or every node cut
 # off: a node's presences, renewed at most a TTL/4 before the last beat of any node, may
@@ -89,9 +89,11 @@ return e[1]
 # binding retention ms, max bindings, userId, the node's epoch, a new epoch id, channel
 # prefix. Only a signed claim writes the binding (with the retention as its TTL). A
 # binding hash without bound=1 is a leftover of an older version and goes. A takeover
-# tells the old holder's node (its channel) in the same script. Returns {1} ok,
-# {2, old node, old session} taken over, {0} taken, {-1} bound, {-2} key mismatch,
-# {-3} full, {-4, epoch} the node's epoch is not the store's, {-5} recovering.
+# tells the old holder's node (its channel) in the same script. A successful claim gets
+# the next number of the epoch's claim counter (`seq`): replies can arrive out of the order the claims
+# ran in, and of two of one node's sessions the higher number is the holder. Returns
+# {1, seq} ok, {2, seq, old node, old session} taken over, {0} taken, {-1} bound, {-2} key
+# mismatch, {-3} full, {-4, epoch} the node's epoch is not the store's, {-5} recovering.
 CLAIM = _epoch(4, 4, 11, 10, "true") + """
 if lost or e[1] ~= ARGV[10] then return {-4, e[1]} end
 local refresh = ARGV[6] == '1'
@@ -116,6 +118,7 @@ if signed and b[2] ~= '1' and not refresh then
 end
 redis.call('HSET', KEYS[1], 'node', ARGV[1], 'session', ARGV[2], 'publicKey', ARGV[3])
 redis.call('PEXPIRE', KEYS[1], ARGV[4])
+local seq = redis.call('HINCRBY', KEYS[4], 'seq', 1)
 if signed then
   redis.call('HSET', KEYS[2], 'publicKey', ARGV[3], 'bound', '1')
   redis.call('PEXPIRE', KEYS[2], ARGV[7])
@@ -123,9 +126,9 @@ if signed then
 end
 if taken_over then
   if h[3] ~= ARGV[1] then redis.call('PUBLISH', ARGV[12] .. h[3], 'R\\n' .. h[1]) end
-  return {2, h[3], h[1]}
+  return {2, seq, h[3], h[1]}
 end
-return {1}
+return {1, seq}
 """
 
 # The heartbeat's compare-and-renew, for a batch of presences: KEYS presences; ARGV ttl ms,
@@ -244,6 +247,7 @@ class RedisBackend(MemoryBackend):
         self._beat_script = self._redis.register_script(BEAT)
         self._epoch_key = f"{self._prefix}epoch"
         self._epoch: str | None = None  # the store's epoch this node has announced in
+        self._seqs: dict[str, int] = {}  # userId -> claim number of its local holder
         self._claim = self._redis.register_script(CLAIM)
         self._refresh_script = self._redis.register_script(REFRESH)
         self._rebind = self._redis.register_script(REBIND)
@@ -297,9 +301,16 @@ class RedisBackend(MemoryBackend):
         if session.closed:  # it closed while the claim was in flight: give it back
             self._queue_release(user_id, session.id)
             return Claim.CLOSED
+        seq = int(reply[1])
+        holder = self._users.get(user_id)
+        if holder is not None and holder is not session and self._seqs.get(user_id, 0) > seq:
+            # A later claim of this ID was answered here first: this one lost the race.
+            self.on_replaced(session)
+            return Claim.CLOSED
         self._hold(session, user_id, public_key, signed)  # the binding lives in Redis
-        if outcome is Claim.TAKEN_OVER and reply[1].decode() == self.node:
-            self._replace_local(reply[2].decode())  # other nodes heard it from the script
+        self._seqs[user_id] = seq
+        if outcome is Claim.TAKEN_OVER and reply[2].decode() == self.node:
+            self._replace_local(reply[3].decode())  # other nodes heard it from the script
         return outcome
 
     def _claim_keys(self, user_id: str) -> list[str]:
@@ -320,6 +331,7 @@ class RedisBackend(MemoryBackend):
             log.warning("the shared store lost its presence state (restarted empty or "
                         "paused); announcing %d users again", len(self._users))
         self._epoch = epoch
+        self._seqs = dict.fromkeys(self._seqs, 0)  # the counter began again
         self._full_announce = True
         if self._wake is not None:
             self._wake.set()
@@ -350,6 +362,7 @@ class RedisBackend(MemoryBackend):
         if not self._forget(session):
             then()
             return
+        self._seqs.pop(user_id, None)
         self._queue_release(user_id, session.id, then)
 
     def _queue_release(self, user_id: str, session_id: str, then: Released = nothing) -> None:
@@ -691,7 +704,9 @@ class RedisBackend(MemoryBackend):
                 if self._users.get(user_id) is not session:
                     if code == 1:  # it closed while the batch was in flight: undo
                         self._queue_release(user_id, session.id)
-                elif code != 1:
+                elif code == 1:
+                    self._seqs[user_id] = int(reply[1])
+                else:
                     lost.append(session)
         return lost
 
