@@ -112,12 +112,16 @@ def test_killed_worker_users_go_offline_within_the_ttl(nodes, open_client):
 
 
 def test_relay_to_a_dead_worker_is_answered_peer_offline_at_once(nodes, open_client, redis):
-    # A long TTL: only the unanswered publish can explain the prompt answer.
-    servers = [nodes(VOLLI_PRESENCE_TTL="60"), nodes(VOLLI_PRESENCE_TTL="60")]
+    """A relay to a killed worker's user is answered peer-offline at once; its presence is
+    deleted by a relay as soon as the worker's heartbeat has stopped too (its alive key,
+    half a TTL, expired), well before the presence's own TTL would have."""
+    ttl = 8.0
+    servers = [nodes(VOLLI_PRESENCE_TTL=str(ttl)), nodes(VOLLI_PRESENCE_TTL=str(ttl))]
     reps, pids = spread_users(servers, open_client, workers_total=4)
     store = redis_client.Redis.from_url(redis.url)
     assert len(store.pubsub_channels("it:node:*")) == 4
     victim, victim_user = _kill_worker_holding(servers, pids, reps)
+    killed_at = time.monotonic()
     # Redis drops the dead node's subscription once it reads the closed socket; a frame
     # published before that instant is the one at-most-once gap (docs/scaling.md).
     deadline = time.monotonic() + 5
@@ -128,7 +132,13 @@ def test_relay_to_a_dead_worker_is_answered_peer_offline_at_once(nodes, open_cli
     assert sender.call({"type": "discover", "userId": victim_user})["online"] is True  # stale
     reply = sender.call({"type": "offer", "to": victim_user, "offer": {}})
     assert reply["code"] == "peer-offline"
-    assert sender.call({"type": "discover", "userId": victim_user})["online"] is False
+    while sender.call({"type": "discover", "userId": victim_user})["online"]:
+        # Its last heartbeat was at most TTL/4 before the kill: the presence would expire
+        # no sooner than 3/4 of a TTL after it, the alive key at most half a TTL after.
+        assert time.monotonic() - killed_at < 0.7 * ttl, "not deleted before its TTL"
+        assert sender.call({"type": "offer", "to": victim_user, "offer": {}})["code"] == \
+            "peer-offline"
+        time.sleep(0.2)
 
 
 def _wait_ready(srv: Server, expected: int, deadline: float = 20.0) -> dict:

@@ -78,7 +78,8 @@ class MemoryBackend(Backend):
             self.on_replaced(previous)
 
     def rebind(self, session: Session, new_public_key: str) -> bool:
-        if not session.signed or self._bound_key(session.user_id) != session.public_key:
+        if (not session.signed or self._users.get(session.user_id) is not session
+                or self._bound_key(session.user_id) != session.public_key):
             return False
         self._bind(session.user_id, new_public_key)
         session.public_key = new_public_key

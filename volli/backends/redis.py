@@ -17,6 +17,7 @@ See docs/scaling.md.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import logging
 import os
@@ -73,12 +74,14 @@ def _epoch(epoch: int, ttl: int, new: int, mine: int, recover: str) -> str:
             .replace("RECOVER", recover))
 
 
-# A node's heartbeat: KEYS epoch; ARGV ttl ms, new id, the node's epoch ("" when it has
+# A node's heartbeat: KEYS epoch, the node's alive key (half a TTL: two heartbeats);
+# ARGV ttl ms, new id, the node's epoch ("" when it has
 # none yet: a new node opens no recovery window). Returns the epoch id (the node announces
 # all its users again when it changed).
 BEAT = _epoch(1, 1, 2, 3, "ARGV[3] ~= ''") + """
 redis.call('HSET', KEYS[1], 'beat', now)
 redis.call('PEXPIRE', KEYS[1], ARGV[1] * 20)
+redis.call('SET', KEYS[2], '1', 'PX', math.floor(ARGV[1] / 2))
 return e[1]
 """
 
@@ -149,14 +152,14 @@ end
 return out
 """
 
-# Key rotation: KEYS binding, presence; ARGV old key, new key, session.
+# Key rotation, only by the session the presence names (one just replaced cannot bind a
+# key under the new holder): KEYS binding, presence; ARGV old key, new key, session.
 REBIND = """
+if redis.call('HGET', KEYS[2], 'session') ~= ARGV[3] then return 0 end
 local b = redis.call('HMGET', KEYS[1], 'publicKey', 'bound')
 if b[2] ~= '1' or b[1] ~= ARGV[1] then return 0 end
 redis.call('HSET', KEYS[1], 'publicKey', ARGV[2])
-if redis.call('HGET', KEYS[2], 'session') == ARGV[3] then
-  redis.call('HSET', KEYS[2], 'publicKey', ARGV[2])
-end
+redis.call('HSET', KEYS[2], 'publicKey', ARGV[2])
 return 1
 """
 
@@ -193,13 +196,18 @@ local h = redis.call('HMGET', KEYS[1], 'node', 'session')
 return {had, h[1], h[2]}
 """
 
-# {-1}: offline. {0}: its node has no listener (dead), so the stale presence goes.
-# {n, node}: handed to n subscribers of that node's channel.
+# {-1}: offline. {0}: its node has no listener; if the node's heartbeat has stopped too
+# (its <prefix>alive:<node> key expired: the worker died) the stale presence goes, else
+# (a listener reconnecting) it stays: deleting it would free a live user's ID.
+# {n, node}: handed to n subscribers of that node's channel. ARGV channel prefix, frame,
+# alive-key prefix.
 ROUTE = """
 local node = redis.call('HGET', KEYS[1], 'node')
 if not node then return {-1} end
 local n = redis.call('PUBLISH', ARGV[1] .. node, ARGV[2])
-if n == 0 then redis.call('DEL', KEYS[1]) end
+if n == 0 and redis.call('EXISTS', ARGV[3] .. node) == 0 then
+  redis.call('DEL', KEYS[1])
+end
 return {n, node}
 """
 
@@ -218,6 +226,7 @@ ROUTE_CACHE = 1.0
 # Releases get a client of their own that gives up quickly: a drain with Redis down must
 # end well within gunicorn's graceful timeout (presence then expires by TTL).
 RELEASE_TIMEOUT = 1.0
+UNRELEASED_MAX = 100_000  # failed releases kept for another try (the oldest go first)
 
 
 class RedisBackend(MemoryBackend):
@@ -232,6 +241,7 @@ class RedisBackend(MemoryBackend):
         self.node = f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(3)}"
         self._channel_prefix = f"{self._prefix}node:"
         self._channel = self._channel_prefix + self.node
+        self._alive_prefix = f"{self._prefix}alive:"
         retry = Retry(ExponentialBackoff(cap=0.2, base=0.02), 2)
         pool = redis.BlockingConnectionPool.from_url(
             settings.redis_url, max_connections=settings.redis_pool_size, timeout=5,
@@ -266,6 +276,9 @@ class RedisBackend(MemoryBackend):
         self._publishing = contextlib.nullcontext()  # a gevent lock once started
         self._publisher = None
         self._releasing: list[tuple[str, str, Released]] = []  # (userId, session, then)
+        # Releases that failed, tried again later; past a TTL they are moot (expired).
+        self._unreleased: collections.deque = collections.deque(maxlen=UNRELEASED_MAX)
+        self._releases_failing = False
         self._release_lock = contextlib.nullcontext()  # a gevent lock once started
         self._releaser = None
         self._full_announce = False  # the next heartbeat runs the register script for all
@@ -298,6 +311,10 @@ class RedisBackend(MemoryBackend):
         outcome = _CLAIM_CODES[code]
         if outcome not in (Claim.OK, Claim.TAKEN_OVER):
             return outcome
+        if outcome is Claim.TAKEN_OVER and reply[2].decode() == self.node:
+            # The store took the ID from that session whatever becomes of this one (other
+            # nodes heard it from the script).
+            self._replace_local(reply[3].decode())
         if session.closed:  # it closed while the claim was in flight: give it back
             self._queue_release(user_id, session.id)
             return Claim.CLOSED
@@ -309,8 +326,6 @@ class RedisBackend(MemoryBackend):
             return Claim.CLOSED
         self._hold(session, user_id, public_key, signed)  # the binding lives in Redis
         self._seqs[user_id] = seq
-        if outcome is Claim.TAKEN_OVER and reply[2].decode() == self.node:
-            self._replace_local(reply[3].decode())  # other nodes heard it from the script
         return outcome
 
     def _claim_keys(self, user_id: str) -> list[str]:
@@ -382,19 +397,29 @@ class RedisBackend(MemoryBackend):
             self._releaser = None
 
     def _release_queued(self) -> None:
-        """Release what is queued, a pipelined round trip per batch; once one fails the
-        rest are not tried (they expire by TTL), so Redis down costs one timeout."""
+        """Release what is queued, a pipelined round trip per batch. Once one fails the
+        rest are not tried now, so Redis down costs one timeout: their close frames go
+        out anyway, and they are tried again at the next run (a close, a claim, the
+        heartbeat) until they succeed or the TTL has removed them."""
         with self._release_lock:
             failed = False
+            self._releasing.extend(self._unreleased)
+            self._unreleased.clear()
             while self._releasing:
                 queued, self._releasing = self._releasing, []
                 for batch in _batches(queued):
                     failed = failed or not self._release_batch(batch)
+                    if failed:
+                        self._unreleased.extend((u, s, nothing) for u, s, _ in batch)
                     for _, _, then in batch:
                         _call_quietly(then)
-            if failed:
-                log.warning("could not release users in the shared store; they expire by "
-                            "TTL (VOLLI_PRESENCE_TTL)")
+            if failed != self._releases_failing:  # one line per change, not per run
+                self._releases_failing = failed
+                if failed:
+                    log.warning("could not release users in the shared store; trying "
+                                "again (else they expire by TTL)")
+                else:
+                    log.warning("releases in the shared store work again")
 
     def _release_batch(self, batch: list[tuple[str, str, Released]]) -> bool:
         pipe = self._quick.pipeline(transaction=False)
@@ -455,7 +480,7 @@ class RedisBackend(MemoryBackend):
         with self._publishing:  # frames queued before this one are published before it
             self._publish_queued()
             reply = self._call("publish", self._route, [self._presence_key(user_id)],
-                               [self._channel_prefix, payload])
+                               [self._channel_prefix, payload, self._alive_prefix])
         if int(reply[0]) <= 0:
             return False
         self._routes[user_id] = (reply[1].decode(), time.monotonic() + ROUTE_CACHE)
@@ -637,7 +662,7 @@ class RedisBackend(MemoryBackend):
 
     def _beat(self) -> None:
         """Stamp the store's epoch; a new one means the store lost its state."""
-        epoch = self._beat_script(keys=[self._epoch_key],
+        epoch = self._beat_script(keys=[self._epoch_key, self._alive_prefix + self.node],
                                   args=[self._ttl_ms, secrets.token_hex(8), self._epoch or ""])
         self._adopt_epoch(epoch.decode())
 
@@ -647,6 +672,8 @@ class RedisBackend(MemoryBackend):
         (every user when the store's epoch changed); returns the sessions whose userId
         another session holds now: they are replaced."""
         self._beat()
+        if self._unreleased:
+            self._release_queued()
         owned = list(self._users.items())
         self._renew_bindings(owned)
         if self._full_announce:

@@ -1,0 +1,75 @@
+"""Shared helpers for the attack tests (tests/test_attack_*.py): gunicorn nodes on one redis."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import pytest
+import redis as redis_client
+from websockets.exceptions import ConnectionClosed
+
+from conftest import Client, Server
+
+
+@pytest.fixture
+def nodes(tmp_path, redis):
+    started: list[Server] = []
+
+    def start(workers: int = 1, **env: str) -> Server:
+        srv = Server(tmp_path, {"VOLLI_REDIS_URL": redis.url, "VOLLI_REDIS_PREFIX": "at:",
+                                "WEB_CONCURRENCY": str(workers), **env})
+        started.append(srv.wait_ready())
+        return srv
+
+    yield start
+    for srv in started:
+        srv.stop()
+
+
+@pytest.fixture
+def store(redis):
+    return redis_client.Redis.from_url(redis.url)
+
+
+def try_register(client: Client, user: str, key: str = "QQ==", timeout: float = 20) -> dict:
+    return client.call({"type": "register", "userId": user, "publicKey": key},
+                       timeout=timeout)
+
+
+def is_open(client: Client, timeout: float = 0.3) -> bool:
+    """True if the connection still answers a ping (skipping other frames)."""
+    try:
+        client.call({"type": "ping"}, timeout=timeout + 2)
+        return True
+    except (ConnectionClosed, TimeoutError, OSError):
+        return False
+
+
+def drain_frames(client: Client, seconds: float = 0.2) -> list:
+    out = []
+    end = time.monotonic() + seconds
+    while time.monotonic() < end:
+        try:
+            out.append(client.recv(timeout=max(0.01, end - time.monotonic())))
+        except TimeoutError:
+            break
+        except ConnectionClosed as exc:
+            out.append(("closed", exc.rcvd.code if exc.rcvd else None))
+            break
+    return out
+
+
+def relay(client: Client, to: str, wait: float = 0.3, **extra) -> str:
+    """Send an offer; 'sent' if no error came back within ``wait``, else the error code."""
+    rid = f"r{time.monotonic_ns()}"
+    client.send({"type": "offer", "to": to, "offer": extra or {}, "requestId": rid})
+    end = time.monotonic() + wait
+    while time.monotonic() < end:
+        try:
+            msg = client.recv(timeout=max(0.01, end - time.monotonic()))
+        except TimeoutError:
+            break
+        if msg.get("requestId") == rid:
+            return msg.get("code", msg.get("type"))
+    return "sent"
