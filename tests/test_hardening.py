@@ -8,6 +8,7 @@ from __future__ import annotations
 import base64
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -41,11 +42,20 @@ def test_unsigned_registrations_leave_nothing_behind(make_server, backend_env, r
     assert status == 200 and health["online"] == 0
     if "VOLLI_REDIS_URL" in backend_env:
         assert health["bindings"] is None
-        # Only the deployment's one epoch record (docs/scaling.md), nothing per user.
-        assert _redis_keys(redis_server, prefix) == [f"{prefix}epoch".encode()]
+        # Only the deployment's epoch and the node's alive key (docs/scaling.md), nothing
+        # per user.
+        assert sorted(_redis_keys(redis_server, prefix)) == [
+            f"{prefix}alive:".encode() + node for node in _nodes(srv)] + [
+            f"{prefix}epoch".encode()]
     else:
         assert health["bindings"] == 0
     assert after <= baseline * 1.10, f"worker grew from {baseline} kB to {after} kB"
+
+
+def _nodes(srv) -> list[bytes]:
+    """The Redis node ids of the server's workers, from their listener's log line."""
+    return sorted(re.findall(rb"redis listener subscribed to \S+?node:(\S+)",
+                             srv.log_path.read_bytes()))
 
 
 def _redis_keys(redis_server, prefix: str) -> list[bytes]:

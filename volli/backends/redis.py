@@ -292,8 +292,10 @@ class RedisBackend(MemoryBackend):
         if refusal is not None:
             return refusal
         # Releases queued or under way go first: a user reconnecting here must not find
-        # its old session, and a release queued for this session must not undo this claim.
+        # its old session. One kept for this session (its last claim failed) is moot: this
+        # claim takes or refreshes the ID for it, and must not be undone by it.
         self._release_queued()
+        dropped = self._drop_kept_releases(session.id)
         try:
             reply = self._call("claim", self._claim, self._claim_keys(user_id),
                                self._claim_args(session, user_id, public_key, signed,
@@ -310,6 +312,8 @@ class RedisBackend(MemoryBackend):
             raise BackendUnavailable("the presence store is being rebuilt")
         outcome = _CLAIM_CODES[code]
         if outcome not in (Claim.OK, Claim.TAKEN_OVER):
+            if dropped:  # refused: what its last claim may have got still goes
+                self._queue_release(user_id, session.id)
             return outcome
         if outcome is Claim.TAKEN_OVER and reply[2].decode() == self.node:
             # The store took the ID from that session whatever becomes of this one (other
@@ -327,6 +331,15 @@ class RedisBackend(MemoryBackend):
         self._hold(session, user_id, public_key, signed)  # the binding lives in Redis
         self._seqs[user_id] = seq
         return outcome
+
+    def _drop_kept_releases(self, session_id: str) -> bool:
+        """Forget failed releases kept for session_id; whether there were any."""
+        kept = [entry for entry in self._unreleased if entry[1] == session_id]
+        if kept:
+            self._unreleased = collections.deque(
+                (entry for entry in self._unreleased if entry[1] != session_id),
+                maxlen=UNRELEASED_MAX)
+        return bool(kept)
 
     def _claim_keys(self, user_id: str) -> list[str]:
         return [*self._keys_for(user_id), self._epoch_key]

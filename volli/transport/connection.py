@@ -301,8 +301,12 @@ class Connection:
                 data = self._sock.recv(RECV_SIZE)
             except OSError:
                 data = b""
-            if not self._received(data):
-                return
+            self._reading = True
+            try:
+                if not self._received(data):
+                    return
+            finally:
+                self._reading = False
             if self._queued > self._queue_limit >> 1 and self.close_code is None:
                 if self._resumed is None:
                     self._resumed = Event()
@@ -372,7 +376,10 @@ class Connection:
         if self.close_code is not None:
             return
         if self._awaiting_pong:
-            self.close(CloseCode.POLICY_VIOLATION, "Ping/Pong timeout")
+            # Input still being handled (a request waiting for Redis, say) may hold the
+            # pong: the peer is alive, only this worker is slow to read it.
+            if not self._reading:
+                self.close(CloseCode.POLICY_VIOLATION, "Ping/Pong timeout")
             return
         self._awaiting_pong = True
         self._push(PING_FRAME)
