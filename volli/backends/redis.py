@@ -242,7 +242,11 @@ class RedisBackend(MemoryBackend):
         self._channel_prefix = f"{self._prefix}node:"
         self._channel = self._channel_prefix + self.node
         self._alive_prefix = f"{self._prefix}alive:"
-        retry = Retry(ExponentialBackoff(cap=0.2, base=0.02), 2)
+        # Retried only when the connection failed, never after a timeout: the command may
+        # still run once Redis answers (a paused Redis), and a relay published twice would
+        # arrive twice (the invariant soak saw it).
+        retry = Retry(ExponentialBackoff(cap=0.2, base=0.02), 2,
+                      supported_errors=(redis.ConnectionError,))
         pool = redis.BlockingConnectionPool.from_url(
             settings.redis_url, max_connections=settings.redis_pool_size, timeout=5,
             socket_timeout=5, socket_connect_timeout=2, health_check_interval=30, retry=retry)
