@@ -172,6 +172,7 @@ def test_simultaneous_signed_registrations_of_one_id_leave_no_ghost(nodes, open_
                f"rounds with several registered-and-open racers, {contested} rounds "
                f"where more than one claim succeeded, {tight} with the registers sent "
                f"within 10 ms")
+    print(summary)  # the figures of a passing run (pytest -rP)
     assert not ghosts, summary + "\n" + "\n".join(ghosts)
     assert not doubles, summary + "\n" + "\n".join(doubles)
     # Not vacuous: the registrations really were simultaneous and really contended.
@@ -263,6 +264,7 @@ def test_register_racing_the_register_deadline_leaves_the_id_free(nodes, open_cl
         outcomes[out.get("outcome", "none")] = outcomes.get(out.get("outcome", "none"), 0) + 1
     summary = (f"{attempts} registers sent around a {REGISTER_TIMEOUT}s register deadline in "
                f"{elapsed:.0f}s: outcomes {outcomes}; {len(problems)} left the ID held")
+    print(summary)  # the figures of a passing run (pytest -rP)
     assert not problems, summary + "\n" + "\n".join(problems[:20])
     # Not vacuous: the sends straddled the deadline (both outcomes, many times).
     assert outcomes.get("registered", 0) >= attempts // 10, summary
