@@ -37,7 +37,6 @@ import contextlib
 import os
 import resource
 import shutil
-import signal
 import sys
 import tempfile
 import time
@@ -460,17 +459,9 @@ def main(argv: list[str] | None = None) -> int:
     relay.NOFILE = soft if soft != resource.RLIM_INFINITY else 1 << 20
     log_dir = Path(args.log_dir or tempfile.mkdtemp(prefix="volli-churn-"))
     log_dir.mkdir(parents=True, exist_ok=True)
-    volli_commit = None
-    if args.volli_ref:
-        relay.VOLLI_TREE = log_dir / "volli-tree"
-        volli_commit = machine.export_tree(args.volli_ref, relay.VOLLI_TREE)
-        print(f"Volli server code: {args.volli_ref} = {volli_commit} (exported to "
-              f"{relay.VOLLI_TREE})", flush=True)
-    tree_before = None if args.volli_ref else machine.server_tree_state()
-    if tree_before and tree_before["dirty"]:
-        notes.append(f"Volli ran from the working tree with uncommitted changes "
-                     f"({', '.join(tree_before['dirty'][:5])}): the figures are not those of "
-                     f"the recorded commit (use --volli-ref HEAD for that)")
+    tree, volli_commit, tree_before = machine.server_code(args.volli_ref, log_dir, notes)
+    if tree is not None:
+        relay.VOLLI_TREE = tree
     key = make_key(args.key_size)
     print(f"churn bench: {args.registrations:,} registrations (+{args.warmup} warm-up), "
           f"publicKey {len(key)} characters, batches of {args.batch}, {args.concurrency} "
@@ -479,12 +470,7 @@ def main(argv: list[str] | None = None) -> int:
     for note in notes:
         print(f"NOTE: {note}", flush=True)
 
-    def interrupt(signum, _frame):
-        raise KeyboardInterrupt(f"signal {signum}")
-
-    signal.signal(signal.SIGTERM, interrupt)
-    if signal.getsignal(signal.SIGINT) is not signal.SIG_IGN:
-        signal.signal(signal.SIGINT, interrupt)
+    machine.interrupt_on_signals()
     started = time.monotonic()
     deadline = started + args.time_limit
     results: dict[str, dict[str, Any]] = {}

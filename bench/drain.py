@@ -187,26 +187,13 @@ def main(argv: list[str] | None = None) -> int:
                      "in the client or the server")
     log_dir = Path(args.log_dir or tempfile.mkdtemp(prefix="volli-drain-"))
     log_dir.mkdir(parents=True, exist_ok=True)
-    volli_commit = None
-    if args.volli_ref:
-        relay.VOLLI_TREE = log_dir / "volli-tree"
-        volli_commit = machine.export_tree(args.volli_ref, relay.VOLLI_TREE)
-        print(f"Volli server code: {args.volli_ref} = {volli_commit} (exported to "
-              f"{relay.VOLLI_TREE})", flush=True)
-    tree_before = None if args.volli_ref else machine.server_tree_state()
-    if tree_before and tree_before["dirty"]:
-        notes.append(f"Volli ran from the working tree with uncommitted changes "
-                     f"({', '.join(tree_before['dirty'][:5])}): use --volli-ref HEAD for the "
-                     "figures of the recorded commit")
+    tree, volli_commit, tree_before = machine.server_code(args.volli_ref, log_dir, notes)
+    if tree is not None:
+        relay.VOLLI_TREE = tree
     for note in notes:
         print(f"NOTE: {note}", flush=True)
 
-    def interrupt(signum, _frame):
-        raise KeyboardInterrupt(f"signal {signum}")
-
-    signal.signal(signal.SIGTERM, interrupt)
-    if signal.getsignal(signal.SIGINT) is not signal.SIG_IGN:
-        signal.signal(signal.SIGINT, interrupt)
+    machine.interrupt_on_signals()
     started = time.monotonic()
     results: list[dict[str, Any]] = []
     interrupted = False

@@ -134,6 +134,38 @@ def export_tree(ref: str, dest: Path) -> str:
 SERVER_PATHS = ("volli", "wsgi.py", "gunicorn.conf.py")
 
 
+def interrupt_on_signals() -> None:
+    """SIGTERM (and SIGINT unless ignored) raise KeyboardInterrupt, so a run cleans up its
+    servers on the way out."""
+    import signal
+
+    def interrupt(signum, _frame):
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    signal.signal(signal.SIGTERM, interrupt)
+    if signal.getsignal(signal.SIGINT) is not signal.SIG_IGN:
+        signal.signal(signal.SIGINT, interrupt)
+
+
+def server_code(ref: str | None, log_dir: Path, notes: list[str]) -> tuple[Path | None,
+                                                                       str | None,
+                                                                       dict[str, Any] | None]:
+    """The Volli code a bench runs: ``ref`` exported into ``log_dir/volli-tree`` (returns
+    that tree and its commit), else the working tree (returns its state, and notes
+    uncommitted changes, whose figures are not those of any commit)."""
+    if ref:
+        tree = log_dir / "volli-tree"
+        commit = export_tree(ref, tree)
+        print(f"Volli server code: {ref} = {commit} (exported to {tree})", flush=True)
+        return tree, commit, None
+    state = server_tree_state()
+    if state["dirty"]:
+        notes.append(f"Volli ran from the working tree with uncommitted changes "
+                     f"({', '.join(state['dirty'][:5])}): the figures are not those of the "
+                     f"recorded commit (use --volli-ref HEAD for that)")
+    return None, None, state
+
+
 def server_tree_state(root: Path = ROOT) -> dict[str, Any]:
     """The server's files in the working tree: uncommitted paths, and a digest of their
     contents, so a run can tell whether they changed while it ran."""

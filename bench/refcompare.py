@@ -33,7 +33,6 @@ import argparse
 import json
 import os
 import resource
-import signal
 import statistics
 import sys
 import tempfile
@@ -299,12 +298,7 @@ def main(argv: list[str] | None = None) -> int:
           f"; {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.2f}; logs in {log_dir}",
           flush=True)
 
-    def interrupt(signum, _frame):
-        raise KeyboardInterrupt(f"signal {signum}")
-
-    signal.signal(signal.SIGTERM, interrupt)
-    if signal.getsignal(signal.SIGINT) is not signal.SIG_IGN:
-        signal.signal(signal.SIGINT, interrupt)
+    machine.interrupt_on_signals()
     started = time.monotonic()
     clients = Clients(args.procs, opts, client_main, "relay-client")
     lean = Clients(args.procs, opts, raw_client_main, "lean-client")

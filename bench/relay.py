@@ -2202,17 +2202,9 @@ def main(argv: list[str] | None = None) -> int:
 
     log_dir = Path(args.log_dir or tempfile.mkdtemp(prefix="volli-bench-"))
     log_dir.mkdir(parents=True, exist_ok=True)
-    volli_commit = None
-    if args.volli_ref:
-        VOLLI_TREE = log_dir / "volli-tree"
-        volli_commit = machine.export_tree(args.volli_ref, VOLLI_TREE)
-        print(f"Volli server code: {args.volli_ref} = {volli_commit} (exported to "
-              f"{VOLLI_TREE})", flush=True)
-    tree_before = None if args.volli_ref else machine.server_tree_state()
-    if tree_before and tree_before["dirty"]:
-        notes.append(f"Volli ran from the working tree with uncommitted changes "
-                     f"({', '.join(tree_before['dirty'][:5])}): the figures are not "
-                     f"those of the recorded commit (use --volli-ref HEAD for that)")
+    tree, volli_commit, tree_before = machine.server_code(args.volli_ref, log_dir, notes)
+    if tree is not None:
+        VOLLI_TREE = tree
     for note in notes:
         print(f"NOTE: {note}", flush=True)
     opts = {"deflate": args.deflate, "sdp_size": args.sdp_size, "window": args.window,

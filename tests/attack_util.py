@@ -1,35 +1,13 @@
-"""Shared helpers for the attack tests (tests/test_attack_*.py): gunicorn nodes on one redis."""
+"""Shared helpers for the attack tests (tests/test_attack_*.py); their servers come from
+conftest's `nodes`."""
 
 from __future__ import annotations
 
-import json
 import time
 
-import pytest
-import redis as redis_client
 from websockets.exceptions import ConnectionClosed
 
-from conftest import Client, Server
-
-
-@pytest.fixture
-def nodes(tmp_path, redis):
-    started: list[Server] = []
-
-    def start(workers: int = 1, **env: str) -> Server:
-        srv = Server(tmp_path, {"VOLLI_REDIS_URL": redis.url, "VOLLI_REDIS_PREFIX": "at:",
-                                "WEB_CONCURRENCY": str(workers), **env})
-        started.append(srv.wait_ready())
-        return srv
-
-    yield start
-    for srv in started:
-        srv.stop()
-
-
-@pytest.fixture
-def store(redis):
-    return redis_client.Redis.from_url(redis.url)
+from conftest import Client
 
 
 def try_register(client: Client, user: str, key: str = "QQ==", timeout: float = 20) -> dict:

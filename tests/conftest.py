@@ -224,6 +224,42 @@ def redis(tmp_path):
     srv.stop()
 
 
+# The key prefix of the multi-server Redis tests (`nodes`).
+NODES_PREFIX = "it:"
+
+
+@pytest.fixture
+def nodes(tmp_path, redis):
+    """Start gunicorn servers sharing ``redis`` under one key prefix; each is returned once
+    every worker's Redis listener is subscribed (nothing routed to it is lost)."""
+    started: list[Server] = []
+
+    def start(workers: int = 2, **env: str) -> Server:
+        srv = Server(tmp_path, {"VOLLI_REDIS_URL": redis.url, "VOLLI_REDIS_PREFIX": NODES_PREFIX,
+                                "WEB_CONCURRENCY": str(workers), **env})
+        started.append(srv)
+        srv.wait_ready()
+        deadline = time.monotonic() + 15
+        while srv.log().count("redis listener subscribed") < workers:
+            assert time.monotonic() < deadline, srv.log()
+            time.sleep(0.05)
+        return srv
+
+    yield start
+    for srv in started:
+        srv.stop()
+
+
+@pytest.fixture
+def store(redis):
+    """A redis-py client of the test's ``redis``, to look at or corrupt what Volli stored."""
+    import redis as redis_client  # the suite's client, only where a test asks for it
+
+    client = redis_client.Redis.from_url(redis.url)
+    yield client
+    client.close()
+
+
 @pytest.fixture
 def open_client():
     """Open clients to given servers; all closed at the end of the test."""

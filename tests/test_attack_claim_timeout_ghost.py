@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import time
 
-from attack_util import nodes, store, try_register  # noqa: F401  (fixtures)
+from attack_util import try_register
 from conftest import Client
 
 TTL, PAUSE = 30.0, 20.0
@@ -38,7 +38,7 @@ def test_timed_out_register_leaves_a_ghost(nodes, store, redis):
     c.close()
     t.join()
     time.sleep(0.5)
-    presence = store.hgetall("at:presence:ghost@x")
+    presence = store.hgetall("it:presence:ghost@x")
     online_since_close = []
     end = time.monotonic() + TTL + 5
     while time.monotonic() < end:

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import time
 
-from attack_util import drain_frames, is_open, nodes, store  # noqa: F401  (fixtures)
+from attack_util import drain_frames, is_open
 from conftest import Client
 from signing import Identity
 from volli.protocol import identity
@@ -38,7 +38,7 @@ def test_closed_claimer_leaves_old_holder_live_without_presence(nodes, store, re
     t.join()
     closed = drain_frames(claimer, 1.0)
     time.sleep(0.5)
-    presence = store.hgetall("at:presence:u@x")
+    presence = store.hgetall("it:presence:u@x")
     second = Client(b.url)
     reply = me.register(second, "u@x")
     holder_frames = drain_frames(holder, 0.5)

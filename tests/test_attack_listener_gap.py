@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import time
 
-from attack_util import drain_frames, nodes, store, try_register  # noqa: F401  (fixtures)
+from attack_util import drain_frames, try_register
 from conftest import Client
 
 TRIALS = 8

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import time
 
-from attack_util import nodes, store, try_register  # noqa: F401  (fixtures)
+from attack_util import try_register
 from conftest import Client
 
 TTL = 8.0

@@ -14,10 +14,9 @@ synchronously, so there the rotate is never applied after a takeover.
 
 from __future__ import annotations
 
-import threading
 import time
 
-from attack_util import drain_frames, nodes, store  # noqa: F401  (fixtures)
+from attack_util import drain_frames
 from conftest import Client
 from signing import Identity
 from volli.protocol import identity
@@ -47,8 +46,8 @@ def test_rotate_key_from_a_replaced_session_rebinds_the_id(nodes, store, redis):
         t.join()
         new_reply = new.recv(timeout=5)
         old_frames = drain_frames(old, 1.0)
-        binding = store.hget(f"at:key:{user}", "publicKey").decode()
-        presence = store.hget(f"at:presence:{user}", "publicKey")
+        binding = store.hget(f"it:key:{user}", "publicKey").decode()
+        presence = store.hget(f"it:presence:{user}", "publicKey")
         state = (new_reply.get("type"), [f.get("type") if isinstance(f, dict) else f
                                          for f in old_frames],
                  "binding=K2" if binding == k2.public else "binding=K1",

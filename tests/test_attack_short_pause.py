@@ -20,7 +20,7 @@ from __future__ import annotations
 import threading
 import time
 
-from attack_util import drain_frames, nodes, store, try_register  # noqa: F401  (fixtures)
+from attack_util import drain_frames, try_register
 from conftest import Client
 
 TTL = 3.0
@@ -36,7 +36,7 @@ def test_pause_under_the_ttl_lets_a_stranger_take_a_live_id(nodes, store, redis)
         victim = Client(servers[0].url)
         victim.register(user)
         thief = Client(servers[1].url)
-        key = f"at:presence:{user}"
+        key = f"it:presence:{user}"
         time.sleep(1.5)
         # Wait until the victim's node is about to renew (its presence is oldest) while
         # the store's beat is fresh (another node just beat).
@@ -44,7 +44,7 @@ def test_pause_under_the_ttl_lets_a_stranger_take_a_live_id(nodes, store, redis)
         while time.monotonic() < deadline:
             pttl = store.pttl(key)
             now_ms = int(store.time()[0] * 1000 + store.time()[1] // 1000)
-            beat_age = now_ms - int(store.hget("at:epoch", "beat"))
+            beat_age = now_ms - int(store.hget("it:epoch", "beat"))
             if 2080 < pttl < 2300 and beat_age < 120:
                 break
             time.sleep(0.01)

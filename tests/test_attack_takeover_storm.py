@@ -15,7 +15,6 @@ import time
 
 from websockets.exceptions import ConnectionClosed
 
-from attack_util import nodes, store  # noqa: F401  (fixtures)
 from conftest import Client
 from signing import Identity
 from volli.protocol import identity
@@ -82,7 +81,7 @@ def test_storm_of_same_key_takeovers_and_closes(nodes, store):
             except (ConnectionClosed, TimeoutError):
                 pass
         holders = still
-        presence = store.hget(f"at:presence:{user}", "session")
+        presence = store.hget(f"it:presence:{user}", "session")
         if presence is not None:
             presence = presence.decode()
         ok = len(holders) <= 1 and (presence is not None) == (len(holders) == 1)

@@ -14,6 +14,7 @@ reliably, bounded in time, and asserts that the race really happened (no vacuous
 
 from __future__ import annotations
 
+import functools
 import json
 import random
 import threading
@@ -24,7 +25,7 @@ import pytest
 import redis as redis_client
 from websockets.exceptions import ConnectionClosed
 
-from conftest import Client, Server
+from conftest import NODES_PREFIX, Client
 from signing import Identity
 from volli.protocol import identity
 from workers import client_port, worker_of_connections, worker_pids
@@ -34,30 +35,13 @@ HEARTBEAT = TTL / 3
 # A released ID must read offline this long after its last connection closed: one
 # heartbeat (the race cases may need it) plus scheduling slack on a 2-core machine.
 SETTLE = HEARTBEAT + 0.5
-PREFIX = "pf:"
+PREFIX = NODES_PREFIX
 
 
 @pytest.fixture
-def nodes(tmp_path, redis):
-    """Start gunicorn servers sharing ``redis`` under one key prefix."""
-    started: list[Server] = []
-
-    def start(workers: int = 2, **env: str) -> Server:
-        srv = Server(tmp_path, {"VOLLI_REDIS_URL": redis.url, "VOLLI_REDIS_PREFIX": PREFIX,
-                                "VOLLI_PRESENCE_TTL": str(TTL),
-                                "WEB_CONCURRENCY": str(workers), **env})
-        started.append(srv)
-        srv.wait_ready()
-        # Each worker's listener must be subscribed before anything is routed to it.
-        deadline = time.monotonic() + 15
-        while srv.log().count("redis listener subscribed") < workers:
-            assert time.monotonic() < deadline, srv.log()
-            time.sleep(0.05)
-        return srv
-
-    yield start
-    for srv in started:
-        srv.stop()
+def nodes(nodes):
+    """conftest's servers, with this module's presence TTL."""
+    return functools.partial(nodes, VOLLI_PRESENCE_TTL=str(TTL))
 
 
 def closed_code(exc: ConnectionClosed) -> int | None:

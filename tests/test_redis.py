@@ -18,22 +18,6 @@ from workers import spread_users
 
 
 
-@pytest.fixture
-def nodes(tmp_path, redis):
-    """Start gunicorn servers sharing ``redis`` under one key prefix."""
-    started: list[Server] = []
-
-    def start(workers: int = 2, **env: str) -> Server:
-        srv = Server(tmp_path, {"VOLLI_REDIS_URL": redis.url, "VOLLI_REDIS_PREFIX": "it:",
-                                "WEB_CONCURRENCY": str(workers), **env})
-        started.append(srv.wait_ready())
-        return srv
-
-    yield start
-    for srv in started:
-        srv.stop()
-
-
 def assert_all_relay(reps: dict[str, Client]) -> None:
     for a, ca in reps.items():
         for b, cb in reps.items():

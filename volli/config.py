@@ -142,7 +142,9 @@ class Settings:
         "Prefix of every Redis key and channel (several deployments can share one Redis).")
     presence_ttl: float = _setting(
         "VOLLI_PRESENCE_TTL", 15.0, _float,
-        "Seconds a worker's users stay online in Redis without its heartbeat (every TTL/4).",
+        "Seconds a worker's users stay online in Redis without its heartbeat (every TTL/4); "
+        "the same on every server sharing the Redis prefix (a server with another value "
+        "does not start).",
         1.0)
     redis_pool_size: int = _setting(
         "VOLLI_REDIS_POOL_SIZE", 64, _int,

@@ -32,7 +32,7 @@ import redis
 from redis.backoff import ExponentialBackoff
 from redis.retry import Retry
 
-from ..protocol import CloseCode, ProtocolError
+from ..protocol import ProtocolError
 from .base import (
     BackendUnavailable, Claim, Presence, Released, Session, Spawn, local_refusal, nothing,
 )
@@ -77,12 +77,16 @@ def _epoch(epoch: int, ttl: int, new: int, mine: int, recover: str) -> str:
 # A node's heartbeat: KEYS epoch, the node's alive key (half a TTL: two heartbeats);
 # ARGV ttl ms, new id, the node's epoch ("" when it has
 # none yet: a new node opens no recovery window). Returns the epoch id (the node announces
-# all its users again when it changed).
+# all its users again when it changed) and the deployment's TTL, which the first node of
+# an epoch sets: thresholds and windows assume one TTL for all.
 BEAT = _epoch(1, 1, 2, 3, "ARGV[3] ~= ''") + """
+if lost or not redis.call('HGET', KEYS[1], 'ttl') then
+  redis.call('HSET', KEYS[1], 'ttl', ARGV[1])
+end
 redis.call('HSET', KEYS[1], 'beat', now)
 redis.call('PEXPIRE', KEYS[1], ARGV[1] * 20)
 redis.call('SET', KEYS[2], '1', 'PX', math.floor(ARGV[1] / 2))
-return e[1]
+return {e[1], redis.call('HGET', KEYS[1], 'ttl')}
 """
 
 # The claim rule of base.Claim, atomically. KEYS: presence, binding, bindings index (a
@@ -111,7 +115,9 @@ elseif b[1] then
 end
 local h = redis.call('HMGET', KEYS[1], 'session', 'publicKey', 'node')
 local taken_over = false
-if h[1] and h[1] ~= ARGV[2] then
+if h[1] == '' then  -- unbound by an operator (see UNBIND)
+  if refresh then return {0} end
+elseif h[1] and h[1] ~= ARGV[2] then
   if refresh or not signed or h[2] ~= ARGV[3] then return {0} end
   taken_over = true
 end
@@ -187,12 +193,18 @@ end
 return 0
 """
 
-# An operator's unbind: KEYS presence, binding, bindings index; ARGV userId. Returns
-# {had binding, node, session} of the holder to close (nil when nobody holds it).
+# An operator's unbind: KEYS presence, binding, bindings index; ARGV userId. The holder's
+# presence keeps its TTL but names no session (a tombstone): whether or not the notice to
+# its node arrives, that node's heartbeat then finds its user's presence naming another
+# session and closes it; meanwhile the ID reads offline and a new claim may take it, a
+# re-announce may not. Returns {had binding, node, session} of the holder to close (nil
+# when nobody holds it).
 UNBIND = """
 local had = redis.call('DEL', KEYS[2])
 redis.call('ZREM', KEYS[3], ARGV[1])
 local h = redis.call('HMGET', KEYS[1], 'node', 'session')
+if not h[2] or h[2] == '' then return {had} end
+redis.call('HSET', KEYS[1], 'session', '')
 return {had, h[1], h[2]}
 """
 
@@ -252,9 +264,11 @@ class RedisBackend(MemoryBackend):
             socket_timeout=5, socket_connect_timeout=2, health_check_interval=30, retry=retry)
         self._redis = redis.Redis(connection_pool=pool)
         # The listener blocks on its own connection, with no read timeout.
+        # No retry of its own: redis-py would resubscribe silently, and this node must
+        # know (it logs, and announces its users again: notices sent meanwhile were lost).
         self._listener_redis = redis.Redis.from_url(
             settings.redis_url, socket_timeout=None, socket_connect_timeout=2,
-            health_check_interval=10, retry=retry)
+            health_check_interval=10, retry=Retry(ExponentialBackoff(), 0))
         self._quick = redis.Redis(connection_pool=redis.BlockingConnectionPool.from_url(
             settings.redis_url, max_connections=2, timeout=RELEASE_TIMEOUT,
             socket_timeout=RELEASE_TIMEOUT, socket_connect_timeout=RELEASE_TIMEOUT))
@@ -299,7 +313,7 @@ class RedisBackend(MemoryBackend):
         # its old session. One kept for this session (its last claim failed) is moot: this
         # claim takes or refreshes the ID for it, and must not be undone by it.
         self._release_queued()
-        dropped = self._drop_kept_releases(session.id)
+        dropped = self._drop_kept_releases(user_id, session.id)
         try:
             reply = self._call("claim", self._claim, self._claim_keys(user_id),
                                self._claim_args(session, user_id, public_key, signed,
@@ -336,12 +350,14 @@ class RedisBackend(MemoryBackend):
         self._seqs[user_id] = seq
         return outcome
 
-    def _drop_kept_releases(self, session_id: str) -> bool:
-        """Forget failed releases kept for session_id; whether there were any."""
-        kept = [entry for entry in self._unreleased if entry[1] == session_id]
+    def _drop_kept_releases(self, user_id: str, session_id: str) -> bool:
+        """Forget failed releases kept for user_id held by session_id; whether there were
+        any."""
+        mine = (user_id, session_id)
+        kept = [entry for entry in self._unreleased if entry[:2] == mine]
         if kept:
             self._unreleased = collections.deque(
-                (entry for entry in self._unreleased if entry[1] != session_id),
+                (entry for entry in self._unreleased if entry[:2] != mine),
                 maxlen=UNRELEASED_MAX)
         return bool(kept)
 
@@ -372,9 +388,13 @@ class RedisBackend(MemoryBackend):
         """Close a session as replaced, on this node or through its node's channel."""
         if node == self.node:
             self._replace_local(session_id)
-        else:
-            with self._store("takeover"):
-                self._redis.publish(self._channel_prefix + node, f"R\n{session_id}")
+            return
+        try:
+            self._redis.publish(self._channel_prefix + node, f"R\n{session_id}")
+        except redis.RedisError as exc:  # its node's heartbeat will find out (TTL/4)
+            self.on_failure("takeover")
+            log.warning("could not tell node %s to close session %s: %s", node, session_id,
+                        exc)
 
     def _replace_local(self, session_id: str) -> None:
         session = self._sessions.get(session_id)
@@ -456,21 +476,20 @@ class RedisBackend(MemoryBackend):
             return super().lookup(user_id)
         with self._store("lookup"):
             pipe = self._redis.pipeline(transaction=False)
-            pipe.hget(self._presence_key(user_id), "publicKey")
+            pipe.hmget(self._presence_key(user_id), "publicKey", "session")
             pipe.hmget(self._binding_key(user_id), "publicKey", "bound")
-            live, (bound, flag) = pipe.execute()
+            (live, session), (bound, flag) = pipe.execute()
         if flag != b"1":
             bound = None
-        if live is not None:
+        if live is not None and session:  # an empty session: unbound, its holder going
             return Presence(user_id, True, live.decode(), live == bound)
         return Presence(user_id, False, bound and bound.decode(), bound is not None)
 
     def unbind(self, user_id: str) -> bool:
-        had, node, session_id = self._call("unbind", self._unbind, self._keys_for(user_id),
-                                           [user_id])
-        if session_id is not None:
-            self._replace_anywhere(node.decode(), session_id.decode())
-        return bool(had) or session_id is not None
+        had, *holder = self._call("unbind", self._unbind, self._keys_for(user_id), [user_id])
+        if holder:
+            self._replace_anywhere(holder[0].decode(), holder[1].decode())
+        return bool(had) or bool(holder)
 
     def binding_count(self) -> None:
         return None  # in Redis, each with its TTL
@@ -591,7 +610,7 @@ class RedisBackend(MemoryBackend):
         self._release_lock = threading.Lock()
         self._spawn = spawn
         try:  # before serving: registrations need the store's epoch
-            self._beat()
+            self._beat()  # a TTLMismatch stops this worker from booting
         except redis.RedisError as exc:
             log.error("redis unreachable at start: %s", exc)
 
@@ -679,8 +698,15 @@ class RedisBackend(MemoryBackend):
 
     def _beat(self) -> None:
         """Stamp the store's epoch; a new one means the store lost its state."""
-        epoch = self._beat_script(keys=[self._epoch_key, self._alive_prefix + self.node],
-                                  args=[self._ttl_ms, secrets.token_hex(8), self._epoch or ""])
+        epoch, ttl = self._beat_script(keys=[self._epoch_key, self._alive_prefix + self.node],
+                                       args=[self._ttl_ms, secrets.token_hex(8),
+                                             self._epoch or ""])
+        if int(ttl) != self._ttl_ms:
+            raise TTLMismatch(
+                f"VOLLI_PRESENCE_TTL is {self._ttl_ms / 1000:g} s here but "
+                f"{int(ttl) / 1000:g} s on the servers already sharing this Redis prefix "
+                f"({self._prefix!r}): every server must use the same value (change it on all "
+                "at once, or move to a new VOLLI_REDIS_PREFIX)")
         self._adopt_epoch(epoch.decode())
 
     def _announce(self) -> list[Session]:
@@ -786,6 +812,10 @@ class RedisBackend(MemoryBackend):
             pubsub.close()
         except Exception:
             pass
+
+
+class TTLMismatch(RuntimeError):
+    """This server's presence TTL is not the one of the servers sharing its Redis."""
 
 
 def _call_quietly(then: Released) -> None:
