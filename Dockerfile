@@ -18,11 +18,11 @@ RUN groupadd --system --gid 10001 volli \
 
 WORKDIR /app
 
-# The package and its pinned dependencies (no test extras). The code stays root-owned:
-# the server can read it but not change it.
-COPY pyproject.toml README.md ./
+# The package and its dependencies at the tested versions (constraints.txt; no test
+# extras). The code stays root-owned: the server can read it but not change it.
+COPY pyproject.toml README.md constraints.txt ./
 COPY volli/ ./volli/
-RUN pip install . && rm -rf build ./*.egg-info
+RUN pip install -c constraints.txt . && rm -rf build ./*.egg-info
 
 # gunicorn reads gunicorn.conf.py from its working directory.
 COPY wsgi.py gunicorn.conf.py ./

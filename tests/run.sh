@@ -24,7 +24,8 @@ python=${PYTHON:-python3}
 if [ ! -x .venv/bin/python ]; then
     "$python" -m venv .venv
 fi
-.venv/bin/python -m pip install --quiet --disable-pip-version-check -e '.[test]'
+# The tested set of every package (constraints.txt); pyproject.toml declares ranges.
+.venv/bin/python -m pip install --quiet --disable-pip-version-check -c constraints.txt -e '.[test]'
 # Run the suite in a network namespace of its own where only loopback exists, so every
 # server, load and WebRTC peer it starts can only reach 127.0.0.1/::1 (this machine's
 # other interfaces are not targets). Needs root, as in CI; otherwise it says so and runs as is.

@@ -145,7 +145,8 @@ def test_dockerfile_runs_gunicorn_as_non_root_from_a_slim_python_image():
     installs = [a for k, a in instructions if k == "RUN" and "pip install" in a]
     assert len(installs) == 1
     words = shlex.split(installs[0].split("&&")[0])
-    assert words[words.index("install") + 1:] == ["."], "pip install . (no extras, no -e)"
+    assert words[words.index("install") + 1:] == ["-c", "constraints.txt", "."], \
+        "pip install -c constraints.txt . (the tested versions; no extras, no -e)"
 
 
 def test_dockerfile_copies_what_the_app_needs_and_dockerignore_keeps_it():
@@ -203,7 +204,7 @@ def test_dockerfile_copies_what_the_app_needs_and_dockerignore_keeps_it():
     install_at = next(i for i, (k, a) in enumerate(instructions)
                       if k == "RUN" and "pip install" in a)
     before = {s.rstrip("/") for srcs, _, _ in copies(instructions[:install_at]) for s in srcs}
-    assert {"pyproject.toml", "volli", *([readme] if readme else [])} <= before
+    assert {"pyproject.toml", "constraints.txt", "volli", *([readme] if readme else [])} <= before
     assert image_path("pyproject.toml") == f"{app_dir}/pyproject.toml"
 
     # What stays out of the context.
@@ -575,3 +576,30 @@ def test_plain_http_redirects_to_https(proxied):
         assert response.getheader("Location") == "https://127.0.0.1/signaling?x=1"
     finally:
         conn.close()
+
+
+def test_constraints_pin_every_dependency_within_its_declared_range():
+    """pyproject.toml declares compatible ranges; constraints.txt is the tested set that CI,
+    the image and the README install: one exact pin per package, inside each range."""
+    from packaging.requirements import Requirement
+    from packaging.utils import canonicalize_name
+
+    pins = {}
+    for line in (ROOT / "constraints.txt").read_text().splitlines():
+        line = line.split("#")[0].strip()
+        if line:
+            name, _, version = line.partition("==")
+            assert version, f"constraints.txt: {line!r} is not an exact pin"
+            pins[canonicalize_name(name)] = version
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    declared = project["dependencies"] + [
+        dep for extra in project["optional-dependencies"].values() for dep in extra]
+    for text in declared:
+        req = Requirement(text)
+        assert req.specifier, f"{text}: declare a range, the pin goes in constraints.txt"
+        assert not any(spec.operator == "==" for spec in req.specifier), text
+        version = pins.get(canonicalize_name(req.name))
+        assert version is not None, f"{req.name} has no pin in constraints.txt"
+        assert req.specifier.contains(version), f"{req.name}=={version} is outside {text}"
+    assert "-c constraints.txt" in (ROOT / "tests" / "run.sh").read_text()
+    assert "pip install -c constraints.txt -e ." in (ROOT / "README.md").read_text()

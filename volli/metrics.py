@@ -90,7 +90,8 @@ class Metrics:
                 gauge.inc(delta)
                 self._gauges[gauge] = 0
         # Histogram.observe, one bucket at a time: _buckets and _sum are its own values
-        # (prometheus-client is pinned; tests/test_observability.py checks the result).
+        # (prometheus-client is held to 0.26.x in pyproject.toml; tests/test_observability.py
+        # checks the result).
         for i, count in enumerate(self._latency_counts):
             if count:
                 RELAY_LATENCY._buckets[i].inc(count)
