@@ -67,6 +67,13 @@ def on_exit(server):
         shutil.rmtree(os.environ["PROMETHEUS_MULTIPROC_DIR"], ignore_errors=True)
 
 
+def post_fork(server, worker):
+    # Process setup, before the app loads: each WebSocket is one open file.
+    from volli.runtime import raise_open_file_limit
+
+    raise_open_file_limit()
+
+
 def post_worker_init(worker):
     from volli.tasks import start_worker_tasks
 

@@ -49,7 +49,7 @@ SETTINGS = Settings()
 
 @pytest.fixture
 def hub():
-    return Hub(MemoryBackend(), SETTINGS)
+    return Hub(SETTINGS, lambda events: MemoryBackend(events=events))
 
 
 def join(hub, user_id, **kwargs):
@@ -150,10 +150,27 @@ class UnreachableStore(MemoryBackend):
 
 
 def test_unreachable_shared_store_is_answered_unavailable():
-    hub = Hub(UnreachableStore(), SETTINGS)
+    hub = Hub(SETTINGS, lambda events: UnreachableStore(events=events))
     session = RecordingSession()
     hub.connect(session)
     hub.receive_text(session, '{"type":"register","userId":"a","publicKey":"AAAA","requestId":1}')
     assert session.last() == {"type": "error", "code": "unavailable", "requestId": 1,
                               "message": "presence store unreachable; retry shortly"}
     assert session.user_id is None
+
+
+def test_each_hub_builds_its_own_backend_that_reports_to_it():
+    """The backend gets its events (the hub) at construction: a second hub cannot take
+    over the first one's hooks (they were once set from outside)."""
+    made = []
+
+    def make(events):
+        made.append(events)
+        return MemoryBackend(events=events)
+
+    first, second = Hub(SETTINGS, make), Hub(SETTINGS, make)
+    assert made == [first, second] and first.backend is not second.backend
+    # An operator unbind in the first backend closes its holder through the first hub.
+    alice = join(first, "alice")
+    assert first.backend.unbind("alice") is True
+    assert alice.last() == {"type": "session-replaced"} and alice.closed_with == 4000

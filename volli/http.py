@@ -52,7 +52,7 @@ def prometheus_metrics():
     refusal = bearer_refusal(get_runtime().settings.metrics_token)
     if refusal is not None:
         return refusal
-    get_runtime().hub.metrics.flush()
+    get_runtime().metrics.flush()
     body, content_type = metrics.exposition()
     return Response(body, content_type=content_type)
 

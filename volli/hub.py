@@ -10,7 +10,7 @@ import time
 from typing import Callable, Mapping
 
 from . import turn
-from .backends import Backend, BackendUnavailable, Claim, Session
+from .backends import Backend, BackendEvents, BackendUnavailable, Claim, Session
 from .config import Settings
 from .limits import ConnectionLimits
 from .metrics import Metrics
@@ -34,16 +34,17 @@ _CLAIM_ERRORS = {
 
 
 class Hub:
-    def __init__(self, backend: Backend, settings: Settings,
+    """The hub owns its backend: ``make_backend`` builds it with the hub as its events
+    (what it reports: undelivered relays, replaced sessions, store failures)."""
+
+    def __init__(self, settings: Settings, make_backend: Callable[[BackendEvents], Backend],
+                 metrics: Metrics | None = None,
                  clock: Callable[[], float] = time.monotonic) -> None:
-        self.backend = backend
         self.settings = settings
         self._clock = clock
-        backend.on_undelivered = self.report_undelivered
-        backend.on_replaced = self.replace
         self._limits: dict[str, ConnectionLimits] = {}
-        self.metrics = Metrics()
-        backend.on_failure = self.metrics.redis_failure
+        self.metrics = metrics if metrics is not None else Metrics()
+        self.backend = make_backend(self)
         # Each handler gets the session, the message and when its frame was received.
         self._handlers: dict[type, Callable[[Session, Message, float], None]] = {
             Register: self._register,
@@ -81,6 +82,9 @@ class Hub:
             except BackendUnavailable:
                 log.warning("could not tell %r that %d relays to %r were dropped",
                             origin, count, peer)
+
+    def backend_failed(self, operation: str) -> None:
+        self.metrics.redis_failure(operation)
 
     def replace(self, session: Session) -> None:
         """A signed registration elsewhere took this session's userId."""

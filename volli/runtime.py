@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import resource
 from typing import Any
@@ -14,6 +15,7 @@ from .backends import Backend, create_backend
 from .config import Settings
 from .hub import Hub
 from .limits import AddressLimits
+from .metrics import Metrics
 from .supervise import Loops
 
 
@@ -22,6 +24,7 @@ class Runtime:
     settings: Settings
     backend: Backend
     hub: Hub
+    metrics: Metrics  # this worker's counters, for the hub, transport, routes and tasks
     addresses: AddressLimits
     started: float = dataclasses.field(default_factory=time.monotonic)
     # WebSockets admitted and not yet finished, counted from before the upgrade.
@@ -35,12 +38,13 @@ class Runtime:
 
     @classmethod
     def init_app(cls, app: Flask, settings: Settings) -> "Runtime":
-        backend = create_backend(settings)
-        runtime = cls(settings=settings, backend=backend, hub=Hub(backend, settings),
+        metrics = Metrics()
+        hub = Hub(settings, functools.partial(create_backend, settings), metrics)
+        runtime = cls(settings=settings, backend=hub.backend, hub=hub, metrics=metrics,
                       addresses=AddressLimits(settings.ip_max_connections,
-                                              settings.ip_connect_rate, settings.ip_v6_prefix))
+                                              settings.ip_connect_rate, settings.ip_v6_prefix),
+                      loops=Loops(on_failure=metrics.loop_failure))
         runtime.max_connections = connection_capacity(settings.max_connections)
-        runtime.loops = Loops(on_failure=runtime.hub.metrics.loop_failure)
         app.extensions["volli"] = runtime
         return runtime
 
@@ -57,17 +61,22 @@ def get_runtime() -> Runtime:
 FD_RESERVE = 256
 
 
-def connection_capacity(wanted: int) -> int:
-    """How many WebSockets this process can hold: each is one open file. The soft limit
-    is raised to the hard one (allowed unprivileged); past the limit, accepting fails
-    inside gevent and gunicorn, where no client gets a clean refusal, so cap below it."""
+def raise_open_file_limit() -> None:
+    """Raise this process's soft open-file limit to the hard one (allowed unprivileged):
+    each WebSocket is one open file. Process setup: gunicorn's post_fork hook calls it."""
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     if soft != hard:
         try:
             resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
-            soft = hard
         except (ValueError, OSError):
             pass
+
+
+def connection_capacity(wanted: int) -> int:
+    """How many WebSockets this process can hold: each is one open file. Past the limit,
+    accepting fails inside gevent and gunicorn, where no client gets a clean refusal, so
+    cap below it."""
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
     if soft == resource.RLIM_INFINITY or soft - FD_RESERVE >= wanted:
         return wanted
     capacity = max(1, soft - FD_RESERVE)

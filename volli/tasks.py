@@ -33,7 +33,7 @@ def start_worker_tasks(app: Flask, is_alive: Callable[[], bool]) -> None:
 
 
 def stats_line(runtime: Runtime) -> str:
-    totals = runtime.hub.metrics
+    totals = runtime.metrics
     bindings = runtime.backend.binding_count()
     return (f"stats online={runtime.backend.online_count()} connections={runtime.connections} "
             + ("" if bindings is None else f"bindings={bindings} ") +
@@ -50,7 +50,7 @@ def stats_loop(runtime: Runtime) -> None:
 def metrics_loop(runtime: Runtime) -> None:
     while True:
         gevent.sleep(METRICS_FLUSH)
-        runtime.hub.metrics.flush()
+        runtime.metrics.flush()
 
 
 def keepalive_loop(runtime: Runtime) -> None:
@@ -89,5 +89,5 @@ def drain(runtime: Runtime) -> None:
     log.info("drained: closed %d connections with 1001; %d still open, %d users online",
              closed, runtime.connections, runtime.backend.online_count())
     runtime.backend.stop()
-    runtime.hub.metrics.flush()
+    runtime.metrics.flush()
     runtime.drained.set()

@@ -1,17 +1,17 @@
 """Presence and routing backends behind one interface (``base.Backend``)."""
 
-from .base import Backend, BackendUnavailable, Claim, Presence, Session
+from .base import Backend, BackendEvents, BackendUnavailable, Claim, Presence, Session
 from .memory import MemoryBackend
 
 
-def create_backend(settings) -> Backend:
-    """The backend the settings ask for."""
+def create_backend(settings, events: BackendEvents) -> Backend:
+    """The backend the settings ask for, reporting to ``events``."""
     if settings.backend == "redis":
         from .redis import RedisBackend  # imports redis-py only when configured
 
-        return RedisBackend(settings)
-    return MemoryBackend(settings.max_bindings, settings.binding_retention)
+        return RedisBackend(settings, events)
+    return MemoryBackend(settings.max_bindings, settings.binding_retention, events=events)
 
 
-__all__ = ["Backend", "BackendUnavailable", "Claim", "MemoryBackend", "Presence", "Session",
-           "create_backend"]
+__all__ = ["Backend", "BackendEvents", "BackendUnavailable", "Claim", "MemoryBackend",
+           "Presence", "Session", "create_backend"]

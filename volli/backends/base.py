@@ -14,12 +14,6 @@ from typing import Any, Callable, Mapping, Protocol
 
 # Starts a background task; the server decides what that is (a greenlet under gunicorn).
 Spawn = Callable[..., Any]
-# (peer userId, {sender userId: count}, busy): relays accepted for peer that can no longer
-# reach it (busy: refused on arrival at its node, its queue was full of unread frames).
-UndeliveredHook = Callable[[str, Mapping[str, int], bool], None]
-
-
-ReplacedHook = Callable[["Session"], None]
 # Called once a closing session's userId is released (or its release gave up): the
 # transport sends its close frame then, so a client that sees it finds its ID free.
 Released = Callable[[], None]
@@ -93,6 +87,37 @@ class Session(Protocol):
         """Start closing; returns at once."""
 
 
+class BackendEvents(Protocol):
+    """What a backend reports to its owner (the hub), given to its constructor."""
+
+    def report_undelivered(self, peer: str, undelivered: Mapping[str, int],
+                           busy: bool = False) -> None:
+        """Relays accepted for ``peer`` ({sender userId: count}) that can no longer reach
+        it (busy: refused on arrival at its node, its queue was full of unread frames)."""
+
+    def replace(self, session: Session) -> None:
+        """A local session whose userId another session took (or an operator unbound)."""
+
+    def backend_failed(self, operation: str) -> None:
+        """A shared-store operation failed."""
+
+
+class NoEvents:
+    """Events nobody listens to (a backend used on its own)."""
+
+    def report_undelivered(self, peer, undelivered, busy=False) -> None:
+        pass
+
+    def replace(self, session) -> None:
+        pass
+
+    def backend_failed(self, operation) -> None:
+        pass
+
+
+NO_EVENTS = NoEvents()
+
+
 @dataclasses.dataclass(frozen=True, slots=True)
 class Presence:
     user_id: str
@@ -111,16 +136,13 @@ class Backend(abc.ABC):
     A process never holds two live sessions for one userId. ``deliver`` returning True means the
     frame was accepted into the target connection's send queue; it is not an end-to-end
     acknowledgement; relays that are accepted and then cannot reach their target are
-    reported through ``on_undelivered`` so the hub can tell their senders.
+    reported through ``events.report_undelivered`` so the hub can tell their senders.
 
     Methods that need a shared store raise BackendUnavailable while it is unreachable.
     """
 
-    on_undelivered: UndeliveredHook = staticmethod(lambda peer, counts, busy=False: None)
-    # Called with a local session whose userId a signed registration took over.
-    on_replaced: ReplacedHook = staticmethod(lambda session: None)
-    # Called with the name of a shared-store operation that failed.
-    on_failure: Callable[[str], None] = staticmethod(lambda operation: None)
+    def __init__(self, events: BackendEvents = NO_EVENTS) -> None:
+        self._events = events
 
     def start(self, spawn: Spawn) -> None:
         """Start background tasks (per worker, after gevent has patched)."""

@@ -7,7 +7,9 @@ import logging
 import time
 from typing import Callable
 
-from .base import Backend, Claim, Presence, Released, Session, nothing
+from .base import (
+    NO_EVENTS, Backend, BackendEvents, Claim, Presence, Released, Session, nothing,
+)
 
 log = logging.getLogger("volli.memory")
 
@@ -21,7 +23,9 @@ class MemoryBackend(Backend):
     forgetting one early would hand its ID to anyone."""
 
     def __init__(self, max_bindings: int = 100_000, retention: float = 90 * 86400.0,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 clock: Callable[[], float] = time.monotonic,
+                 events: BackendEvents = NO_EVENTS) -> None:
+        super().__init__(events)
         self._sessions: dict[str, Session] = {}
         self._users: dict[str, Session] = {}
         # userId -> (bound key, forgotten at), least recently used first
@@ -75,7 +79,7 @@ class MemoryBackend(Backend):
         self._users[user_id] = session
         session.user_id, session.public_key, session.signed = user_id, public_key, signed
         if previous is not None and previous is not session and not previous.closed:
-            self.on_replaced(previous)
+            self._events.replace(previous)
 
     def rebind(self, session: Session, new_public_key: str) -> bool:
         if (not session.signed or self._users.get(session.user_id) is not session
@@ -89,7 +93,7 @@ class MemoryBackend(Backend):
         had = self._bindings.pop(user_id, None) is not None
         holder = self._users.get(user_id)
         if holder is not None:
-            self.on_replaced(holder)
+            self._events.replace(holder)
         return had or holder is not None
 
     def lookup(self, user_id: str) -> Presence:

@@ -34,7 +34,8 @@ from redis.retry import Retry
 
 from ..protocol import ProtocolError
 from .base import (
-    BackendUnavailable, Claim, Presence, Released, Session, Spawn, local_refusal, nothing,
+    NO_EVENTS, BackendEvents, BackendUnavailable, Claim, Presence, Released, Session, Spawn,
+    local_refusal, nothing,
 )
 from .memory import MemoryBackend
 
@@ -242,8 +243,8 @@ UNRELEASED_MAX = 100_000  # failed releases kept for another try (the oldest go 
 
 
 class RedisBackend(MemoryBackend):
-    def __init__(self, settings) -> None:
-        super().__init__()
+    def __init__(self, settings, events: BackendEvents = NO_EVENTS) -> None:
+        super().__init__(events=events)
         self._prefix = settings.redis_prefix
         self._ttl_ms = int(settings.presence_ttl * 1000)
         self._retention_ms = int(settings.binding_retention * 1000)
@@ -344,7 +345,7 @@ class RedisBackend(MemoryBackend):
         holder = self._users.get(user_id)
         if holder is not None and holder is not session and self._seqs.get(user_id, 0) > seq:
             # A later claim of this ID was answered here first: this one lost the race.
-            self.on_replaced(session)
+            self._events.replace(session)
             return Claim.CLOSED
         self._hold(session, user_id, public_key, signed)  # the binding lives in Redis
         self._seqs[user_id] = seq
@@ -392,14 +393,14 @@ class RedisBackend(MemoryBackend):
         try:
             self._redis.publish(self._channel_prefix + node, f"R\n{session_id}")
         except redis.RedisError as exc:  # its node's heartbeat will find out (TTL/4)
-            self.on_failure("takeover")
+            self._events.backend_failed("takeover")
             log.warning("could not tell node %s to close session %s: %s", node, session_id,
                         exc)
 
     def _replace_local(self, session_id: str) -> None:
         session = self._sessions.get(session_id)
         if session is not None:
-            self.on_replaced(session)
+            self._events.replace(session)
 
     def rebind(self, session: Session, new_public_key: str) -> bool:
         keys = [self._binding_key(session.user_id), self._presence_key(session.user_id)]
@@ -467,7 +468,7 @@ class RedisBackend(MemoryBackend):
             pipe.execute()
             return True
         except redis.RedisError as exc:
-            self.on_failure("release")
+            self._events.backend_failed("release")
             log.debug("release of %d users failed: %s", len(batch), exc)
             return False
 
@@ -543,7 +544,7 @@ class RedisBackend(MemoryBackend):
             try:
                 counts = pipe.execute()
             except redis.RedisError as exc:
-                self.on_failure("publish")
+                self._events.backend_failed("publish")
                 log.warning("could not publish %d relays: %s", len(queued), exc)
                 self._routes.clear()  # until Redis answers, relays take the direct path
                 counts = [0] * len(by_node)
@@ -559,7 +560,7 @@ class RedisBackend(MemoryBackend):
             if origin:
                 undelivered.setdefault(user_id, Counter())[origin] += 1
         for user_id, counts in undelivered.items():
-            self.on_undelivered(user_id, counts)
+            self._events.report_undelivered(user_id, counts)
 
     def _on_message(self, data: bytes) -> None:
         kind, rest = data.decode().split("\n", 1)
@@ -575,7 +576,7 @@ class RedisBackend(MemoryBackend):
         user_id, origin, text = rest.split("\n", 2)
         if self._deliver_here(user_id, origin, text) is False and origin:
             # It left this node between the sender's lookup and now.
-            self.on_undelivered(user_id, {origin: 1})
+            self._events.report_undelivered(user_id, {origin: 1})
 
     def _deliver_here(self, user_id: str, origin: str, text: str) -> bool | None:
         """Deliver a frame published to this node to its local user; None when the user is
@@ -584,7 +585,7 @@ class RedisBackend(MemoryBackend):
             return super().deliver(user_id, text, origin or None)
         except ProtocolError:  # peer-busy
             if origin:
-                self.on_undelivered(user_id, {origin: 1}, True)
+                self._events.report_undelivered(user_id, {origin: 1}, True)
             return None
 
     def _reroute(self, user_id: str, origin: str, text: str) -> bool:
@@ -652,7 +653,7 @@ class RedisBackend(MemoryBackend):
                     if message is not None and message["type"] == "message":
                         self._dispatch(message["data"])
             except (redis.RedisError, OSError) as exc:
-                self.on_failure("listener")
+                self._events.backend_failed("listener")
                 self._subscribed = False
                 if lost_at is None:
                     lost_at = time.monotonic()
@@ -683,9 +684,9 @@ class RedisBackend(MemoryBackend):
                 for session in lost:
                     log.info("user=%s id=%s: the store names another session; replaced",
                              session.user_id, session.id)
-                    self.on_replaced(session)
+                    self._events.replace(session)
             except redis.RedisError as exc:
-                self.on_failure("heartbeat")
+                self._events.backend_failed("heartbeat")
                 self._full_announce = True
                 if self._store_ok:
                     log.error("redis unreachable: %s; serving local users only", exc)
@@ -799,7 +800,7 @@ class RedisBackend(MemoryBackend):
         try:
             yield
         except redis.RedisError as exc:
-            self.on_failure(operation)
+            self._events.backend_failed(operation)
             raise BackendUnavailable(str(exc)) from exc
 
     def _call(self, operation: str, script, keys: list[str], args: list):

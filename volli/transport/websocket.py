@@ -62,7 +62,7 @@ def admit():
     else:
         environ.pop("HTTP_SEC_WEBSOCKET_EXTENSIONS", None)
     runtime.connections += 1
-    runtime.hub.metrics.connection(+1)
+    runtime.metrics.connection(+1)
     return None
 
 
@@ -85,7 +85,7 @@ def release(_exc):
 
 def _release_slot(runtime: Runtime, address: str) -> None:
     runtime.connections -= 1
-    runtime.hub.metrics.connection(-1)
+    runtime.metrics.connection(-1)
     runtime.addresses.release(address)
 
 
@@ -97,7 +97,7 @@ _IP_REFUSALS = {"ip-rate": "too many connection attempts from this address",
 
 def _refuse(runtime: Runtime, status: int, reason: str, message: str):
     """An HTTP refusal before the upgrade; ``reason`` labels the refusal metric."""
-    runtime.hub.metrics.refused(reason)
+    runtime.metrics.refused(reason)
     response = jsonify(error=_ERRORS[status], message=message)
     response.status_code = status
     if status in (429, 503):
