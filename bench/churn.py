@@ -431,14 +431,7 @@ def main(argv: list[str] | None = None) -> int:
                     help="bound on the whole run's churning (s)")
     ap.add_argument("--no-redis", dest="redis", action="store_false",
                     help="memory backend only")
-    ap.add_argument("--volli-ref", metavar="REF",
-                    help="run Volli as committed at this git ref (exported with git archive "
-                         "into the log directory) instead of the working tree")
-    ap.add_argument("--json", metavar="PATH",
-                    help="results file (default bench/results/<UTC>-churn.json)")
-    ap.add_argument("--no-save", action="store_true", help="write no JSON unless --json")
-    ap.add_argument("--log-dir", metavar="DIR",
-                    help="where server logs go (default: a new directory under $TMPDIR)")
+    machine.add_run_options(ap, "churn")
     ap.add_argument("--quick", action="store_true",
                     help="smoke run: 2,000 registrations, 200 warm-up (explicit options win)")
     if ap.parse_known_args(argv)[0].quick:

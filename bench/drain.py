@@ -167,14 +167,7 @@ def main(argv: list[str] | None = None) -> int:
                     help="bound on opening the connections (s)")
     ap.add_argument("--limit", type=float, default=60.0,
                     help="bound on waiting for the drain and the exit (s)")
-    ap.add_argument("--volli-ref", metavar="REF",
-                    help="run Volli as committed at this git ref (exported with git archive "
-                         "into the log directory) instead of the working tree")
-    ap.add_argument("--json", metavar="PATH",
-                    help="results file (default bench/results/<UTC>-drain.json)")
-    ap.add_argument("--no-save", action="store_true", help="write no JSON unless --json")
-    ap.add_argument("--log-dir", metavar="DIR",
-                    help="where server logs go (default: a new directory under $TMPDIR)")
+    machine.add_run_options(ap, "drain")
     args = ap.parse_args(argv)
     if args.connections < 1:
         ap.error("--connections must be at least 1")

@@ -134,6 +134,18 @@ def export_tree(ref: str, dest: Path) -> str:
 SERVER_PATHS = ("volli", "wsgi.py", "gunicorn.conf.py")
 
 
+def add_run_options(ap, kind: str) -> None:
+    """The options every Volli bench takes: which code runs, where results and logs go."""
+    ap.add_argument("--volli-ref", metavar="REF",
+                    help="run Volli as committed at this git ref (exported with git archive "
+                         "into the log directory) instead of the working tree")
+    ap.add_argument("--json", metavar="PATH",
+                    help=f"results file (default bench/results/<UTC>-{kind}.json)")
+    ap.add_argument("--no-save", action="store_true", help="write no JSON unless --json")
+    ap.add_argument("--log-dir", metavar="DIR",
+                    help="where server logs go (default: a new directory under $TMPDIR)")
+
+
 def interrupt_on_signals() -> None:
     """SIGTERM (and SIGINT unless ignored) raise KeyboardInterrupt, so a run cleans up its
     servers on the way out."""

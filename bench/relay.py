@@ -2141,16 +2141,7 @@ def main(argv: list[str] | None = None) -> int:
                          "memory Volli in a second table")
     ap.add_argument("--no-redis", dest="redis", action="store_false",
                     help="leave out the Redis servers")
-    ap.add_argument("--json", metavar="PATH",
-                    help="write all results as JSON to PATH (default: "
-                         "bench/results/<UTC date-time>-relay.json)")
-    ap.add_argument("--no-save", action="store_true",
-                    help="write no JSON unless --json is given")
-    ap.add_argument("--volli-ref", metavar="REF",
-                    help="run the Volli servers as committed at this git ref (exported with "
-                         "git archive into the log directory) instead of the working tree")
-    ap.add_argument("--log-dir", metavar="DIR",
-                    help="where gunicorn logs go (default: a new directory under $TMPDIR)")
+    machine.add_run_options(ap, "relay")
     ap.add_argument("--quick", action="store_true",
                     help="smoke run: 10 pairs, 1 s windows, 500 msg/s, K=100 "
                          "(options given explicitly still win)")

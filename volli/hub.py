@@ -11,6 +11,7 @@ from typing import Callable, Mapping
 
 from . import turn
 from .backends import Backend, BackendEvents, BackendUnavailable, Claim, Session
+from .backends.base import Released, nothing
 from .config import Settings
 from .limits import ConnectionLimits
 from .metrics import Metrics
@@ -64,7 +65,7 @@ class Hub:
         self.backend.attach(session)
         session.send(encode(hello_message(session.nonce)))
 
-    def disconnect(self, session: Session, then: Callable[[], None] = lambda: None) -> None:
+    def disconnect(self, session: Session, then: Released = nothing) -> None:
         """The session is closing: release its userId at once, then call ``then`` (the
         transport sends its close frame: a client that sees it finds its ID free)."""
         if self._limits.pop(session.id, None) is not None and session.user_id is not None:
