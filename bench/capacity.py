@@ -42,9 +42,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import machine  # noqa: E402
 import rawws  # noqa: E402
-import relay  # noqa: E402
-from relay import (ROOT, RedisServer, Server, proc_children, proc_cpu_seconds,  # noqa: E402
-                   proc_rss_kb, scan_log)
+from relaybench.clients import stop_process  # noqa: E402
+from relaybench.procfs import proc_children, proc_cpu_seconds, proc_rss_kb  # noqa: E402
+from relaybench.servers import ROOT, RedisServer, Server, ServerConfig, scan_log  # noqa: E402
 
 PORTS_PER_SOURCE = 20_000  # of the ~28k ephemeral ports, leave room for TIME_WAIT etc.
 FDS_PER_CLIENT = 15_000  # connections per client process (under a 20k RLIMIT_NOFILE)
@@ -288,11 +288,13 @@ def main(argv: list[str] | None = None) -> int:
         notes.append(f"Volli ran from the working tree with uncommitted changes "
                      f"({', '.join(tree_before['dirty'][:5])}); use --volli-ref HEAD to "
                      f"measure a commit")
+    tree = log_dir / "volli-tree" if args.volli_ref else ROOT
     if args.volli_ref:
-        relay.VOLLI_TREE = log_dir / "volli-tree"
-        volli_commit = machine.export_tree(args.volli_ref, relay.VOLLI_TREE)
-        print(f"Volli server code: {args.volli_ref} = {volli_commit} "
-              f"(exported to {relay.VOLLI_TREE})", flush=True)
+        volli_commit = machine.export_tree(args.volli_ref, tree)
+        print(f"Volli server code: {args.volli_ref} = {volli_commit} (exported to {tree})",
+              flush=True)
+    # VOLLI_MAX_CONNECTIONS is slots - 100 (gunicorn.conf.py adds the 100 back).
+    config = ServerConfig(tree=tree, slots=max_conn + 100)
     sources = rawws.source_addresses(nsources)
     print(f"capacity: {n:,} connections, {args.workers} worker(s), {procs} client process(es)"
           f" x {args.concurrency} handshakes in flight, sources {sources[0]}..{sources[-1]}, "
@@ -309,7 +311,7 @@ def main(argv: list[str] | None = None) -> int:
     phases: dict[str, tuple[float, float]] = {}
     result: dict[str, Any] = {"kind": "capacity", **machine.describe(),
                               "args": vars(args), "client_processes": procs,
-                              "volli_tree": str(relay.VOLLI_TREE),
+                              "volli_tree": str(config.tree),
                               "volli_commit": volli_commit or "working tree",
                               "source_addresses": sources, "notes": notes}
     redis = RedisServer(log_dir)
@@ -322,12 +324,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         print(f"[redis] {redis.command_line()}", flush=True)
         redis.start()
-        server = Server("redis-2w", log_dir, False, redis)
-        server.nworkers = args.workers
-        server.env["WEB_CONCURRENCY"] = str(args.workers)
-        server.env["VOLLI_MAX_CONNECTIONS"] = str(max_conn)
-        server.env["VOLLI_REDIS_PREFIX"] = f"capacity-{server.port}:"
-        server.name = "capacity"
+        server = Server("redis-2w", log_dir, config, redis, name="capacity",
+                        workers=args.workers, prefix="capacity")
         print(f"[volli] VOLLI_MAX_CONNECTIONS={max_conn} {server.command_line()} "
               f"(port {server.port})", flush=True)
         server.start(deadline=60)
@@ -485,7 +483,7 @@ def main(argv: list[str] | None = None) -> int:
             with contextlib.suppress(Exception):
                 c.send(("close",))
         for p, _ in clients:
-            relay.stop_process(p, grace=30)
+            stop_process(p, grace=30)
         if server is not None:
             server.stop()
         redis.stop()

@@ -6,9 +6,9 @@ Run from the repo root:  python bench/churn.py                       (20,000 reg
                          python bench/churn.py --quick               (2,000, about 30 seconds)
 
 For the memory backend and (unless --no-redis) the Redis backend with a private
-redis-server, it starts Volli (gunicorn, one gevent worker, relay.py's Server: permissive
-rate limits, no per-IP limits) on a free 127.0.0.1 port, from the working tree or from a
-commit exported with --volli-ref, then:
+redis-server, it starts Volli (gunicorn, one gevent worker, relaybench's Server:
+permissive rate limits, no per-IP limits) on a free 127.0.0.1 port, from the working tree
+or from a commit exported with --volli-ref, then:
 
 1. warm-up: --warmup (500) churned registrations, then --settle-before (1 s) idle;
 2. baseline: the worker's VmRSS, GET /health (its "bindings" field where the server has
@@ -47,11 +47,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import machine  # noqa: E402
 import rawws  # noqa: E402
-import relay  # noqa: E402
-from relay import (ROOT, RedisServer, Server, machine_cpu, other_cpu,  # noqa: E402
-                   other_cpu_delta, scan_log)
+from relaybench.procfs import machine_cpu, other_cpu, other_cpu_delta, proc_rss_kb  # noqa: E402
+from relaybench.report import NOISY_CORES  # noqa: E402
+from relaybench.servers import ROOT, RedisServer, Server, ServerConfig, scan_log  # noqa: E402
 
-BACKENDS = {"memory": "volli", "redis": "redis-1w"}  # backend -> relay.SCENARIOS name
+BACKENDS = {"memory": "volli", "redis": "redis-1w"}  # backend -> relaybench SCENARIOS name
 BASE64_ALPHABET = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/"
 
 
@@ -185,7 +185,7 @@ def churn(server: Server, target: rawws.Target, ids: list[str], args,
         handshakes += pool.handshake_ms
         done += len(batch)
         if curve is not None and done >= next_sample:
-            point = {"registrations": done, "rss_kb": relay.proc_rss_kb(server.worker)}
+            point = {"registrations": done, "rss_kb": proc_rss_kb(server.worker)}
             if probe is not None:
                 point["redis_used_memory"] = probe.used_memory()
             curve.append(point)
@@ -216,7 +216,7 @@ def ratio(a: Any, b: Any) -> float | None:
     return a / b
 
 
-def run_backend(backend: str, args, log_dir: Path, key: str,
+def run_backend(backend: str, args, log_dir: Path, config: ServerConfig, key: str,
                 deadline: float) -> dict[str, Any]:
     name = BACKENDS[backend]
     redis: RedisServer | None = None
@@ -229,10 +229,7 @@ def run_backend(backend: str, args, log_dir: Path, key: str,
             print(f"[{backend}] redis: {redis.command_line()}", flush=True)
             redis.start()
             result["redis_command"] = redis.command_line()
-        server = Server(name, log_dir, False, redis)
-        server.name = f"churn-{backend}"
-        if redis is not None:
-            server.env["VOLLI_REDIS_PREFIX"] = f"churn-{server.port}:"
+        server = Server(name, log_dir, config, redis, name=f"churn-{backend}", prefix="churn")
         result["command"] = server.command_line()
         result["env"] = {k: v for k, v in sorted(server.env.items())
                          if k.startswith("VOLLI_") or k == "WEB_CONCURRENCY"}
@@ -449,12 +446,11 @@ def main(argv: list[str] | None = None) -> int:
         notes.append("redis-server is not on PATH: the Redis backend was left out")
     os.chdir(ROOT)
     soft = rawws.raise_nofile(max(65536, args.batch + 1000))
-    relay.NOFILE = soft if soft != resource.RLIM_INFINITY else 1 << 20
     log_dir = Path(args.log_dir or tempfile.mkdtemp(prefix="volli-churn-"))
     log_dir.mkdir(parents=True, exist_ok=True)
     tree, volli_commit, tree_before = machine.server_code(args.volli_ref, log_dir, notes)
-    if tree is not None:
-        relay.VOLLI_TREE = tree
+    config = ServerConfig(tree=tree or ROOT,
+                          nofile=soft if soft != resource.RLIM_INFINITY else 1 << 20)
     key = make_key(args.key_size)
     print(f"churn bench: {args.registrations:,} registrations (+{args.warmup} warm-up), "
           f"publicKey {len(key)} characters, batches of {args.batch}, {args.concurrency} "
@@ -470,7 +466,7 @@ def main(argv: list[str] | None = None) -> int:
     interrupted = False
     try:
         for backend in (["memory", "redis"] if args.redis else ["memory"]):
-            results[backend] = run_backend(backend, args, log_dir, key, deadline)
+            results[backend] = run_backend(backend, args, log_dir, config, key, deadline)
     except KeyboardInterrupt:
         interrupted = True
         print("interrupted", file=sys.stderr)
@@ -499,7 +495,7 @@ def main(argv: list[str] | None = None) -> int:
             if c.get("forced_closes"):
                 problems.append(f"{backend} {phase}: {c['forced_closes']} connections not "
                                 f"closed by the server within 20 s of our close frame")
-            if c.get("other_busy_cores", 0) > relay.NOISY_CORES:
+            if c.get("other_busy_cores", 0) > NOISY_CORES:
                 noise.append(f"{backend} {phase}: other processes kept "
                              f"{c['other_busy_cores']:.2f} cores busy (top: "
                              f"{', '.join(c.get('other_top') or []) or '?'})")

@@ -7,7 +7,7 @@ Run from the repo root:  python bench/drain.py                        (10,000 co
 
 For each mode it starts a private redis-server (tests/conftest.py's RedisServer: no
 persistence, DEBUG SLEEP allowed from loopback) and Volli (gunicorn, one gevent worker,
-relay.py's Server: permissive rate limits, no per-IP limits) with that Redis on free
+relaybench's Server: permissive rate limits, no per-IP limits) with that Redis on free
 127.0.0.1 ports, from the working tree or from a commit exported with --volli-ref, then:
 
 1. opens --connections (10,000) lean registered connections (bench/rawws.py, unsigned,
@@ -44,9 +44,8 @@ sys.path.insert(1, str(Path(__file__).resolve().parent.parent / "tests"))
 
 import machine  # noqa: E402
 import rawws  # noqa: E402
-import relay  # noqa: E402
 from conftest import RedisServer  # noqa: E402  (the tests' one: restart, DEBUG SLEEP)
-from relay import ROOT, Server  # noqa: E402
+from relaybench.servers import ROOT, Server, ServerConfig  # noqa: E402
 
 MODES = ("up", "stopped", "paused")
 GRACEFUL_TIMEOUT = 30.0  # gunicorn.conf.py
@@ -56,16 +55,14 @@ def pct(values: list[float], q: float) -> float | None:
     return values[min(len(values) - 1, int(q * (len(values) - 1)))] if values else None
 
 
-def run_mode(mode: str, args, log_dir: Path) -> dict[str, Any]:
+def run_mode(mode: str, args, log_dir: Path, config: ServerConfig) -> dict[str, Any]:
     redis: RedisServer | None = None
     server: Server | None = None
     result: dict[str, Any] = {"mode": mode, "connections": args.connections}
     try:
         redis = RedisServer(log_dir)  # started
-        server = Server("redis-1w", log_dir, False, redis)
-        server.name = f"drain-{mode}"
-        server.log_path = log_dir / f"drain-{mode}-{server.port}.log"
-        server.env["VOLLI_REDIS_PREFIX"] = f"drain-{server.port}:"
+        server = Server("redis-1w", log_dir, config, redis, name=f"drain-{mode}",
+                        prefix="drain")
         result["command"] = server.command_line()
         result["env"] = {k: v for k, v in sorted(server.env.items())
                          if k.startswith("VOLLI_") or k == "WEB_CONCURRENCY"}
@@ -173,7 +170,6 @@ def main(argv: list[str] | None = None) -> int:
         ap.error("--connections must be at least 1")
     os.chdir(ROOT)
     soft = rawws.raise_nofile(args.connections + 1000)
-    relay.NOFILE = soft if soft != resource.RLIM_INFINITY else 1 << 20
     notes: list[str] = []
     if soft < args.connections + 300:
         notes.append(f"RLIMIT_NOFILE is {soft}: {args.connections:,} connections may not fit "
@@ -181,8 +177,8 @@ def main(argv: list[str] | None = None) -> int:
     log_dir = Path(args.log_dir or tempfile.mkdtemp(prefix="volli-drain-"))
     log_dir.mkdir(parents=True, exist_ok=True)
     tree, volli_commit, tree_before = machine.server_code(args.volli_ref, log_dir, notes)
-    if tree is not None:
-        relay.VOLLI_TREE = tree
+    config = ServerConfig(tree=tree or ROOT,
+                          nofile=soft if soft != resource.RLIM_INFINITY else 1 << 20)
     for note in notes:
         print(f"NOTE: {note}", flush=True)
 
@@ -192,7 +188,7 @@ def main(argv: list[str] | None = None) -> int:
     interrupted = False
     try:
         for mode in (MODES if args.mode == "all" else (args.mode,)):
-            results.append(run_mode(mode, args, log_dir))
+            results.append(run_mode(mode, args, log_dir, config))
     except KeyboardInterrupt:
         interrupted = True
         print("interrupted", file=sys.stderr)

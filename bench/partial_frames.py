@@ -31,7 +31,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import machine  # noqa: E402
 from rawws import OP_TEXT, client_frame  # noqa: E402
-from relay import proc_children, proc_cpu_seconds  # noqa: E402
+from relaybench.procfs import proc_children, proc_cpu_seconds  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 

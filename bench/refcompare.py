@@ -9,7 +9,7 @@ Run from the repo root:  python bench/refcompare.py                          (23
 Each ref is exported with git archive (bench/machine.py's export_tree: volli/, wsgi.py,
 gunicorn.conf.py) into the log directory, so every server runs exactly one commit while the
 working tree changes. For --rounds rounds, alternating the order (A,B then B,A, ...), each
-ref's server is started fresh (relay.py's Server: gunicorn, one gevent worker, memory
+ref's server is started fresh (relaybench's Server: gunicorn, one gevent worker, memory
 backend, permissive rate limits) and measured with relay.py's own phases (run_relay):
 
 1. throughput: --pairs sender/receiver pairs on the lean client (bench/rawws.py), each
@@ -44,8 +44,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import machine  # noqa: E402
 import rawws  # noqa: E402
-import relay  # noqa: E402
-from relay import ROOT, Clients, Server, client_main, raw_client_main, scan_log  # noqa: E402
+from relaybench.aioclient import client_main  # noqa: E402
+from relaybench.clients import Clients  # noqa: E402
+from relaybench.leanclient import raw_client_main  # noqa: E402
+from relaybench.protocol import PROTOCOLS, make_sdp  # noqa: E402
+from relaybench.report import NOISY_CORES, usage  # noqa: E402
+from relaybench.runs import run_relay  # noqa: E402
+from relaybench.servers import ROOT, Server, ServerConfig, scan_log  # noqa: E402
 
 try:
     import orjson
@@ -61,7 +66,7 @@ def check_compact(sdp_size: int) -> dict[str, Any]:
     them from Protocol.offer_parts) must be compact JSON: what JSON.stringify writes, and
     what a server that keeps compact text as it is (and re-encodes any other) sees from a
     browser. Raises if not."""
-    prefix, suffix = relay.PROTOCOLS["volli"].offer_parts("peer-1", relay.make_sdp(sdp_size))
+    prefix, suffix = PROTOCOLS["volli"].offer_parts("peer-1", make_sdp(sdp_size))
     frame = prefix + str(time.monotonic_ns()) + suffix
     compact = json.dumps(json.loads(frame), separators=(",", ":"), ensure_ascii=False)
     ok = frame == compact
@@ -92,11 +97,11 @@ def fmt(v: Any, spec: str) -> str:
     return format(v, spec)
 
 
-def run_one(label: str, tree: Path, commit: str, clients: Clients, lean: Clients, args,
-            log_dir: Path) -> dict[str, Any]:
-    """One server at one ref: start, warm up, throughput, latency, stop."""
-    relay.VOLLI_TREE = tree
-    server = Server("volli", log_dir, False)
+def run_one(label: str, config: ServerConfig, commit: str, clients: Clients, lean: Clients,
+            args, log_dir: Path) -> dict[str, Any]:
+    """One server at one ref (``config.tree``): start, warm up, throughput, latency, stop."""
+    tree = config.tree
+    server = Server("volli", log_dir, config)
     result: dict[str, Any] = {"ref": label, "commit": commit, "command": server.command_line(),
                               "cwd": str(tree), "log": str(server.log_path),
                               "env": {k: v for k, v in sorted(server.env.items())
@@ -109,19 +114,19 @@ def run_one(label: str, tree: Path, commit: str, clients: Clients, lean: Clients
         tag = f"rc{server.port}"
         clients.send_all(("warmup", server.target, tag + "w"))
         clients.gather("result", 30)
-        t = relay.run_relay(server, lean, "throughput", args, tag + "t")
+        t = run_relay(server, lean, "throughput", args, tag + "t")
         result["throughput"] = t
         print(f"[{who}] throughput: {t['rate']:,.0f} msg/s, {t['msgs_per_cpu_s']:,.0f} msg per "
               f"server CPU-s, lost={t['lost']} errors={t['errors'] + t['sender_errors']}; "
               f"{t['bottleneck']}", flush=True)
         if args.latency:
-            lat = relay.run_relay(server, clients, "latency", args, tag + "l")
+            lat = run_relay(server, clients, "latency", args, tag + "l")
             result["latency"] = lat
             print(f"[{who}] latency @ {args.rate:g} msg/s: p50 {lat['p50_ms']:.2f} ms, p99 "
                   f"{lat['p99_ms']:.2f} ms ({lat['samples']} samples, achieved "
                   f"{lat['rate']:,.0f} msg/s), {lat['msgs_per_cpu_s']:,.0f} msg per server "
                   f"CPU-s; lost={lat['lost']} errors={lat['errors'] + lat['sender_errors']}; "
-                  f"{relay.usage(lat)}", flush=True)
+                  f"{usage(lat)}", flush=True)
         result["rss_end_kb"] = server.rss_kb()
     except Exception as exc:  # noqa: BLE001 - recorded; the run goes on with fresh clients
         result["failure"] = f"{type(exc).__name__}: {exc}"
@@ -167,9 +172,9 @@ def summarize(runs: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
         per_round = [ratio(b, a) for a, b in zip(vals["A"], vals["B"])]
         pr = [x for x in per_round if x is not None]
         # A round is clean for this phase when neither A's nor B's window had other
-        # processes above relay.NOISY_CORES (the NOISE threshold).
+        # processes above NOISY_CORES (the NOISE threshold).
         clean = [all(((rs[i].get(phase) or {}).get("other_busy_cores") or 0.0)
-                     <= relay.NOISY_CORES for rs in runs.values())
+                     <= NOISY_CORES for rs in runs.values())
                  for i in range(len(per_round))]
         cr = [x for x, ok in zip(per_round, clean) if ok and x is not None]
         out[key] = {"values": vals, "median": med, "ratio_b_a": ratio(med["B"], med["A"]),
@@ -255,11 +260,11 @@ def main(argv: list[str] | None = None) -> int:
         ap.error("--procs must not exceed --pairs")
     if min(args.duration, args.latency_duration, args.rate) <= 0:
         ap.error("durations and --rate must be positive")
-    # What relay.run_relay and its client processes read from args / opts.
+    # What run_relay and its client processes read from args / opts.
     args.deflate = False
     os.chdir(ROOT)
     soft = rawws.raise_nofile(65536)
-    relay.NOFILE = soft if soft != resource.RLIM_INFINITY else 1 << 20
+    nofile = soft if soft != resource.RLIM_INFINITY else 1 << 20
     log_dir = Path(args.log_dir or tempfile.mkdtemp(prefix="volli-refcompare-"))
     log_dir.mkdir(parents=True, exist_ok=True)
     refs: dict[str, dict[str, str]] = {}
@@ -309,7 +314,8 @@ def main(argv: list[str] | None = None) -> int:
             order = ["A", "B"] if rnd % 2 == 0 else ["B", "A"]
             print(f"--- round {rnd + 1}/{args.rounds}: {' then '.join(order)}", flush=True)
             for key in order:
-                r = run_one(key, trees[key], refs[key]["commit"], clients, lean, args, log_dir)
+                r = run_one(key, ServerConfig(tree=trees[key], nofile=nofile), refs[key]["commit"],
+                            clients, lean, args, log_dir)
                 r["round"] = rnd + 1
                 r["position"] = order.index(key)
                 runs[key].append(r)
@@ -368,7 +374,7 @@ def main(argv: list[str] | None = None) -> int:
                 if p.get("connection_failure_count"):
                     problems.append(f"{where} {phase}: {p['connection_failure_count']} client "
                                     f"connections failed, e.g. {p['connection_failures']}")
-                if p.get("other_busy_cores", 0) > relay.NOISY_CORES:
+                if p.get("other_busy_cores", 0) > NOISY_CORES:
                     noise.append(f"{where} {phase}: other processes kept "
                                  f"{p['other_busy_cores']:.2f} cores busy (top: "
                                  f"{', '.join(p.get('other_top') or []) or '?'})")
