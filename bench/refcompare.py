@@ -45,10 +45,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import machine  # noqa: E402
 import rawws  # noqa: E402
 from relaybench.aioclient import client_main  # noqa: E402
+from relaybench.cli import add_relay_options, check_relay_options  # noqa: E402
 from relaybench.clients import Clients  # noqa: E402
 from relaybench.leanclient import raw_client_main  # noqa: E402
 from relaybench.protocol import PROTOCOLS, make_sdp  # noqa: E402
-from relaybench.report import NOISY_CORES, usage  # noqa: E402
+from relaybench.report import NOISY_CORES, relay_findings, usage  # noqa: E402
 from relaybench.runs import run_relay  # noqa: E402
 from relaybench.servers import ROOT, Server, ServerConfig, scan_log  # noqa: E402
 
@@ -219,27 +220,9 @@ def main(argv: list[str] | None = None) -> int:
                     help=f"the candidate (numerator): a git ref, or {WORKTREE}")
     ap.add_argument("--rounds", type=int, default=3,
                     help="rounds; the order alternates (A,B then B,A); medians are reported")
-    ap.add_argument("--pairs", type=int, default=50, help="sender/receiver pairs")
-    ap.add_argument("--window", type=int, default=16,
-                    help="offers in flight per pair in the throughput run")
-    ap.add_argument("--duration", type=float, default=10.0,
-                    help="throughput measurement window (s)")
-    ap.add_argument("--warmup", type=float, default=1.5,
-                    help="seconds of load before each measurement window")
-    ap.add_argument("--latency-duration", type=float, default=8.0,
-                    help="latency measurement window (s)")
-    ap.add_argument("--rate", type=float, default=5000.0,
-                    help="total offered rate in the latency run (msg/s)")
+    add_relay_options(ap)
     ap.add_argument("--no-latency", dest="latency", action="store_false",
                     help="throughput only")
-    ap.add_argument("--procs", type=int, default=1, help="client processes")
-    ap.add_argument("--sdp-size", type=int, default=1500, help="characters of SDP per offer")
-    ap.add_argument("--max-messages", type=int, default=2_000_000,
-                    help="cap on offers per sender (throughput) / per process (latency)")
-    ap.add_argument("--drain-grace", type=float, default=5.0,
-                    help="seconds after a run to wait for in-flight messages")
-    ap.add_argument("--connect-concurrency", type=int, default=50,
-                    help="handshakes in flight per client process")
     ap.add_argument("--json", metavar="PATH",
                     help="results file (default bench/results/<UTC>-refcompare.json)")
     ap.add_argument("--no-save", action="store_true", help="write no JSON unless --json")
@@ -253,13 +236,7 @@ def main(argv: list[str] | None = None) -> int:
         ap.set_defaults(rounds=1, pairs=10, duration=2.0, warmup=0.5, latency_duration=1.5,
                         rate=1000.0, drain_grace=2.0)
     args = ap.parse_args(argv)
-    for name in ("pairs", "procs", "window", "rounds", "max_messages", "connect_concurrency"):
-        if getattr(args, name) < 1:
-            ap.error(f"--{name.replace('_', '-')} must be at least 1")
-    if args.procs > args.pairs:
-        ap.error("--procs must not exceed --pairs")
-    if min(args.duration, args.latency_duration, args.rate) <= 0:
-        ap.error("durations and --rate must be positive")
+    check_relay_options(ap, args)
     # What run_relay and its client processes read from args / opts.
     args.deflate = False
     os.chdir(ROOT)
@@ -364,20 +341,7 @@ def main(argv: list[str] | None = None) -> int:
                       f"msg/s is bound by the shared machine; msgs per server CPU-second "
                       f"still compares, but at a lower server load")
             for phase in ("throughput", "latency"):
-                p = r.get(phase) or {}
-                for k in ("lost", "errors", "sender_errors", "unexpected", "bad_from"):
-                    if p.get(k):
-                        problems.append(f"{where} {phase}: {k}={p[k]}")
-                if p.get("error_samples"):
-                    problems.append(f"{where} {phase}: error replies, e.g. "
-                                    f"{'; '.join(p['error_samples'])}")
-                if p.get("connection_failure_count"):
-                    problems.append(f"{where} {phase}: {p['connection_failure_count']} client "
-                                    f"connections failed, e.g. {p['connection_failures']}")
-                if p.get("other_busy_cores", 0) > NOISY_CORES:
-                    noise.append(f"{where} {phase}: other processes kept "
-                                 f"{p['other_busy_cores']:.2f} cores busy (top: "
-                                 f"{', '.join(p.get('other_top') or []) or '?'})")
+                relay_findings(f"{where} {phase}", r.get(phase) or {}, problems, noise)
             lat = r.get("latency") or {}
             if lat and lat.get("rate", 0) < 0.95 * args.rate:
                 problems.append(f"{where} latency: achieved only {lat['rate']:.0f} of "

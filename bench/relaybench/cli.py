@@ -25,11 +25,9 @@ from .servers import (PEERJS_DIR, PEERJS_PKG, PEERJS_VERSION, ROOT, SCENARIOS, S
                       ensure_peerjs, start_redis)
 
 
-def parse_args(argv: list[str] | None) -> tuple[argparse.ArgumentParser, argparse.Namespace,
-                                                 list[str]]:
-    """(the parser, for later errors; the checked options; notes for the run)."""
-    ap = argparse.ArgumentParser(description=package_doc.split("\n\n")[0],
-                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+def add_relay_options(ap: argparse.ArgumentParser) -> None:
+    """The options of the relay phases (run_relay and its client processes); refcompare.py
+    takes them too."""
     ap.add_argument("--pairs", type=int, default=50, help="sender/receiver pairs")
     ap.add_argument("--duration", type=float, default=10.0,
                     help="throughput measurement window (s)")
@@ -43,6 +41,31 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.ArgumentParser, argpars
                     help="total offered rate in the latency run (msg/s)")
     ap.add_argument("--max-messages", type=int, default=2_000_000,
                     help="cap on offers per sender (throughput) / per process (latency)")
+    ap.add_argument("--sdp-size", type=int, default=1500, help="characters of SDP per offer")
+    ap.add_argument("--procs", type=int, default=1, help="client processes")
+    ap.add_argument("--connect-concurrency", type=int, default=50,
+                    help="handshakes in flight per client process")
+    ap.add_argument("--drain-grace", type=float, default=5.0,
+                    help="seconds after a run to wait for in-flight messages")
+
+
+def check_relay_options(ap: argparse.ArgumentParser, args) -> None:
+    """Refuse values the relay phases (and --rounds) cannot run with."""
+    for name in ("pairs", "procs", "window", "max_messages", "connect_concurrency", "rounds"):
+        if getattr(args, name) < 1:
+            ap.error(f"--{name.replace('_', '-')} must be at least 1")
+    if args.procs > args.pairs:
+        ap.error("--procs must not exceed --pairs")
+    if min(args.duration, args.latency_duration, args.rate) <= 0:
+        ap.error("durations and --rate must be positive")
+
+
+def parse_args(argv: list[str] | None) -> tuple[argparse.ArgumentParser, argparse.Namespace,
+                                                 list[str]]:
+    """(the parser, for later errors; the checked options; notes for the run)."""
+    ap = argparse.ArgumentParser(description=package_doc.split("\n\n")[0],
+                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    add_relay_options(ap)
     ap.add_argument("--idle", default="5000,20000",
                     help="K1,K2,...: the connections phase opens K1 registered connections "
                          "as fast as it can (connections/s, server CPU per connection), reads "
@@ -66,14 +89,8 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.ArgumentParser, argpars
                     help="sequential round trips of one pair (0 = skip)")
     ap.add_argument("--rtt-limit", type=float, default=60.0,
                     help="bound on the round-trip run's time (s)")
-    ap.add_argument("--sdp-size", type=int, default=1500, help="characters of SDP per offer")
-    ap.add_argument("--procs", type=int, default=1, help="client processes")
-    ap.add_argument("--connect-concurrency", type=int, default=50,
-                    help="handshakes in flight per client process")
     ap.add_argument("--settle", type=float, default=1.0,
                     help="seconds to wait before reading RSS")
-    ap.add_argument("--drain-grace", type=float, default=5.0,
-                    help="seconds after a run to wait for in-flight messages")
     ap.add_argument("--deflate", action="store_true",
                     help="clients offer permessage-deflate (and Volli accepts it)")
     ap.add_argument("--rounds", type=int, default=1,
@@ -105,13 +122,7 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.ArgumentParser, argpars
         args.idle_ks = sorted({int(k) for k in str(args.idle).split(",") if int(k) > 0})
     except ValueError:
         ap.error("--idle takes K1,K2,... (integers)")
-    for name in ("pairs", "procs", "window", "max_messages", "connect_concurrency", "rounds"):
-        if getattr(args, name) < 1:
-            ap.error(f"--{name.replace('_', '-')} must be at least 1")
-    if args.procs > args.pairs:
-        ap.error("--procs must not exceed --pairs")
-    if min(args.duration, args.latency_duration, args.rate) <= 0:
-        ap.error("durations and --rate must be positive")
+    check_relay_options(ap, args)
     if args.redis and args.only in ("baseline", "peerjs"):
         args.redis = False  # the Redis section reports against the volli run
     if args.no_peerjs and args.only == "peerjs":

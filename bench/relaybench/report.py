@@ -322,6 +322,22 @@ def findings(res: dict[str, list[dict[str, Any]]], args) -> tuple[list[str], lis
     return problems, noise
 
 
+def relay_findings(where: str, p: dict[str, Any], problems: list[str],
+                   noise: list[str]) -> None:
+    """PROBLEMS and NOISE lines of one relay window (run_relay's result)."""
+    for key in ("lost", "errors", "sender_errors", "unexpected", "bad_from"):
+        if p.get(key):
+            problems.append(f"{where}: {key}={p[key]}")
+    if p.get("error_samples"):
+        problems.append(f"{where}: error replies, e.g. {'; '.join(p['error_samples'])}")
+    if p.get("connection_failure_count"):
+        problems.append(f"{where}: {p['connection_failure_count']} client connections "
+                        f"failed, e.g. {p['connection_failures']}")
+    if p.get("other_busy_cores", 0) > NOISY_CORES:
+        noise.append(f"{where}: other processes kept {p['other_busy_cores']:.2f} cores busy "
+                     f"(top: {', '.join(p.get('other_top') or []) or '?'})")
+
+
 def _round_findings(where: str, r: dict[str, Any], args, problems: list[str],
                     noise: list[str]) -> None:
     t = r.get("throughput") or {}
@@ -344,20 +360,7 @@ def _round_findings(where: str, r: dict[str, Any], args, problems: list[str],
     if r.get("failure"):
         problems.append(f"{where}: run failed: {r['failure']}")
     for phase in ("throughput", "latency"):
-        p = r.get(phase) or {}
-        for key in ("lost", "errors", "sender_errors", "unexpected", "bad_from"):
-            if p.get(key):
-                problems.append(f"{where} {phase}: {key}={p[key]}")
-        if p.get("error_samples"):
-            problems.append(f"{where} {phase}: error replies, e.g. "
-                            f"{'; '.join(p['error_samples'])}")
-        if p.get("connection_failure_count"):
-            problems.append(f"{where} {phase}: {p['connection_failure_count']} client "
-                            f"connections failed, e.g. {p['connection_failures']}")
-        if p.get("other_busy_cores", 0) > NOISY_CORES:
-            noise.append(f"{where} {phase}: other processes kept "
-                         f"{p['other_busy_cores']:.2f} cores busy (top: "
-                         f"{', '.join(p.get('other_top') or []) or '?'})")
+        relay_findings(f"{where} {phase}", r.get(phase) or {}, problems, noise)
     c = r.get("connections") or {}
     for st in c.get("steps") or []:
         if st["failed"]:
