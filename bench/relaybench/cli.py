@@ -172,7 +172,7 @@ def servers_to_run(args) -> tuple[list[str], dict[str, Any]]:
     """(SCENARIOS names in the order of a round, what became of peerjs-server)."""
     names = [n for n in ("volli", "baseline", "peerjs") if not args.only or n == args.only]
     peerjs_info: dict[str, Any] = {}
-    if args.no_peerjs:
+    if "peerjs" in names and args.no_peerjs:  # (--only volli --no-peerjs is fine)
         names.remove("peerjs")
     elif "peerjs" in names:
         try:
