@@ -123,7 +123,7 @@ class Topology:
         userinfo, at, hosts = rest.rpartition("@")
         if at and ":" in userinfo:
             rest = f"{userinfo.split(':', 1)[0]}:***@{hosts}"
-        return f"{scheme}://{re.sub(r"(password=)[^&]*", r"\1***", rest)}"
+        return f"{scheme}://" + re.sub(r"(password=)[^&]*", r"\1***", rest)
 
 
 def parse(url: str) -> Topology:
