@@ -1,0 +1,286 @@
+"""Real Redis topologies for tests, on free loopback ports in a temporary directory:
+a Redis Cluster (3 primaries, each with a replica so that a shard can fail over) and a
+primary + replica watched by 3 Sentinels. No persistence; everything is killed by stop().
+"""
+
+from __future__ import annotations
+
+import contextlib
+import random
+import shutil
+import socket
+import subprocess
+import time
+from pathlib import Path
+
+import redis
+
+SERVICE = "volli"  # the name the sentinels monitor
+WAIT = 20.0  # seconds any start or failover step may take before the fixture gives up
+
+
+def _free_ports(count: int) -> list[int]:
+    """Ports free on 127.0.0.1, each with port + 10000 free too (a cluster node's bus)."""
+    ports: list[int] = []
+    while len(ports) < count:
+        port = random.randrange(20000, 55000)
+        if port in ports:
+            continue
+        try:
+            for candidate in (port, port + 10000):
+                with socket.socket() as s:
+                    s.bind(("127.0.0.1", candidate))
+        except OSError:
+            continue
+        ports.append(port)
+    return ports
+
+
+def _wait(what: str, check, timeout: float = WAIT):
+    """Poll ``check`` until it returns something true; its last error goes in the message."""
+    end, last = time.monotonic() + timeout, None
+    while time.monotonic() < end:
+        try:
+            result = check()
+            if result:
+                return result
+        except (redis.RedisError, OSError) as exc:
+            last = exc
+        time.sleep(0.05)
+    raise TimeoutError(f"{what}: not within {timeout}s (last error: {last})")
+
+
+def _info(port: int, section: str) -> dict:
+    with redis.Redis(port=port, socket_timeout=2, decode_responses=True) as client:
+        return client.info(section)
+
+
+class _Processes:
+    """redis-server processes in one directory; stop() kills every one."""
+
+    def __init__(self, tmp_path: Path) -> None:
+        if shutil.which("redis-server") is None:
+            raise RuntimeError("redis-server is not installed: run the suite with "
+                               "`bash tests/run.sh`, which installs it")
+        self.dir = tmp_path
+        self.procs: dict[int, subprocess.Popen] = {}
+
+    def spawn(self, port: int, *args: str) -> None:
+        self.procs[port] = subprocess.Popen(
+            ["redis-server", *args], cwd=self.dir, stdout=subprocess.DEVNULL,
+            stderr=subprocess.STDOUT, start_new_session=True)
+
+    def server(self, port: int, *args: str) -> None:
+        self.spawn(port, "--port", str(port), "--bind", "127.0.0.1", "--save", "",
+                   "--appendonly", "no", "--logfile", f"redis-{port}.log",
+                   # A replica syncs at once (the default waits 5 s for more replicas).
+                   "--repl-diskless-sync-delay", "0", *args)
+
+    def wait_ping(self, port: int) -> None:
+        def ping() -> bool:
+            if self.procs[port].poll() is not None:
+                raise RuntimeError(f"redis-server on {port} exited: {self.log(port)}")
+            with redis.Redis(port=port, socket_timeout=1) as client:
+                return client.ping()
+        _wait(f"redis on port {port} answers PING", ping)
+
+    def log(self, port: int) -> str:
+        path = self.dir / f"redis-{port}.log"
+        return path.read_text()[-2000:] if path.exists() else ""
+
+    def kill(self, port: int) -> None:
+        proc = self.procs.pop(port, None)
+        if proc is not None and proc.poll() is None:
+            proc.kill()
+            proc.wait(timeout=10)
+
+    def stop(self) -> None:
+        for port in list(self.procs):
+            self.kill(port)
+
+
+class _Topology:
+    """Starts in __init__ (stopping whatever started if that fails); a context manager."""
+
+    def __init__(self, tmp_path: Path) -> None:
+        self.processes = _Processes(tmp_path)
+        started = time.monotonic()
+        try:
+            self._start()
+        except BaseException:
+            self.stop()
+            raise
+        self.start_seconds = time.monotonic() - started
+
+    def _start(self) -> None:
+        raise NotImplementedError
+
+    def stop(self) -> None:
+        self.processes.stop()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.stop()
+
+
+class LocalCluster(_Topology):
+    """A Redis Cluster of ``primaries`` shards with ``replicas`` replicas each."""
+
+    def __init__(self, tmp_path: Path, primaries: int = 3, replicas: int = 1) -> None:
+        self.ports = _free_ports(primaries * (1 + replicas))
+        self._primaries, self._replicas = primaries, replicas
+        super().__init__(tmp_path)
+
+    def _start(self) -> None:
+        for port in self.ports:
+            self.processes.server(port, "--cluster-enabled", "yes", "--cluster-config-file",
+                                  f"nodes-{port}.conf", "--cluster-node-timeout", "2000",
+                                  "--enable-debug-command", "local")
+        for port in self.ports:
+            self.processes.wait_ping(port)
+        # redis-cli makes the first `primaries` addresses primaries, the rest replicas.
+        subprocess.run(
+            ["redis-cli", "--cluster", "create", *(f"127.0.0.1:{p}" for p in self.ports),
+             "--cluster-replicas", str(self._replicas), "--cluster-yes"],
+            check=True, capture_output=True, timeout=WAIT)
+        self._wait_ok(self._replicas_in_sync)
+
+    def _replicas_in_sync(self) -> bool:
+        """Every shard lists its replicas, and every replica's link to its primary is up."""
+        shards = self.shards()
+        return (all(len(s["replicas"]) == self._replicas for s in shards)
+                and all(_info(r, "replication")["master_link_status"] == "up"
+                        for s in shards for r in s["replicas"]))
+
+    @property
+    def url(self) -> str:
+        """VOLLI_REDIS_URL of this cluster (every node a startup node)."""
+        return "redis+cluster://" + ",".join(f"127.0.0.1:{p}" for p in self.ports)
+
+    def client(self, port: int) -> redis.Redis:
+        """A plain client of one node (CLUSTER commands, or a look at one shard)."""
+        return redis.Redis(port=port, socket_timeout=5, decode_responses=True)
+
+    def shards(self) -> list[dict]:
+        """Each shard's slot ranges and its primary's and replicas' ports, by first slot."""
+        with self.client(self.ports[0]) as node:
+            slots = node.execute_command("CLUSTER", "SLOTS")
+        shards = [{"slots": (start, end), "primary": nodes[0][1],
+                   "replicas": [n[1] for n in nodes[1:]]}
+                  for start, end, *nodes in slots]
+        return sorted(shards, key=lambda shard: shard["slots"][0])
+
+    def primary_for(self, key: str) -> int:
+        with self.client(self.ports[0]) as node:
+            slot = node.execute_command("CLUSTER", "KEYSLOT", key)
+        return next(s["primary"] for s in self.shards() if s["slots"][0] <= slot <= s["slots"][1])
+
+    def failover(self, primary: int) -> int:
+        """CLUSTER FAILOVER on a replica of ``primary`` (a port); returns the new primary's
+        port once every node sees it as the primary and the cluster is ok."""
+        replica = next(s["replicas"][0] for s in self.shards() if s["primary"] == primary)
+        with self.client(replica) as node:
+            node.execute_command("CLUSTER", "FAILOVER")
+        _wait(f"{replica} is a primary", lambda: _info(replica, "replication")["role"] == "master")
+        self._wait_ok(lambda: all(
+            f"127.0.0.1:{replica}@" in line and "master" in line.split()[2]
+            for line in self._nodes_lines(replica)))
+        return replica
+
+    def _nodes_lines(self, port: int) -> list[str]:
+        """The line about ``port`` in every node's CLUSTER NODES."""
+        lines = []
+        for other in self.ports:
+            with self.client(other) as node:
+                lines += [line for line in node.execute_command("CLUSTER", "NODES").splitlines()
+                          if f"127.0.0.1:{port}@" in line]
+        return lines
+
+    def _wait_ok(self, also=lambda: True) -> None:
+        def ok() -> bool:
+            return all(_info_cluster(p)["cluster_state"] == "ok" for p in self.ports) and also()
+        _wait("cluster_state:ok on every node", ok)
+
+
+def _info_cluster(port: int) -> dict:
+    with redis.Redis(port=port, socket_timeout=2, decode_responses=True) as client:
+        return client.cluster("info")
+
+
+class LocalSentinel(_Topology):
+    """A primary, one replica and 3 Sentinels monitoring them as ``SERVICE``."""
+
+    def __init__(self, tmp_path: Path) -> None:
+        self.primary, self.replica, *self.sentinels = _free_ports(5)
+        super().__init__(tmp_path)
+
+    def _start(self) -> None:
+        self.processes.server(self.primary)
+        self.processes.server(self.replica, "--replicaof", "127.0.0.1", str(self.primary))
+        for port in self.sentinels:
+            conf = self.processes.dir / f"sentinel-{port}.conf"  # sentinels rewrite it
+            conf.write_text(
+                f"port {port}\nbind 127.0.0.1\nlogfile redis-{port}.log\n"
+                f"sentinel monitor {SERVICE} 127.0.0.1 {self.primary} 2\n"
+                f"sentinel down-after-milliseconds {SERVICE} 1000\n"
+                f"sentinel failover-timeout {SERVICE} 3000\n")
+            self.processes.spawn(port, str(conf), "--sentinel")
+        for port in (self.primary, self.replica, *self.sentinels):
+            self.processes.wait_ping(port)
+        _wait("the replica is in sync",
+              lambda: _info(self.replica, "replication")["master_link_status"] == "up")
+        self._wait_sentinels(self.primary)
+
+    @property
+    def url(self) -> str:
+        """VOLLI_REDIS_URL of this deployment."""
+        return ("redis+sentinel://" + ",".join(f"127.0.0.1:{p}" for p in self.sentinels)
+                + f"/{SERVICE}")
+
+    def failover(self, demote: bool = True) -> int:
+        """SENTINEL FAILOVER; returns the new primary's port once every sentinel names it
+        and it accepts writes.
+
+        The sentinels turn the old primary into a replica only when their next INFO (every
+        10 s) finds it; until then it still takes writes from clients connected to it,
+        and loses them when it resyncs. ``demote`` does that step at once (REPLICAOF, as
+        the sentinels would) and waits for the old primary to sync.
+        """
+        old, new = self.primary, self.replica
+        _wait("the replica is in sync (a failover needs one)",
+              lambda: _info(new, "replication")["master_link_status"] == "up")
+        with redis.Redis(port=self.sentinels[0], socket_timeout=5) as sentinel:
+            sentinel.execute_command("SENTINEL", "FAILOVER", SERVICE)
+        self.primary, self.replica = new, old
+        self._wait_sentinels(new)
+        _wait(f"{new} accepts writes", lambda: _info(new, "replication")["role"] == "master")
+        if demote:
+            with redis.Redis(port=old, socket_timeout=5) as client:
+                client.replicaof("127.0.0.1", new)
+            _wait(f"{old} replicates from {new}",
+                  lambda: _info(old, "replication")["master_link_status"] == "up")
+        return new
+
+    def _wait_sentinels(self, primary: int) -> None:
+        """Every sentinel names ``primary``, knows the replica and the other sentinels."""
+        def agreed() -> bool:
+            for port in self.sentinels:
+                with redis.Redis(port=port, socket_timeout=2, decode_responses=True) as s:
+                    state = s.execute_command("SENTINEL", "MASTER", SERVICE)
+                    state = dict(zip(state[::2], state[1::2])) if isinstance(state, list) else state
+                    if (int(state["port"]) != primary or int(state["num-slaves"]) < 1
+                            or int(state["num-other-sentinels"]) < len(self.sentinels) - 1
+                            or "s_down" in state["flags"] or "failover" in state["flags"]):
+                        return False
+            return True
+        _wait(f"every sentinel names {primary} with its replica and peers", agreed)
+
+
+@contextlib.contextmanager
+def timed(label: str, times: dict):
+    """Records how long the block took under ``label`` (the tests report start/failover)."""
+    start = time.monotonic()
+    yield
+    times[label] = time.monotonic() - start
