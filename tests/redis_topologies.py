@@ -164,13 +164,17 @@ class LocalCluster(_Topology):
         return redis.Redis(port=port, socket_timeout=5, decode_responses=True)
 
     def shards(self) -> list[dict]:
-        """Each shard's slot ranges and its primary's and replicas' ports, by first slot."""
-        with self.client(self.ports[0]) as node:
-            slots = node.execute_command("CLUSTER", "SLOTS")
-        shards = [{"slots": (start, end), "primary": nodes[0][1],
-                   "replicas": [n[1] for n in nodes[1:]]}
-                  for start, end, *nodes in slots]
-        return sorted(shards, key=lambda shard: shard["slots"][0])
+        """Each shard's first and last slot, its primary's and its replicas' ports, in
+        slot order, as the first node sees them (CLUSTER SLOTS would hide a replica until
+        it has replicated some data)."""
+        return _shards(self._nodes(self.ports[0]))
+
+    def _nodes(self, port: int) -> dict[int, dict]:
+        """CLUSTER NODES of the node on ``port``, by port (redis-py parses it)."""
+        with self.client(port) as node:
+            nodes = node.cluster("nodes")
+        return {int(address.split("@")[0].rsplit(":", 1)[1]): fields
+                for address, fields in nodes.items()}
 
     def primary_for(self, key: str) -> int:
         with self.client(self.ports[0]) as node:
@@ -178,30 +182,36 @@ class LocalCluster(_Topology):
         return next(s["primary"] for s in self.shards() if s["slots"][0] <= slot <= s["slots"][1])
 
     def failover(self, primary: int) -> int:
-        """CLUSTER FAILOVER on a replica of ``primary`` (a port); returns the new primary's
-        port once every node sees it as the primary and the cluster is ok."""
+        """CLUSTER FAILOVER on a replica of ``primary`` (a port): the primary stops taking
+        writes, the replica catches up and takes over. Returns the new primary's port once
+        the cluster is ok and every node agrees."""
         replica = next(s["replicas"][0] for s in self.shards() if s["primary"] == primary)
         with self.client(replica) as node:
             node.execute_command("CLUSTER", "FAILOVER")
         _wait(f"{replica} is a primary", lambda: _info(replica, "replication")["role"] == "master")
+        # Every node names it the primary, and the old primary its replica (in sync: it
+        # can take over again).
         self._wait_ok(lambda: all(
-            f"127.0.0.1:{replica}@" in line and "master" in line.split()[2]
-            for line in self._nodes_lines(replica)))
+            any(s["primary"] == replica and primary in s["replicas"]
+                for s in _shards(self._nodes(port))) for port in self.ports)
+            and _info(primary, "replication")["master_link_status"] == "up")
         return replica
-
-    def _nodes_lines(self, port: int) -> list[str]:
-        """The line about ``port`` in every node's CLUSTER NODES."""
-        lines = []
-        for other in self.ports:
-            with self.client(other) as node:
-                lines += [line for line in node.execute_command("CLUSTER", "NODES").splitlines()
-                          if f"127.0.0.1:{port}@" in line]
-        return lines
 
     def _wait_ok(self, also=lambda: True) -> None:
         def ok() -> bool:
             return all(_info_cluster(p)["cluster_state"] == "ok" for p in self.ports) and also()
         _wait("cluster_state:ok on every node", ok)
+
+
+def _shards(nodes: dict[int, dict]) -> list[dict]:
+    port = {fields["node_id"]: p for p, fields in nodes.items()}
+    return sorted(({"slots": (int(fields["slots"][0][0]), int(fields["slots"][-1][-1])),
+                    "primary": p,
+                    "replicas": [port[r["node_id"]] for r in nodes.values()
+                                 if r["master_id"] == fields["node_id"]]}
+                   for p, fields in nodes.items()
+                   if "master" in fields["flags"] and fields["slots"]),
+                  key=lambda shard: shard["slots"][0])
 
 
 def _info_cluster(port: int) -> dict:
