@@ -332,3 +332,37 @@ def uid(request):
     def make(name: str) -> str:
         return f"{name}-{next(_counter)}@{request.node.name[:40]}"
     return make
+
+
+# Real Redis Cluster and Sentinel deployments (tests/redis_topologies.py): session-wide
+# for tests that leave them as they are, one per test for those that fail them over.
+@pytest.fixture(scope="session")
+def redis_cluster(tmp_path_factory):
+    from redis_topologies import LocalCluster
+
+    with LocalCluster(tmp_path_factory.mktemp("cluster")) as cluster:
+        yield cluster
+
+
+@pytest.fixture
+def own_redis_cluster(tmp_path):
+    from redis_topologies import LocalCluster
+
+    with LocalCluster(tmp_path) as cluster:
+        yield cluster
+
+
+@pytest.fixture(scope="session")
+def redis_sentinel(tmp_path_factory):
+    from redis_topologies import LocalSentinel
+
+    with LocalSentinel(tmp_path_factory.mktemp("sentinel")) as deployment:
+        yield deployment
+
+
+@pytest.fixture
+def own_redis_sentinel(tmp_path):
+    from redis_topologies import LocalSentinel
+
+    with LocalSentinel(tmp_path) as deployment:
+        yield deployment

@@ -30,22 +30,28 @@ tests/test_redis_topologies.py check the parts Volli relies on):
 - Cluster nodes take no ``health_check_interval`` (redis-py drops it): ``connect`` puts it
   on the connection class instead.
 - Cluster pub/sub (``ClusterPubSub``): ``ssubscribe`` opens one connection per shard
-  owning a channel. When a failover moves the slot, the old primary (now a replica) sends
-  an unasked ``sunsubscribe`` and redis-py drops that shard's connection; nothing
-  subscribes again until a slot-map refresh on the same RedisCluster reconciles, which
-  redis-py runs on a ThreadPoolExecutor (a greenlet under gevent, racing the listener on
-  the same sockets). So the caller must notice and subscribe again: ``Subscription`` turns
-  the unasked ``sunsubscribe`` into ``SubscriptionLost``; give the listener a RedisCluster
-  of its own and open a new Subscription after any error. A shard whose primary died
-  raises ConnectionError from ``get_sharded_message`` until then.
+  owning a channel. After CLUSTER FAILOVER the old primary (now a replica) sends an
+  unasked ``sunsubscribe`` and redis-py stops listening there; nothing subscribes again
+  until a slot-map refresh of the same RedisCluster reconciles, which redis-py runs on a
+  ThreadPoolExecutor (a greenlet under gevent, racing the listener on the same sockets).
+  And a client whose slot map is stale SSUBSCRIBEs on the replica: Redis accepts it and
+  forwards messages, but SPUBLISH on the primary does not count that subscriber. So the
+  caller must subscribe again itself: ``Subscription`` refreshes the slot map first and
+  turns the unasked ``sunsubscribe`` into ``SubscriptionLost``. Give the listener a
+  RedisCluster of its own and open a new Subscription after any error. A shard whose
+  primary died raises ConnectionError from ``get_sharded_message`` until then.
 - Sentinel: each new connection asks the sentinels for the primary. A connection to a
   demoted primary turns its READONLY reply into ConnectionError (the write did not run)
-  and reconnects to the new primary on retry; idle pooled connections to the old address
-  are dropped when the address changes. While the sentinels still name the old primary
-  (failover in progress), connects fail: retries need a backoff that outlasts
-  ``failover-timeout``-ish windows or the caller must try later. A subscriber on the old
-  primary is not told: Redis keeps replicas' pub/sub working (PUBLISH replicates), so it
-  still receives messages published on the new primary.
+  and reconnects to the new primary on retry. But pooled connections are only checked
+  when a new one is opened: after SENTINEL FAILOVER they keep writing to the old primary,
+  which accepts writes until the sentinels' next INFO (up to 10 s) makes it a replica,
+  and then loses them in the resync (seen in the tests). ``follow_primary`` asks the
+  sentinels and drops connections to a former primary; call it every second or so. A
+  subscriber on the old primary is not told either: until then it gets nothing published
+  on the new primary (PUBLISH there returns 0), afterwards it gets messages through
+  replication without being counted. ``Subscription`` asks the sentinels every second.
+  When the primary dies, connects fail until the sentinels promote a replica
+  (down-after-milliseconds + election): retries need that much backoff, or try later.
 - gevent: every socket is redis-py's own (patched in the worker); locks are
   ``threading`` ones made when a client is built, so build clients inside the worker,
   after patching (never at import in gunicorn's master).
@@ -56,6 +62,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import re
+import time
 from typing import Any
 from urllib.parse import parse_qsl, unquote
 
@@ -331,32 +338,68 @@ def _is_cluster(client) -> bool:
     return isinstance(client, RedisCluster)
 
 
+def _sentinel_pool(client):
+    from redis.sentinel import SentinelConnectionPool
+
+    pool = getattr(client, "connection_pool", None)
+    return pool if isinstance(pool, SentinelConnectionPool) else None
+
+
 def publish(client, channel: str, data) -> int:
-    """PUBLISH, or SPUBLISH on a cluster; returns how many subscribers got it."""
+    """PUBLISH, or SPUBLISH on a cluster; returns how many subscribers got it.
+
+    Counts only the subscribers of the node that ran it: one still subscribed on a former
+    primary (now a replica) gets the message but is not counted.
+    """
     return client.spublish(channel, data) if _is_cluster(client) else client.publish(channel, data)
 
 
+def follow_primary(client) -> bool:
+    """Sentinel: ask the sentinels where the primary is now; if it moved, ``client``'s
+    idle connections to the old one are dropped (busy ones when released). True if it
+    moved. Call it every second or so: redis-py asks only when it opens a connection, so
+    pooled connections keep writing to a demoted primary until the sentinels reconfigure
+    it (up to 10 s), and those writes are lost. Other topologies: False."""
+    pool = _sentinel_pool(client)
+    if pool is None:
+        return False
+    before = pool.master_address
+    return before is not None and pool.get_master_address() != before
+
+
 class SubscriptionLost(Exception):
-    """The server ended a subscription by itself (its slot moved away in a failover)."""
+    """The subscription ended without an error on its connection: the server dropped it
+    (a cluster slot moved away) or the primary moved (Sentinel)."""
 
 
 class Subscription:
     """One channel on its own connection: SUBSCRIBE, or SSUBSCRIBE on a cluster.
 
-    After any error, close it and open a new one (see the module docstring).
+    After any error (SubscriptionLost included), close it and open a new one: see the
+    module docstring. On a cluster it subscribes on the slot's current primary; with
+    Sentinel, ``get`` asks the sentinels every ``check_every`` s whether the primary moved.
     """
 
-    def __init__(self, client, channel: str) -> None:
+    def __init__(self, client, channel: str, check_every: float = 1.0) -> None:
         self.sharded = _is_cluster(client)
         self.channel = channel
+        self._sentinel = _sentinel_pool(client)
+        self._check_every, self._next_check = check_every, time.monotonic() + check_every
         self._pubsub = client.pubsub()
         if self.sharded:
+            client.nodes_manager.initialize()  # else a demoted primary may still hold the slot
             self._pubsub.ssubscribe(channel)
         else:
             self._pubsub.subscribe(channel)
 
     def get(self, timeout: float):
         """The data of the next message, or None when none came within ``timeout`` s."""
+        if self._sentinel is not None and time.monotonic() >= self._next_check:
+            self._next_check = time.monotonic() + self._check_every
+            connection = self._pubsub.connection
+            primary = self._sentinel.get_master_address()
+            if connection is not None and (connection.host, connection.port) != primary:
+                raise SubscriptionLost(f"the primary moved to {primary[0]}:{primary[1]}")
         if self.sharded:
             message = self._pubsub.get_sharded_message(timeout=timeout)
         else:
