@@ -182,6 +182,8 @@ def _path(kind: str, path: str) -> tuple[str, int]:
         if parts not in ([], [""], ["0"]):
             raise ValueError("a cluster URL takes no path (a cluster has only database 0)")
         return "", 0
+    if len(parts) > 1 and not parts[-1]:
+        parts.pop()  # a trailing slash
     if not parts or not parts[0]:
         raise ValueError("a sentinel URL needs the monitored service's name: "
                          "redis+sentinel://host:port[,host:port…]/service[/db]")
