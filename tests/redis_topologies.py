@@ -229,6 +229,12 @@ class LocalSentinel(_Topology):
     def _start(self) -> None:
         self.processes.server(self.primary)
         self.processes.server(self.replica, "--replicaof", "127.0.0.1", str(self.primary))
+        self.processes.wait_ping(self.primary)
+        self.processes.wait_ping(self.replica)
+        # Sentinels start once the replica is attached: they list the primary's replicas
+        # from its INFO, fetched at once and then every 10 s.
+        _wait("the replica is in sync",
+              lambda: _info(self.replica, "replication")["master_link_status"] == "up")
         for port in self.sentinels:
             conf = self.processes.dir / f"sentinel-{port}.conf"  # sentinels rewrite it
             conf.write_text(
@@ -237,10 +243,8 @@ class LocalSentinel(_Topology):
                 f"sentinel down-after-milliseconds {SERVICE} 1000\n"
                 f"sentinel failover-timeout {SERVICE} 3000\n")
             self.processes.spawn(port, str(conf), "--sentinel")
-        for port in (self.primary, self.replica, *self.sentinels):
+        for port in self.sentinels:
             self.processes.wait_ping(port)
-        _wait("the replica is in sync",
-              lambda: _info(self.replica, "replication")["master_link_status"] == "up")
         self._wait_sentinels(self.primary)
 
     @property

@@ -258,12 +258,32 @@ def _sentinel_primary(topology: Topology, blocking: bool, kwargs: dict):
         "password": kwargs.pop("sentinel_password", None),
     }
     if topology.tls:
-        kwargs["ssl"] = True
-        sentinel_kwargs.update({k: v for k, v in kwargs.items() if k.startswith("ssl")})
+        sentinel_kwargs.update({k: v for k, v in kwargs.items() if k.startswith("ssl")},
+                               ssl=True)
+    kwargs["connection_class"] = _sentinel_connection(topology.tls)
     sentinel = Sentinel(list(topology.nodes), sentinel_kwargs=sentinel_kwargs)
     pool_class = _blocking_sentinel_pool() if blocking else SentinelConnectionPool
     return sentinel.master_for(topology.service, connection_pool_class=pool_class,
                                db=topology.db, **kwargs)
+
+
+@functools.cache
+def _sentinel_connection(tls: bool):
+    """redis-py 8.1's SentinelManagedConnection asks the sentinels only in connect(); a
+    command on a connection dropped meanwhile (e.g. by a demoted primary's READONLY)
+    reconnects through connect_check_health to the old address, so every retry fails
+    again. Reconnect through connect()."""
+    from redis.sentinel import SentinelManagedConnection, SentinelManagedSSLConnection
+
+    base = SentinelManagedSSLConnection if tls else SentinelManagedConnection
+
+    def send_packed_command(self, command, check_health=True):
+        if not self._sock:
+            self.connect()
+        return base.send_packed_command(self, command, check_health)
+
+    return type(f"Following{base.__name__}", (base,),
+                {"send_packed_command": send_packed_command})
 
 
 @functools.cache
