@@ -101,6 +101,28 @@ def test_cluster_clients_write_every_shard(redis_cluster):
         assert next_data(subscription) == b"hello"
 
 
+@pytest.mark.parametrize("retry_timeouts", [False, True])
+def test_cluster_retries_a_timed_out_command_only_when_told(redis_cluster, retry_timeouts):
+    errors = (redis.ConnectionError, redis.TimeoutError) if retry_timeouts else (
+        redis.ConnectionError,)
+    client = connect(parse(redis_cluster.url), socket_timeout=0.3,
+                     retry=Retry(NoBackoff(), 5, supported_errors=errors))
+    key = f"counter:{retry_timeouts}"
+    client.set(key, 0)
+    with redis_cluster.client(redis_cluster.primary_for(key)) as primary:
+        pause = threading.Thread(target=primary.execute_command, args=("DEBUG", "SLEEP", 0.8))
+        pause.start()
+        time.sleep(0.1)
+        try:
+            client.incr(key)
+        except redis.TimeoutError:
+            assert not retry_timeouts
+        pause.join()
+    # Each INCR that timed out still ran once the primary woke up.
+    assert (int(client.get(key)) > 1) == retry_timeouts
+    assert client.pipeline().retry.get_retries() == (5 if retry_timeouts else 0)
+
+
 def test_cluster_failover_loses_no_acknowledged_write_and_ends_subscriptions(own_redis_cluster):
     cluster = own_redis_cluster
     client = command_client(cluster.url)

@@ -31,26 +31,28 @@ tests/test_redis_topologies.py check the parts Volli relies on):
   on the connection class instead.
 - Cluster pub/sub (``ClusterPubSub``): ``ssubscribe`` opens one connection per shard
   owning a channel. After CLUSTER FAILOVER the old primary (now a replica) sends an
-  unasked ``sunsubscribe`` and redis-py stops listening there; nothing subscribes again
-  until a slot-map refresh of the same RedisCluster reconciles, which redis-py runs on a
-  ThreadPoolExecutor (a greenlet under gevent, racing the listener on the same sockets).
-  And a client whose slot map is stale SSUBSCRIBEs on the replica: Redis accepts it and
-  forwards messages, but SPUBLISH on the primary does not count that subscriber. So the
-  caller must subscribe again itself: ``Subscription`` refreshes the slot map first and
-  turns the unasked ``sunsubscribe`` into ``SubscriptionLost``. Give the listener a
-  RedisCluster of its own and open a new Subscription after any error. A shard whose
-  primary died raises ConnectionError from ``get_sharded_message`` until then.
-- Sentinel: each new connection asks the sentinels for the primary. A connection to a
-  demoted primary turns its READONLY reply into ConnectionError (the write did not run)
-  and reconnects to the new primary on retry. But pooled connections are only checked
-  when a new one is opened: after SENTINEL FAILOVER they keep writing to the old primary,
-  which accepts writes until the sentinels' next INFO (up to 10 s) makes it a replica,
-  and then loses them in the resync (seen in the tests). ``follow_primary`` asks the
-  sentinels and drops connections to a former primary; call it every second or so. A
-  subscriber on the old primary is not told either: until then it gets nothing published
-  on the new primary (PUBLISH there returns 0), afterwards it gets messages through
-  replication without being counted. ``Subscription`` asks the sentinels every second.
-  When the primary dies, connects fail until the sentinels promote a replica
+  unasked ``sunsubscribe``, and nothing subscribes again by itself (seen in the tests):
+  redis-py reconciles shard subscriptions only when the same RedisCluster refreshes its
+  slot map, and then on a ThreadPoolExecutor (a greenlet under gevent, using the
+  listener's sockets while the listener may be reading them). A client whose slot map is
+  stale SSUBSCRIBEs on the replica: Redis accepts it and forwards messages, but SPUBLISH
+  on the primary does not count that subscriber. So the caller subscribes again itself:
+  ``Subscription`` refreshes the slot map first and turns the unasked ``sunsubscribe``
+  into ``SubscriptionLost``. Give the listener a RedisCluster of its own and open a new
+  Subscription after any error. If the shard's primary died instead, the connection
+  error surfaces from ``get_sharded_message``.
+- Sentinel: a connection asks the sentinels for the primary only in connect(). A demoted
+  primary answers a write with READONLY, which redis-py turns into ConnectionError (the
+  write did not run), but its retry reconnected to the same old address (8.1 reconnects
+  through connect_check_health), failing every time: ``connect`` gives Sentinel clients
+  a connection class that reconnects through the sentinels. Pooled connections are not
+  checked otherwise: after SENTINEL FAILOVER they keep writing to the old primary, which
+  takes writes until the sentinels' next INFO (up to 10 s) makes it a replica, and then
+  loses them in the resync; PUBLISH through them reaches a replica without an error
+  (returns 0) even after that. ``follow_primary`` asks the sentinels and drops
+  connections to a former primary: call it every second or so. A subscriber on the old
+  primary is not told either: ``Subscription`` asks the sentinels every second. When the
+  primary dies, connects fail until the sentinels promote a replica
   (down-after-milliseconds + election): retries need that much backoff, or try later.
 - gevent: every socket is redis-py's own (patched in the worker); locks are
   ``threading`` ones made when a client is built, so build clients inside the worker,
