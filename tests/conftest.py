@@ -334,35 +334,26 @@ def uid(request):
     return make
 
 
-# Real Redis Cluster and Sentinel deployments (tests/redis_topologies.py): session-wide
-# for tests that leave them as they are, one per test for those that fail them over.
-@pytest.fixture(scope="session")
-def redis_cluster(tmp_path_factory):
-    from redis_topologies import LocalCluster
+# Real Redis Cluster and Sentinel deployments (tests/redis_topologies.py): `redis_cluster`
+# and `redis_sentinel` session-wide for tests that leave them as they are,
+# `own_redis_cluster` and `own_redis_sentinel` one per test for those that fail them over.
+def _redis_topology_fixtures(kind: str, name: str):
+    def start(tmp_path: Path):
+        import redis_topologies  # imports redis-py: only where a test asks for it
 
-    with LocalCluster(tmp_path_factory.mktemp("cluster")) as cluster:
-        yield cluster
+        with getattr(redis_topologies, kind)(tmp_path) as topology:
+            yield topology
 
+    @pytest.fixture(scope="session", name=name)
+    def shared(tmp_path_factory):
+        yield from start(tmp_path_factory.mktemp(name))
 
-@pytest.fixture
-def own_redis_cluster(tmp_path):
-    from redis_topologies import LocalCluster
+    @pytest.fixture(name=f"own_{name}")
+    def own(tmp_path):
+        yield from start(tmp_path)
 
-    with LocalCluster(tmp_path) as cluster:
-        yield cluster
-
-
-@pytest.fixture(scope="session")
-def redis_sentinel(tmp_path_factory):
-    from redis_topologies import LocalSentinel
-
-    with LocalSentinel(tmp_path_factory.mktemp("sentinel")) as deployment:
-        yield deployment
+    return shared, own
 
 
-@pytest.fixture
-def own_redis_sentinel(tmp_path):
-    from redis_topologies import LocalSentinel
-
-    with LocalSentinel(tmp_path) as deployment:
-        yield deployment
+redis_cluster, own_redis_cluster = _redis_topology_fixtures("LocalCluster", "redis_cluster")
+redis_sentinel, own_redis_sentinel = _redis_topology_fixtures("LocalSentinel", "redis_sentinel")
