@@ -5,7 +5,6 @@ primary + replica watched by 3 Sentinels. No persistence; everything is killed b
 
 from __future__ import annotations
 
-import contextlib
 import random
 import shutil
 import socket
@@ -163,11 +162,16 @@ class LocalCluster(_Topology):
         """A plain client of one node (CLUSTER commands, or a look at one shard)."""
         return redis.Redis(port=port, socket_timeout=5, decode_responses=True)
 
+    @property
+    def live(self) -> list[int]:
+        """Ports of the nodes not crashed."""
+        return [port for port in self.ports if port in self.processes.procs]
+
     def shards(self) -> list[dict]:
         """Each shard's first and last slot, its primary's and its replicas' ports, in
-        slot order, as the first node sees them (CLUSTER SLOTS would hide a replica until
-        it has replicated some data)."""
-        return _shards(self._nodes(self.ports[0]))
+        slot order, as a live node sees them (CLUSTER SLOTS would hide a replica until it
+        has replicated some data)."""
+        return _shards(self._nodes(self.live[0]))
 
     def _nodes(self, port: int) -> dict[int, dict]:
         """CLUSTER NODES of the node on ``port``, by port (redis-py parses it)."""
@@ -177,7 +181,7 @@ class LocalCluster(_Topology):
                 for address, fields in nodes.items()}
 
     def primary_for(self, key: str) -> int:
-        with self.client(self.ports[0]) as node:
+        with self.client(self.live[0]) as node:
             slot = node.execute_command("CLUSTER", "KEYSLOT", key)
         return next(s["primary"] for s in self.shards() if s["slots"][0] <= slot <= s["slots"][1])
 
@@ -185,22 +189,43 @@ class LocalCluster(_Topology):
         """CLUSTER FAILOVER on a replica of ``primary`` (a port): the primary stops taking
         writes, the replica catches up and takes over. Returns the new primary's port once
         the cluster is ok and every node agrees."""
-        replica = next(s["replicas"][0] for s in self.shards() if s["primary"] == primary)
+        replica = self._replica_of(primary)
         with self.client(replica) as node:
             node.execute_command("CLUSTER", "FAILOVER")
-        _wait(f"{replica} is a primary", lambda: _info(replica, "replication")["role"] == "master")
         # Every node names it the primary, and the old primary its replica (in sync: it
         # can take over again).
-        self._wait_ok(lambda: all(
-            any(s["primary"] == replica and primary in s["replicas"]
-                for s in _shards(self._nodes(port))) for port in self.ports)
-            and _info(primary, "replication")["master_link_status"] == "up")
+        self._wait_ok(lambda: self._agree(replica, primary)
+                      and _info(primary, "replication")["master_link_status"] == "up")
         return replica
+
+    def crash(self, primary: int) -> int:
+        """Kill ``primary``'s process; returns the port of the replica that took over
+        (after cluster-node-timeout, 2 s) once the live nodes agree and say ok."""
+        replica = self._replica_of(primary)
+        self.processes.kill(primary)
+        self._wait_ok(lambda: self._agree(replica))
+        return replica
+
+    def wait_replicated(self, primary: int) -> None:
+        """Until ``primary``'s replicas have everything it has taken so far."""
+        offset = _info(primary, "replication")["master_repl_offset"]
+        for replica in self._replica_of(primary, every=True):
+            _wait(f"{replica} in sync", lambda: _info(
+                replica, "replication")["slave_repl_offset"] >= offset)
+
+    def _replica_of(self, primary: int, every: bool = False):
+        replicas = next(s["replicas"] for s in self.shards() if s["primary"] == primary)
+        return replicas if every else replicas[0]
+
+    def _agree(self, primary: int, replica: int | None = None) -> bool:
+        """Every live node names ``primary`` a primary (and ``replica`` its replica)."""
+        return all(any(s["primary"] == primary and (replica is None or replica in s["replicas"])
+                       for s in _shards(self._nodes(port))) for port in self.live)
 
     def _wait_ok(self, also=lambda: True) -> None:
         def ok() -> bool:
-            return all(_info_cluster(p)["cluster_state"] == "ok" for p in self.ports) and also()
-        _wait("cluster_state:ok on every node", ok)
+            return all(_info_cluster(p)["cluster_state"] == "ok" for p in self.live) and also()
+        _wait("cluster_state:ok on every live node", ok)
 
 
 def _shards(nodes: dict[int, dict]) -> list[dict]:
@@ -267,14 +292,26 @@ class LocalSentinel(_Topology):
               lambda: _info(new, "replication")["master_link_status"] == "up")
         with redis.Redis(port=self.sentinels[0], socket_timeout=5) as sentinel:
             sentinel.execute_command("SENTINEL", "FAILOVER", SERVICE)
-        self.primary, self.replica = new, old
-        self._wait_sentinels(new)
-        _wait(f"{new} accepts writes", lambda: _info(new, "replication")["role"] == "master")
+        self._promoted()
         if demote:
             with redis.Redis(port=old, socket_timeout=5) as client:
                 client.replicaof("127.0.0.1", new)
             _wait(f"{old} replicates from {new}",
                   lambda: _info(old, "replication")["master_link_status"] == "up")
+        return new
+
+    def crash(self) -> int:
+        """Kill the primary's process; returns the replica's port once the sentinels have
+        promoted it (down-after-milliseconds 1 s, then an election). No replica is left:
+        a later failover needs a new deployment."""
+        self.processes.kill(self.primary)
+        return self._promoted()
+
+    def _promoted(self) -> int:
+        old, new = self.primary, self.replica
+        self.primary, self.replica = new, old
+        self._wait_sentinels(new)
+        _wait(f"{new} accepts writes", lambda: _info(new, "replication")["role"] == "master")
         return new
 
     def _wait_sentinels(self, primary: int) -> None:
@@ -290,11 +327,3 @@ class LocalSentinel(_Topology):
                         return False
             return True
         _wait(f"every sentinel names {primary} with its replica and peers", agreed)
-
-
-@contextlib.contextmanager
-def timed(label: str, times: dict):
-    """Records how long the block took under ``label`` (the tests report start/failover)."""
-    start = time.monotonic()
-    yield
-    times[label] = time.monotonic() - start

@@ -161,6 +161,27 @@ def test_cluster_failover_loses_no_acknowledged_write_and_ends_subscriptions(own
     print(f"cluster failover took {failover_seconds:.2f} s")
 
 
+def test_cluster_primary_crash(own_redis_cluster):
+    cluster = own_redis_cluster
+    client, listener = command_client(cluster.url), listener_client(cluster.url)
+    primary = cluster.primary_for("node:{x}")
+    client.rpush("log:{x}", 1)
+    cluster.wait_replicated(primary)
+    old = Subscription(listener, "node:{x}")
+    assert old.get(0.1) is None
+    started = time.monotonic()
+    cluster.crash(primary)
+    print(f"cluster: a replica took over {time.monotonic() - started:.2f} s after the crash")
+    with pytest.raises(redis.ConnectionError):
+        old.get(1.0)
+    old.close()
+    client.rpush("log:{x}", 2)  # a connection error, a slot map refresh, a retry
+    assert client.lrange("log:{x}", 0, -1) == [b"1", b"2"]
+    with Subscription(listener, "node:{x}") as subscription:
+        assert subscription.get(0.1) is None
+        assert publish(client, "node:{x}", b"after") == 1 and next_data(subscription) == b"after"
+
+
 def test_sentinel_client_writes_to_the_new_primary_after_failover(own_redis_sentinel):
     deployment = own_redis_sentinel
     client = command_client(deployment.url)
@@ -217,6 +238,26 @@ def test_sentinel_subscription_ends_when_the_primary_moves(own_redis_sentinel):
         # (without an error) but its messages never reach the primary's subscribers.
         assert publish(client, "ch", b"lost") == 0
         assert follow_primary(client)
+        assert publish(client, "ch", b"after") == 1 and next_data(subscription) == b"after"
+
+
+def test_sentinel_primary_crash(own_redis_sentinel):
+    deployment = own_redis_sentinel
+    client, listener = command_client(deployment.url), listener_client(deployment.url)
+    client.set("a", 1)
+    assert client.wait(1, 2000) == 1  # on the replica too
+    old = Subscription(listener, "ch")
+    assert old.get(0.1) is None
+    started = time.monotonic()
+    deployment.crash()
+    print(f"sentinel: the replica was promoted {time.monotonic() - started:.2f} s after the crash")
+    with pytest.raises((redis.ConnectionError, SubscriptionLost)):
+        next_data(old)
+    old.close()
+    client.set("b", 2)  # the pooled connection is dead: reconnected through the sentinels
+    assert client.mget("a", "b") == [b"1", b"2"]
+    with Subscription(listener, "ch") as subscription:
+        assert subscription.get(0.1) is None
         assert publish(client, "ch", b"after") == 1 and next_data(subscription) == b"after"
 
 
