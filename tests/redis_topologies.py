@@ -288,8 +288,8 @@ class LocalSentinel(_Topology):
         the sentinels would) and waits for the old primary to sync.
         """
         old, new = self.primary, self.replica
-        _wait("the replica is in sync (a failover needs one)",
-              lambda: _info(new, "replication")["master_link_status"] == "up")
+        _wait("a sentinel sees the replica in sync (else NOGOODSLAVE; after a failover it "
+              "may take its next INFO, 10 s)", self._replica_good)
         with redis.Redis(port=self.sentinels[0], socket_timeout=5) as sentinel:
             sentinel.execute_command("SENTINEL", "FAILOVER", SERVICE)
         self._promoted()
@@ -299,6 +299,13 @@ class LocalSentinel(_Topology):
             _wait(f"{old} replicates from {new}",
                   lambda: _info(old, "replication")["master_link_status"] == "up")
         return new
+
+    def _replica_good(self) -> bool:
+        with redis.Redis(port=self.sentinels[0], socket_timeout=2, decode_responses=True) as s:
+            replicas = s.sentinel_slaves(SERVICE)
+        return any(r["port"] == self.replica and r["flags"] == "slave"
+                   and r["master-link-status"] == "ok" and r["master-port"] == self.primary
+                   for r in replicas)
 
     def crash(self) -> int:
         """Kill the primary's process; returns the replica's port once the sentinels have
