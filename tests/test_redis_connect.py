@@ -96,3 +96,26 @@ def test_parsing_does_not_import_redis_py():
             "config.load({'VOLLI_REDIS_URL': 'redis+sentinel://s/volli'}).redis_topology; "
             "assert 'redis' not in sys.modules and 'ssl' not in sys.modules, sorted(sys.modules)")
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_clients_are_built_as_asked_without_connecting():
+    import redis
+    from redis.connection import SSLConnection
+
+    from volli.redis_connect import connect
+
+    single = connect(parse("redis://127.0.0.1:1/0"), max_connections=3, pool_timeout=1)
+    assert isinstance(single.connection_pool, redis.BlockingConnectionPool)
+    assert single.connection_pool.max_connections == 3
+    primary = connect(parse("rediss+sentinel://u:pw@127.0.0.1:1/volli/2"
+                            "?ssl_cert_reqs=none&sentinel_password=sp"),
+                      max_connections=3, pool_timeout=1, socket_timeout=None)
+    pool = primary.connection_pool
+    assert isinstance(pool, redis.BlockingConnectionPool) and pool.service_name == "volli"
+    assert issubclass(pool.connection_class, SSLConnection)
+    assert {k: pool.connection_kwargs[k] for k in ("username", "password", "db")} == {
+        "username": "u", "password": "pw", "db": 2}
+    sentinel = pool.sentinel_manager.sentinels[0].connection_pool
+    assert issubclass(sentinel.connection_class, SSLConnection)
+    assert sentinel.connection_kwargs["password"] == "sp"
+    assert sentinel.connection_kwargs["socket_timeout"] == 2.0  # never None, unlike the data
