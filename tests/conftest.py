@@ -332,3 +332,28 @@ def uid(request):
     def make(name: str) -> str:
         return f"{name}-{next(_counter)}@{request.node.name[:40]}"
     return make
+
+
+# Real Redis Cluster and Sentinel deployments (tests/redis_topologies.py): `redis_cluster`
+# and `redis_sentinel` session-wide for tests that leave them as they are,
+# `own_redis_cluster` and `own_redis_sentinel` one per test for those that fail them over.
+def _redis_topology_fixtures(kind: str, name: str):
+    def start(tmp_path: Path):
+        import redis_topologies  # imports redis-py: only where a test asks for it
+
+        with getattr(redis_topologies, kind)(tmp_path) as topology:
+            yield topology
+
+    @pytest.fixture(scope="session", name=name)
+    def shared(tmp_path_factory):
+        yield from start(tmp_path_factory.mktemp(name))
+
+    @pytest.fixture(name=f"own_{name}")
+    def own(tmp_path):
+        yield from start(tmp_path)
+
+    return shared, own
+
+
+redis_cluster, own_redis_cluster = _redis_topology_fixtures("LocalCluster", "redis_cluster")
+redis_sentinel, own_redis_sentinel = _redis_topology_fixtures("LocalSentinel", "redis_sentinel")

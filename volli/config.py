@@ -1,6 +1,6 @@
 """Settings: one table of every setting, loaded once from the environment and validated.
 
-Pure standard library: gunicorn.conf.py imports this in the master process
+Pure standard library (redis_connect parses URLs without redis-py): gunicorn.conf.py imports this in the master process
 (before gevent patches anything) to size the worker and refuse bad settings
 before any worker boots. ``create_app`` loads the same table.
 """
@@ -11,6 +11,8 @@ import dataclasses
 import ipaddress
 import os
 from typing import Any, Callable, Mapping
+
+from . import redis_connect
 
 
 class ConfigError(ValueError):
@@ -43,8 +45,7 @@ _int, _float = _parse_number(int), _parse_number(float)
 
 
 def _parse_redis_url(text: str) -> str:
-    if not text.startswith(("redis://", "rediss://", "unix://")):
-        raise ValueError("expected a redis://, rediss:// or unix:// URL")
+    redis_connect.parse(text)  # raises ValueError saying what is wrong
     return text
 
 
@@ -135,8 +136,10 @@ class Settings:
         "VOLLI_LOG_LEVEL", "INFO", _parse_log_level, "Level of the volli logger.")
     redis_url: str = _setting(
         "VOLLI_REDIS_URL", "", _parse_redis_url,
-        "Redis for shared presence and routing (redis://, rediss:// or unix://); "
-        "empty keeps presence in memory.")
+        "Redis for shared presence and routing: one server (redis://, rediss:// or "
+        "unix://), a Cluster (redis+cluster://host:port[,host:port…]) or Sentinel "
+        "(redis+sentinel://host:port[,host:port…]/service[/db]); rediss+ for TLS. "
+        "Empty keeps presence in memory.")
     redis_prefix: str = _setting(
         "VOLLI_REDIS_PREFIX", "volli:", str,
         "Prefix of every Redis key and channel (several deployments can share one Redis).")
@@ -239,6 +242,11 @@ class Settings:
     def proxies(self) -> int | tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]:
         """Trusted proxy hops (an int), or trusted proxy networks."""
         return _proxies(self.trusted_proxies)
+
+    @property
+    def redis_topology(self) -> redis_connect.Topology | None:
+        """The parsed VOLLI_REDIS_URL (None without one)."""
+        return redis_connect.parse(self.redis_url) if self.redis_url else None
 
     @property
     def backend(self) -> str:
