@@ -228,14 +228,31 @@ def redis(tmp_path):
 NODES_PREFIX = "it:"
 
 
+# Redis deployments a test can ask `nodes` for (indirect parametrization of `deployment`).
+DEPLOYMENTS = ("single", "cluster", "sentinel")
+
+
 @pytest.fixture
-def nodes(tmp_path, redis):
-    """Start gunicorn servers sharing ``redis`` under one key prefix; each is returned once
-    every worker's Redis listener is subscribed (nothing routed to it is lost)."""
+def deployment(request):
+    """Where `nodes` share presence: the test's own redis-server (``single``, the default),
+    or the session's Redis Cluster or Sentinel deployment, used under a prefix of the test's
+    own (``@pytest.mark.parametrize("deployment", DEPLOYMENTS, indirect=True)``)."""
+    kind = getattr(request, "param", "single")
+    if kind == "single":
+        return request.getfixturevalue("redis")
+    return request.getfixturevalue(f"redis_{kind}")
+
+
+@pytest.fixture
+def nodes(tmp_path, deployment):
+    """Start gunicorn servers sharing ``deployment`` under one key prefix; each is returned
+    once every worker's Redis listener is subscribed (nothing routed to it is lost)."""
     started: list[Server] = []
+    # A shared deployment outlives the test: keys of earlier tests must not be seen.
+    prefix = NODES_PREFIX if hasattr(deployment, "restart_empty") else f"it{free_port()}:"
 
     def start(workers: int = 2, **env: str) -> Server:
-        srv = Server(tmp_path, {"VOLLI_REDIS_URL": redis.url, "VOLLI_REDIS_PREFIX": NODES_PREFIX,
+        srv = Server(tmp_path, {"VOLLI_REDIS_URL": deployment.url, "VOLLI_REDIS_PREFIX": prefix,
                                 "WEB_CONCURRENCY": str(workers), **env})
         started.append(srv)
         srv.wait_ready()

@@ -88,7 +88,7 @@ class Settings:
 @dataclasses.dataclass(frozen=True)
 class Phase:
     index: int
-    kind: str  # quiet | redis-stop | redis-restart | pause
+    kind: str  # quiet | redis-stop | redis-restart | pause | failover (Cluster, Sentinel)
     seconds: float  # workload time (for redis-stop: how long Redis is down; pause: its length)
 
     @property
@@ -903,7 +903,9 @@ class Checker:
         while it was in flight; only in quiet phases is anything else a violation."""
         outcome = self._outcome(relay)
         self.history.count(f"relay-{outcome}")
-        if outcome in ("lost", "refused") and phase.quiet:
+        # A failover may refuse a relay (`unavailable`), never lose it without a word.
+        if outcome in ("lost", "refused") and phase.quiet \
+                or outcome == "lost" and phase.kind == "failover":
             error = self.history.relay_errors.get(relay.rid)
             return [self.violation(
                 "relay-lost" if outcome == "lost" else "relay-refused", phase, relay.to,
@@ -956,8 +958,24 @@ def inject(cluster: Cluster, phase: Phase, workload: Workload) -> None:
         sleeper = redis.pause(phase.seconds)
         workload.run_for(phase.seconds + 0.5)
         sleeper.join(phase.seconds + 10)
+    elif phase.kind == "failover":
+        failing = threading.Thread(target=fail_over, args=(redis,), daemon=True)
+        failing.start()
+        workload.run_for(phase.seconds)
+        failing.join(60)
+        workload.run_for(1.0)
     else:
         raise ValueError(phase.kind)
+
+
+def fail_over(deployment) -> None:
+    """Sentinel's FAILOVER, or a CLUSTER FAILOVER of every shard in turn
+    (tests/redis_topologies.py)."""
+    if hasattr(deployment, "shards"):
+        for shard in deployment.shards():
+            deployment.failover(shard["primary"])
+    else:
+        deployment.failover()
 
 
 def settle(cluster: Cluster, phase: Phase, workload: Workload, settings: Settings) -> None:
@@ -976,6 +994,12 @@ def ci_schedule(settings: Settings) -> list[Phase]:
     kinds = [("quiet", 5.0), ("redis-stop", settings.ttl + 1.0), ("quiet", 3.0),
              ("redis-restart", 2.0), ("pause", 0.5 * settings.ttl), ("quiet", 3.0),
              ("pause", 1.5 * settings.ttl), ("quiet", 4.0)]
+    return [Phase(i + 1, kind, seconds) for i, (kind, seconds) in enumerate(kinds)]
+
+
+def failover_schedule() -> list[Phase]:
+    """Quiet, a failover during the workload, quiet (Redis Cluster and Sentinel)."""
+    kinds = [("quiet", 4.0), ("failover", 4.0), ("quiet", 3.0)]
     return [Phase(i + 1, kind, seconds) for i, (kind, seconds) in enumerate(kinds)]
 
 

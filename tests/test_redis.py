@@ -12,9 +12,12 @@ import pytest
 import redis as redis_client
 from websockets.exceptions import ConnectionClosed
 
-from conftest import Client, Server
+from conftest import DEPLOYMENTS, Client, Server
 from signing import Identity
 from workers import spread_users
+
+# The cross-server protocol tests run on one Redis, a Redis Cluster and Sentinel.
+ACROSS_DEPLOYMENTS = pytest.mark.parametrize("deployment", DEPLOYMENTS, indirect=True)
 
 
 
@@ -33,12 +36,14 @@ def assert_all_relay(reps: dict[str, Client]) -> None:
                 assert cb.recv() == {"type": kind, "to": b, field: payload, "from": a}
 
 
+@ACROSS_DEPLOYMENTS
 def test_users_on_four_workers_of_two_servers_discover_and_relay_every_way(nodes, open_client):
     servers = [nodes(), nodes()]
     reps, _ = spread_users(servers, open_client, workers_total=4)
     assert_all_relay(reps)
 
 
+@ACROSS_DEPLOYMENTS
 def test_user_id_taken_and_release_work_across_servers(nodes, open_client):
     a, b = nodes(workers=1), nodes(workers=1)
     first = open_client(a)
@@ -80,6 +85,7 @@ def _state(pid: int) -> str:
         return "zombie"
 
 
+@ACROSS_DEPLOYMENTS
 def test_killed_worker_users_go_offline_within_the_ttl(nodes, open_client):
     ttl = 2.0
     servers = [nodes(VOLLI_PRESENCE_TTL=str(ttl)), nodes(VOLLI_PRESENCE_TTL=str(ttl))]
@@ -177,6 +183,7 @@ def test_redis_restart_local_service_continues_then_presence_is_rebuilt(nodes, o
     assert failures and float(failures.group(1)) >= 1, metrics
 
 
+@ACROSS_DEPLOYMENTS
 def test_bindings_survive_a_full_restart_of_the_servers(nodes, open_client):
     first = nodes()
     alice, me = open_client(first), Identity()
@@ -200,6 +207,7 @@ def test_bindings_survive_a_full_restart_of_the_servers(nodes, open_client):
     assert (reply["publicKey"], reply["verified"]) == (None, False)
 
 
+@ACROSS_DEPLOYMENTS
 def test_sigterm_with_redis_releases_presence_for_other_servers(nodes, open_client):
     a, b = nodes(workers=1), nodes(workers=1)
     leaving, staying = open_client(a), open_client(b)
@@ -212,6 +220,7 @@ def test_sigterm_with_redis_releases_presence_for_other_servers(nodes, open_clie
     assert staying.call({"type": "discover", "userId": "leaving@volli.app"})["online"] is False
 
 
+@ACROSS_DEPLOYMENTS
 def test_signed_takeover_and_binding_work_across_servers(nodes, open_client):
     a, b = nodes(workers=1), nodes(workers=1)
     alice = Identity()
@@ -259,6 +268,7 @@ def test_a_burst_to_another_node_arrives_whole_in_order_in_few_publishes(nodes, 
     assert 1 <= routed < 20 and published < count / 2, (routed, published)
 
 
+@ACROSS_DEPLOYMENTS
 def test_a_relay_to_a_user_who_just_moved_node_is_rerouted(nodes, open_client):
     a, b, c = nodes(workers=1), nodes(workers=1), nodes(workers=1)
     alice, bob = open_client(a), open_client(b)
