@@ -20,8 +20,8 @@ the server on a free 127.0.0.1 port, then measures:
 4. round trips: one pair, A sends an offer, B answers on receipt, A's send->answer time
    over --rtt-count sequential round trips (two blocking raw connections).
 
-Unless --no-redis, the same run adds two Volli servers that share presence through a
-private redis-server (started on a free 127.0.0.1 port, stopped at the end), measured like
+Unless --no-redis, the same run adds Volli servers that share presence through a private
+Redis (started on free 127.0.0.1 ports, stopped at the end), measured like
 the first (throughput and latency) and reported in the main table (figure 6) and against
 the single-worker in-memory Volli:
 
@@ -32,7 +32,11 @@ the single-worker in-memory Volli:
   worker logged each registration ("[<pid>] [INFO] volli.hub: registered user=..."), opens
   more connections if one worker holds too few (bounded), and pairs each sender with a
   receiver on the other worker, half in each direction. Server CPU is both workers plus
-  redis-server, also shown apart.
+  redis-server, also shown apart;
+- cluster-2w: the same on a 3-primary Redis Cluster (tests/redis_topologies.py's
+  LocalCluster; CPU and INFO commandstats summed over its nodes), so one run gives
+  cross-worker figures on one Redis and on a Cluster side by side. --redis-kinds
+  (single,cluster) chooses which Redis run.
 
 Every window reports the load generator's CPU next to the server's. peerjs-server is
 installed with npm at bench time into bench/.peerjs/ (git-ignored, never committed) unless
@@ -46,7 +50,8 @@ The package, bottom up (bench/relay.py is the command):
 
 - protocol: the offer payload and how each server's clients register and relay;
 - procfs: CPU and memory of processes, from /proc;
-- servers: starting and stopping redis-server, Volli, the baseline and peerjs-server;
+- servers: starting and stopping redis-server (or a Redis Cluster), Volli, the baseline
+  and peerjs-server;
 - clients: the parent's handle on client processes, and what they share;
 - aioclient: the python-websockets client process (paced latency, warm-up);
 - leanclient: the bench/rawws.py client process (throughput, connections, round trips);

@@ -21,8 +21,8 @@ from . import __doc__ as package_doc
 from .clients import CROSS_EXTRA
 from .report import findings, main_values, print_redis_section, redis_table, table
 from .runs import Loadgens, run_rounds
-from .servers import (PEERJS_DIR, PEERJS_PKG, PEERJS_VERSION, ROOT, SCENARIOS, ServerConfig,
-                      ensure_peerjs, start_redis)
+from .servers import (PEERJS_DIR, PEERJS_PKG, PEERJS_VERSION, REDIS_KINDS, ROOT, SCENARIOS,
+                      ServerConfig, ensure_peerjs, start_redis)
 
 
 def add_relay_options(ap: argparse.ArgumentParser) -> None:
@@ -107,6 +107,11 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.ArgumentParser, argpars
                          "redis-server): one worker, and two workers with every pair "
                          "cross-worker; in the main table and against the single-worker "
                          "memory Volli in a second table")
+    ap.add_argument("--redis-kinds", default=",".join(REDIS_KINDS),
+                    help="which Redis the Redis servers use: single (one redis-server: "
+                         "redis-1w, redis-2w), cluster (a 3-primary Redis Cluster: "
+                         "cluster-2w), or both, comma-separated; the Redis table gets a "
+                         "column per server")
     ap.add_argument("--no-redis", dest="redis", action="store_false",
                     help="leave out the Redis servers")
     machine.add_run_options(ap, "relay")
@@ -123,6 +128,10 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.ArgumentParser, argpars
     except ValueError:
         ap.error("--idle takes K1,K2,... (integers)")
     check_relay_options(ap, args)
+    kinds = args.redis_kinds.split(",")
+    if any(k not in REDIS_KINDS for k in kinds):
+        ap.error(f"--redis-kinds takes some of {','.join(REDIS_KINDS)}, comma-separated")
+    args.redis_kinds = [k for k in REDIS_KINDS if k in kinds]
     if args.redis and args.only in ("baseline", "peerjs"):
         args.redis = False  # the Redis section reports against the volli run
     if args.no_peerjs and args.only == "peerjs":
@@ -132,6 +141,10 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.ArgumentParser, argpars
             "/usr/bin/redis-server")):
         args.redis = False
         notes.append("redis-server is not on PATH: the Redis servers were left out")
+    if args.redis and "cluster" in args.redis_kinds and not shutil.which("redis-cli"):
+        args.redis_kinds.remove("cluster")  # `redis-cli --cluster create` builds it
+        notes.append("redis-cli is not on PATH: the Redis Cluster server was left out")
+        args.redis = bool(args.redis_kinds)
     return ap, args, notes
 
 
@@ -186,7 +199,7 @@ def servers_to_run(args) -> tuple[list[str], dict[str, Any]]:
             print(f"[peerjs] SKIPPED, could not install or run it: {exc}", file=sys.stderr,
                   flush=True)
     if args.redis:
-        names += ["redis-1w", "redis-2w"]
+        names += [n for n, spec in SCENARIOS.items() if spec["redis"] in args.redis_kinds]
     return names, peerjs_info
 
 
@@ -218,7 +231,7 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         interrupted = True
         print("interrupted", file=sys.stderr)
-    except RuntimeError as exc:  # redis-server did not start
+    except RuntimeError as exc:  # a Redis did not start
         print(f"FAILED: {exc}", file=sys.stderr)
         return 1
     finally:
@@ -249,6 +262,7 @@ def main(argv: list[str] | None = None) -> int:
         "volli_commit": volli_commit or "working tree", "volli_tree_before": tree_before,
         "volli_tree_after": tree_after, "args": vars(args), "elapsed_seconds": elapsed,
         "notes": notes, "peerjs": peerjs_info, "figures": main_values(results, args),
+        "redis": {kind: server.command_line() for kind, server in redis.items()},
         "table_markdown": table(results, args),
         "redis_table_markdown": redis_table(results, args) if args.redis else None,
         "results": results, "problems": problems, "noise": noise})

@@ -9,6 +9,10 @@ from typing import Any
 import machine
 
 NOISY_CORES = 0.35  # CPU use by other processes in a window above which a run is flagged
+# The Redis table's columns after the reference (1 worker, memory), those that ran.
+REDIS_COLUMNS = {"redis-1w": "1 worker, Redis (all local)",
+                 "redis-2w": "2 workers, Redis, all cross-worker",
+                 "cluster-2w": "2 workers, Redis Cluster (3 primaries), all cross-worker"}
 
 
 def usage(r: dict[str, Any]) -> str:
@@ -17,7 +21,9 @@ def usage(r: dict[str, Any]) -> str:
     parts = [("server worker " if len(ws) == 1 else "server workers ") +
              "/".join(f"{w:.0%}" for w in ws) + " of a core"]
     if r.get("redis_util") is not None:
-        parts.append(f"redis-server {r['redis_util']:.0%}")
+        each = r.get("redis_util_each") or [r["redis_util"]]
+        parts.append(("redis-server " if len(each) == 1 else "redis-servers ") +
+                     "/".join(f"{u:.0%}" for u in each))
     parts += ["clients " + "/".join(f"{c:.0%}" for c in r["client_util"]),
               f"machine {r['machine_busy_cores']:.2f}/{r['machine_cores']:.0f} cores busy "
               f"(other processes {r['other_busy_cores']:.2f})"]
@@ -26,7 +32,10 @@ def usage(r: dict[str, Any]) -> str:
 
 def bottleneck(r: dict[str, Any]) -> tuple[str, bool]:
     """(verdict with the CPU figures, whether the load generator limited the figure)."""
-    ws, cli, red = r["worker_util"], r["client_util"], r.get("redis_util") or 0.0
+    ws, cli = r["worker_util"], r["client_util"]
+    # Each redis-server is single-threaded: a cluster saturates when one node does.
+    reds = r.get("redis_util_each") or ([r["redis_util"]] if r.get("redis_util") else [])
+    red = max(reds, default=0.0)
     busy = r["machine_busy_cores"]
     used = sum(ws) + sum(cli) + red + r["other_busy_cores"]
     client_bound = False
@@ -42,7 +51,7 @@ def bottleneck(r: dict[str, Any]) -> tuple[str, bool]:
                    f"cores; the load generator took {sum(cli):.2f} of them)")
         # The client's share is CPU the server could have used: with more cores than
         # server processes plus the client this would not limit the server.
-        client_bound = len(ws) + (1 if red else 0) + len(cli) > r["machine_cores"] + 0.5
+        client_bound = len(ws) + len(reds) + len(cli) > r["machine_cores"] + 0.5
     else:
         verdict = "nothing CPU-saturated (window/latency-bound)"
     return f"{verdict}: " + usage(r), client_bound
@@ -91,8 +100,9 @@ def total_over(res: dict[str, list[dict[str, Any]]], name: str, key: str) -> int
 
 
 def redis_table(res: dict[str, list[dict[str, Any]]], args) -> str:
-    """The --redis section: each Redis server against the single-worker memory Volli."""
-    names = ["volli", "redis-1w", "redis-2w"]
+    """The --redis section: each Redis server that ran against the single-worker memory
+    Volli, a column and a ratio each."""
+    names = ["volli"] + [n for n in REDIS_COLUMNS if n in res]
 
     def get(name: str, *path: str) -> Any:
         return median([lookup(r, path) for r in res.get(name, [])])
@@ -101,8 +111,8 @@ def redis_table(res: dict[str, list[dict[str, Any]]], args) -> str:
         ("relay throughput (msg/s, at receivers)", ("throughput", "rate"), ",.0f", True),
         ("server CPU used: workers (s, in window, sum)", ("throughput", "server_cpu"), ".2f",
          True),
-        ("server CPU used: redis-server (s, in window)", ("throughput", "redis_cpu"), ".2f",
-         False),
+        ("server CPU used: redis-server(s) (s, in window, sum)", ("throughput", "redis_cpu"),
+         ".2f", False),
         ("server CPU utilisation: workers + redis (cores)", ("throughput", "total_util"),
          ".2f", True),
         ("msgs per server CPU-second (workers + redis-server)",
@@ -110,7 +120,8 @@ def redis_table(res: dict[str, list[dict[str, Any]]], args) -> str:
         ("msgs per worker CPU-second (workers only)", ("throughput", "msgs_per_worker_cpu_s"),
          ",.0f", True),
         ("Redis EVALSHA per relayed msg", ("throughput", "evalsha_per_msg"), ".3f", False),
-        ("Redis PUBLISH per relayed msg", ("throughput", "publish_per_msg"), ".3f", False),
+        ("Redis PUBLISH + SPUBLISH per relayed msg", ("throughput", "publish_per_msg"), ".3f",
+         False),
         ("client CPU utilisation, throughput run (cores)", ("throughput", "client_util_sum"),
          ".2f", True),
         (f"latency p50 (ms) @ {args.rate:g} msg/s", ("latency", "p50_ms"), ".2f", True),
@@ -129,21 +140,19 @@ def redis_table(res: dict[str, list[dict[str, Any]]], args) -> str:
             t = r.get("throughput")
             if t:
                 t["client_util_sum"] = sum(t["client_util"])
-    lines = ["| figure | 1 worker, memory | 1 worker, Redis (all local) | ratio | "
-             "2 workers, Redis, all cross-worker | ratio |",
-             "|---|---:|---:|---:|---:|---:|"]
+    lines = ["| figure | 1 worker, memory | " +
+             "".join(f"{REDIS_COLUMNS[n]} | ratio | " for n in names[1:]).rstrip(),
+             "|---|---:|" + "---:|---:|" * (len(names) - 1)]
     for label, path, spec, with_ratio in rows:
         if path is None:
             key = "lost" if label.startswith("lost") else "errors"
             v = [total_over(res, n, key) for n in names]
-            lines.append(f"| {label} | {fmt(v[0], spec)} | {fmt(v[1], spec)} | - | "
-                         f"{fmt(v[2], spec)} | - |")
-            continue
-        v = [get(n, *path) for n in names]
-        r1 = ratio(v[1], v[0]) if with_ratio else "-"
-        r2 = ratio(v[2], v[0]) if with_ratio else "-"
-        lines.append(f"| {label} | {fmt(v[0], spec)} | {fmt(v[1], spec)} | {r1} | "
-                     f"{fmt(v[2], spec)} | {r2} |")
+            cells = [f"{fmt(x, spec)} | -" for x in v[1:]]
+        else:
+            v = [get(n, *path) for n in names]
+            cells = [f"{fmt(x, spec)} | {ratio(x, v[0]) if with_ratio else '-'}"
+                     for x in v[1:]]
+        lines.append(f"| {label} | {fmt(v[0], spec)} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
@@ -218,7 +227,8 @@ def main_rows(args) -> list[tuple[str, str, tuple[str, ...] | None, str, str]]:
         ("conn_per_s_k2", f"   connections per second ({k1:,} -> {k2:,})",
          ("conn", "conn_per_s_2"), ",.0f", "all"),
     ]
-    if args.redis:
+    # Figure 6 is redis-2w (one Redis); the Cluster server is in the Redis table only.
+    if args.redis and "single" in args.redis_kinds:
         rows += [
             ("redis2w_throughput", "6. Redis, 2 workers, all pairs cross-worker: throughput "
              "(msg/s)", ("throughput", "rate"), ",.0f", "redis"),
@@ -293,21 +303,22 @@ def table(res: dict[str, list[dict[str, Any]]], args) -> str:
 def print_redis_section(res: dict[str, list[dict[str, Any]]], args) -> None:
     """The Redis table with what it compares and how to read it."""
     print("Redis backend: single-worker memory Volli (the reference) against a single "
-          "worker with Redis\nand two workers with Redis where every pair is "
-          "cross-worker; ratios are against the first column.\n")
+          "worker with Redis\nand two workers where every pair is cross-worker, on one "
+          "Redis and on a 3-primary Redis Cluster\n(those that ran); ratios are against "
+          "the first column. A cluster's CPU and commands are summed\nover its nodes.\n")
     print(redis_table(res, args))
     print()
     cores = os.cpu_count() or 1
     if cores < 2 + 1 + args.procs:
-        print(f"CAVEAT: {cores} CPUs. In the 2-worker run the two workers, redis-server "
-              f"and {args.procs} client process(es) share them, so its throughput is "
+        print(f"CAVEAT: {cores} CPUs. In the 2-worker runs the two workers, redis-server(s) "
+              f"and {args.procs} client process(es) share them, so their throughput is "
               f"bounded by the machine, not by Volli; compare msgs per server CPU-second, "
               f"not msg/s. The 1-worker runs have about a core each for server and "
               f"client.")
     print("Per-message CPU falls as a worker gets busier (more work per wake-up): the "
           "throughput run compares a\nsaturated single worker with two unsaturated "
           "ones, which favours the single worker; the latency run's\nmsgs per server "
-          "CPU-second compares all three at the same paced rate.\n")
+          "CPU-second compares them all at the same paced rate.\n")
 
 
 def findings(res: dict[str, list[dict[str, Any]]], args) -> tuple[list[str], list[str]]:

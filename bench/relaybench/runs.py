@@ -18,7 +18,7 @@ from .clients import CROSS_EXTRA, CROSS_STEPS, Clients, percentile, sleep_until,
 from .leanclient import raw_client_main
 from .procfs import machine_cpu, other_cpu, other_cpu_delta
 from .report import bottleneck, flatten_connections
-from .servers import SCENARIOS, RedisServer, Server, ServerConfig, make_server, scan_log
+from .servers import SCENARIOS, AnyRedis, Server, ServerConfig, make_server, scan_log
 
 PHASE_SLACK = 30.0  # extra seconds the parent waits on a client process beyond a phase's plan
 
@@ -105,14 +105,14 @@ def run_relay(server: Server, clients: Clients, kind: str, args, tag: str) -> di
     redis = server.redis
     ours = {os.getpid(), server.proc.pid, *server.workers, *clients.pids()}
     if redis:
-        ours.add(redis.pid)
+        ours.update(redis.pids)  # a cluster's every node
     try:
         sleep_until(t_a)
         cpu_a, mach_a, other_a = server.cpu_each(), machine_cpu(), other_cpu(ours)
-        red_a = (redis.cpu(), redis.command_calls()) if redis else None
+        red_a = (redis.cpu_each(), redis.command_calls()) if redis else None
         sleep_until(t_b)
         cpu_b, mach_b, other_b = server.cpu_each(), machine_cpu(), other_cpu(ours)
-        red_b = (redis.cpu(), redis.command_calls()) if redis else None
+        red_b = (redis.cpu_each(), redis.command_calls()) if redis else None
     except OSError:
         server.check_worker()  # raises, naming the change and with the log tail
         raise
@@ -139,7 +139,8 @@ def run_relay(server: Server, clients: Clients, kind: str, args, tag: str) -> di
         "connection_failure_count": sum(r["connection_failure_count"] for r in results),
         "worker_cpu": worker_cpu,
         "server_cpu": sum(worker_cpu),
-        "redis_cpu": (red_b[0] - red_a[0]) if redis else None,
+        # Per redis-server process (a cluster's nodes), and their sum.
+        "redis_cpu_each": [b - a for a, b in zip(red_a[0], red_b[0])] if redis else None,
         "client_cpu": [r["client_cpu"] for r in results],
         "machine_busy_cores": (mach_b[0] - mach_a[0]) / wall,
         "machine_cores": (mach_b[1] - mach_a[1]) / wall,
@@ -152,16 +153,19 @@ def run_relay(server: Server, clients: Clients, kind: str, args, tag: str) -> di
     out["client_util"] = [c / wall for c in out["client_cpu"]]
     out["client_util_sum"] = sum(out["client_util"])
     out["other_busy_cores"], out["other_top"] = other_cpu_delta(other_a, other_b, wall)
+    out["redis_cpu"] = sum(out["redis_cpu_each"]) if redis else None
     out["total_cpu"] = out["server_cpu"] + (out["redis_cpu"] or 0.0)
     out["total_util"] = out["total_cpu"] / wall
     if redis:
         out["redis_util"] = out["redis_cpu"] / wall
+        out["redis_util_each"] = [c / wall for c in out["redis_cpu_each"]]
         calls = {k: red_b[1].get(k, 0) - red_a[1].get(k, 0) for k in red_b[1]}
         out["redis_calls"] = {k: v for k, v in calls.items() if v}
         out["evalsha_per_msg"] = (calls.get("evalsha", 0) / out["in_window"]
                                   if out["in_window"] else float("nan"))
-        out["publish_per_msg"] = (calls.get("publish", 0) / out["in_window"]
-                                  if out["in_window"] else float("nan"))
+        # A cluster publishes to node channels with SPUBLISH (sharded pub/sub).
+        out["publish_per_msg"] = ((calls.get("publish", 0) + calls.get("spublish", 0))
+                                  / out["in_window"] if out["in_window"] else float("nan"))
     if kind == "latency":
         out.update({
             "offered_rate": args.rate,
@@ -302,7 +306,7 @@ def print_placement(name: str, phase: str, r: dict[str, Any]) -> None:
 
 
 def run_server(name: str, loadgens: Loadgens, args, log_dir: Path, config: ServerConfig,
-               redis: RedisServer | None = None) -> dict[str, Any]:
+               redis: AnyRedis | None = None) -> dict[str, Any]:
     """One round against one server: start it, warm up, connections (conn/s and memory at
     K1 and K2; not for the --redis servers), throughput, latency, round trips (not for the
     --redis servers), stop."""
@@ -383,7 +387,7 @@ class Loadgens:
 
 
 def run_rounds(results: dict[str, list[dict[str, Any]]], loadgens: Loadgens, args,
-               log_dir: Path, config: ServerConfig, redis: dict[str, RedisServer]) -> None:
+               log_dir: Path, config: ServerConfig, redis: dict[str, AnyRedis]) -> None:
     """Every server of ``results`` (its keys) once per round, the order alternating; fills
     ``results`` as it goes, so an interrupted run still reports what it measured."""
     names = list(results)

@@ -17,7 +17,7 @@ import sys
 import time
 import urllib.request
 from pathlib import Path
-from typing import Any
+from typing import Any, Union
 
 from .procfs import proc_children, proc_cpu_seconds, proc_rss_kb
 from .protocol import PEERJS_KEY, PEERJS_PATH, Target
@@ -43,7 +43,12 @@ SCENARIOS: dict[str, dict[str, Any]] = {
                  "label": "Volli, 1 worker, Redis backend (all users local)"},
     "redis-2w": {"app": "volli", "workers": 2, "redis": "single", "cross": True,
                  "label": "Volli, 2 workers, Redis backend, every pair cross-worker"},
+    "cluster-2w": {"app": "volli", "workers": 2, "redis": "cluster", "cross": True,
+                   "label": "Volli, 2 workers, Redis Cluster backend (3 primaries), every "
+                            "pair cross-worker"},
 }
+# The kinds of Redis start_redis knows, in the order a run starts them.
+REDIS_KINDS = ("single", "cluster")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -66,6 +71,37 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def redis_command(port: int, *words: bytes, timeout: float = 2.0) -> bytes:
+    """One command to the redis-server on 127.0.0.1:``port``, in RESP; returns the raw reply
+    (a simple string or a bulk string)."""
+    req = b"*%d\r\n" % len(words) + b"".join(b"$%d\r\n%s\r\n" % (len(w), w) for w in words)
+    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as sock:
+        sock.sendall(req)
+        buf = b""
+        end = time.monotonic() + timeout
+        while time.monotonic() < end:
+            chunk = sock.recv(65536)
+            if not chunk:
+                break
+            buf += chunk
+            if buf[:1] != b"$":
+                if buf.endswith(b"\r\n"):
+                    return buf
+                continue
+            head, _, body = buf.partition(b"\r\n")
+            if _ and len(body) >= int(head[1:]) + 2:
+                return body[:int(head[1:])]
+    raise OSError("incomplete reply from redis-server")
+
+
+def command_calls(port: int) -> dict[str, int]:
+    """{command: calls} from INFO commandstats of one redis-server (commands run inside
+    scripts included)."""
+    text = redis_command(port, b"INFO", b"commandstats").decode(errors="replace")
+    return {m.group(1): int(m.group(2))
+            for m in re.finditer(r"cmdstat_([\w|]+):calls=(\d+)", text)}
 
 
 class RedisServer:
@@ -107,35 +143,21 @@ class RedisServer:
         raise RuntimeError(f"redis-server not answering PING within {deadline}s")
 
     def command(self, *words: bytes, timeout: float = 2.0) -> bytes:
-        """One command, in RESP; returns the raw reply (a simple string or a bulk string)."""
-        req = b"*%d\r\n" % len(words) + b"".join(b"$%d\r\n%s\r\n" % (len(w), w)
-                                                   for w in words)
-        with socket.create_connection(("127.0.0.1", self.port), timeout=timeout) as sock:
-            sock.sendall(req)
-            buf = b""
-            end = time.monotonic() + timeout
-            while time.monotonic() < end:
-                chunk = sock.recv(65536)
-                if not chunk:
-                    break
-                buf += chunk
-                if buf[:1] != b"$":
-                    if buf.endswith(b"\r\n"):
-                        return buf
-                    continue
-                head, _, body = buf.partition(b"\r\n")
-                if _ and len(body) >= int(head[1:]) + 2:
-                    return body[:int(head[1:])]
-        raise OSError("incomplete reply from redis-server")
+        return redis_command(self.port, *words, timeout=timeout)
 
     def command_calls(self) -> dict[str, int]:
-        """{command: calls} from INFO commandstats (commands run inside scripts included)."""
-        text = self.command(b"INFO", b"commandstats").decode(errors="replace")
-        return {m.group(1): int(m.group(2))
-                for m in re.finditer(r"cmdstat_([\w|]+):calls=(\d+)", text)}
+        return command_calls(self.port)
+
+    @property
+    def pids(self) -> list[int]:
+        """Every redis-server process of this Redis (a run leaves them out of "other")."""
+        return [self.pid]
+
+    def cpu_each(self) -> list[float]:
+        return [proc_cpu_seconds(self.pid)]
 
     def cpu(self) -> float:
-        return proc_cpu_seconds(self.pid)  # the process line sums all its threads
+        return sum(self.cpu_each())  # each process line sums all its threads
 
     def stop(self) -> None:
         if self.proc is not None and self.proc.poll() is None:
@@ -152,9 +174,72 @@ class RedisServer:
             self._log = None
 
 
-def start_redis(kind: str, log_dir: Path) -> RedisServer:
+class RedisClusterServer:
+    """A Redis Cluster of 3 primaries and no replicas on free 127.0.0.1 ports: the tests'
+    LocalCluster (tests/redis_topologies.py), with RedisServer's accounting summed over its
+    nodes (CPU, INFO commandstats) and every node's pid. Starts when built; no persistence,
+    node logs and configs in ``<log_dir>/redis-cluster``."""
+
+    def __init__(self, log_dir: Path) -> None:
+        # The tests' helper, not a copy (bench/drain.py reuses tests/conftest.py likewise);
+        # appended, so no test module can shadow a bench one.
+        if str(ROOT / "tests") not in sys.path:
+            sys.path.append(str(ROOT / "tests"))
+        from redis_topologies import LocalCluster
+
+        self.dir = log_dir / "redis-cluster"
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.cluster = LocalCluster(self.dir, primaries=3, replicas=0)
+
+    @property
+    def url(self) -> str:
+        return self.cluster.url
+
+    @property
+    def pids(self) -> list[int]:
+        return [self.cluster.processes.procs[p].pid for p in self.cluster.ports]
+
+    def command_line(self) -> str:
+        return (f"Redis Cluster, 3 primaries, no replicas (tests/redis_topologies.py "
+                f"LocalCluster), nodes {','.join(map(str, self.cluster.ports))}, logs in "
+                f"{self.dir}")
+
+    def command_calls(self) -> dict[str, int]:
+        total: dict[str, int] = {}
+        for port in self.cluster.ports:
+            for name, calls in command_calls(port).items():
+                total[name] = total.get(name, 0) + calls
+        return total
+
+    def cpu_each(self) -> list[float]:
+        return [proc_cpu_seconds(pid) for pid in self.pids]
+
+    def cpu(self) -> float:
+        return sum(self.cpu_each())
+
+    def stop(self) -> None:
+        self.cluster.stop()
+
+
+# What a Redis server of a run (Server.redis) is: one redis-server or a cluster.
+AnyRedis = Union[RedisServer, RedisClusterServer]
+
+
+def start_redis(kind: str, log_dir: Path) -> AnyRedis:
     """The one place a run starts the Redis its Redis servers share (SCENARIOS' "redis"
-    names the kind): "single" is one private redis-server."""
+    names the kind): "single" is one private redis-server, "cluster" a 3-primary Redis
+    Cluster. Raises RuntimeError when it does not start (and stops what it started)."""
+    if kind == "cluster":
+        print(f"[redis] starting a Redis Cluster (3 primaries, no replicas) in "
+              f"{log_dir / 'redis-cluster'}", flush=True)
+        try:
+            cluster = RedisClusterServer(log_dir)  # stops its nodes itself if it fails
+        except (OSError, subprocess.SubprocessError) as exc:  # TimeoutError: an OSError
+            detail = getattr(exc, "stderr", None) or b""
+            raise RuntimeError(f"Redis Cluster did not start: {exc} "
+                               f"{detail.decode(errors='replace')[-1000:]}") from exc
+        print(f"[redis] started: {cluster.command_line()}", flush=True)
+        return cluster
     if kind != "single":
         raise ValueError(f"no such kind of Redis: {kind!r}")
     redis = RedisServer(log_dir)
@@ -171,7 +256,7 @@ class Server:
     """One gunicorn process group on 127.0.0.1, output to a log file."""
 
     def __init__(self, scenario: str, log_dir: Path, config: ServerConfig,
-                 redis: RedisServer | None = None, *, name: str | None = None,
+                 redis: AnyRedis | None = None, *, name: str | None = None,
                  workers: int | None = None, prefix: str | None = None) -> None:
         """``scenario``: a key of SCENARIOS; ``name`` (in messages and the log's name),
         ``workers`` and the Redis key ``prefix`` (the port is appended) override its own."""
@@ -389,7 +474,7 @@ class PeerjsServer(Server):
     threads: V8's GC helpers and libuv's pool included)."""
 
     def __init__(self, scenario: str, log_dir: Path, config: ServerConfig,
-                 redis: RedisServer | None = None) -> None:
+                 redis: AnyRedis | None = None) -> None:
         self.scenario = self.name = scenario
         self.app = "peerjs"
         self.nworkers = 1
@@ -463,7 +548,7 @@ class PeerjsServer(Server):
 
 
 def make_server(scenario: str, log_dir: Path, config: ServerConfig,
-                redis: RedisServer | None = None) -> Server:
+                redis: AnyRedis | None = None) -> Server:
     cls = PeerjsServer if SCENARIOS[scenario]["app"] == "peerjs" else Server
     return cls(scenario, log_dir, config, redis)
 
