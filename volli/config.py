@@ -43,7 +43,10 @@ _int, _float = _parse_number(int), _parse_number(float)
 
 
 def _parse_redis_url(text: str) -> str:
-    if not text.startswith(("redis://", "rediss://", "unix://")):
+    # TEMPORARY (h13-redis): redis+cluster:// and redis+sentinel:// until the validation of
+    # volli/redis_connect.py is merged.
+    if not text.startswith(("redis://", "rediss://", "unix://", "redis+cluster://",
+                            "redis+sentinel://")):
         raise ValueError("expected a redis://, rediss:// or unix:// URL")
     return text
 
