@@ -37,7 +37,14 @@ class SentinelServers:
             self.procs.append(subprocess.Popen(
                 ["redis-server", str(conf), "--sentinel", "--logfile",
                  str(tmp_path / f"sentinel-{port}.log")],
-                stdout=subprocess.DEVNULL, start_new_session=True))
+                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True))
+        try:
+            self._wait()
+        except BaseException:
+            self.stop()
+            raise
+
+    def _wait(self) -> None:
         _until(lambda: len(self.sentinel().sentinel_slaves(SERVICE)) == 1
                and self.sentinel().sentinel_master(SERVICE)["num-other-sentinels"] == 2,
                "the Sentinels did not find the replica and each other")
@@ -69,8 +76,9 @@ class SentinelServers:
 def _run(tmp_path, port: int, *args: str):
     return subprocess.Popen(
         ["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "",
-         "--appendonly", "no", "--logfile", str(tmp_path / f"redis-{port}.log"), *args],
-        stdout=subprocess.DEVNULL, start_new_session=True)
+         "--appendonly", "no", "--logfile", str(tmp_path / f"redis-{port}.log"),
+         "--dir", str(tmp_path), *args],  # not the tests' directory: a replica writes an RDB
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
 
 
 def _until(check, what: str, deadline: float = 15.0) -> None:

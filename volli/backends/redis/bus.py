@@ -118,11 +118,24 @@ class Bus:
         them all, to subscribe again."""
         import gevent
 
-        readers = [gevent.spawn(self._read, shard) for shard in shards]
+        readers = [gevent.spawn(self._read_until_lost, shard) for shard in shards]
         try:
-            gevent.joinall(readers, count=1, raise_error=True)
+            first = gevent.wait(readers, count=1)[0]
         finally:
             gevent.killall(readers)
+        if isinstance(first.value, Exception):
+            raise first.value
+        if not self._stopped:  # it died of something else (gevent printed it)
+            raise RuntimeError("a shard's pub/sub reader stopped")
+
+    def _read_until_lost(self, pubsub) -> Exception | None:
+        """_read, returning its Redis failure instead of dying of it (gevent would print
+        that as an unhandled error)."""
+        try:
+            self._read(pubsub)
+        except (redis.RedisError, OSError) as exc:
+            return exc
+        return None
 
     def dispatch(self, data: bytes) -> None:
         try:
