@@ -4,14 +4,12 @@ shard holds presence; node channels are sharded; takeover across servers)."""
 
 from __future__ import annotations
 
-import socket
-import subprocess
 import time
 
 import pytest
 import redis as redis_client
 
-from conftest import free_port
+from redis_topologies_tmp import ClusterServers
 from test_redis import (  # noqa: F401 (collected here again, on the cluster)
     test_user_id_taken_and_release_work_across_servers,
     test_users_on_four_workers_of_two_servers_discover_and_relay_every_way,
@@ -21,97 +19,6 @@ from workers import spread_users
 
 PREFIX = "it:"  # conftest.NODES_PREFIX
 KEYS = Keys(PREFIX, CLUSTER_GROUPS)
-
-
-class ClusterServers:
-    """TEMPORARY until tests/redis_topologies.py lands: six cluster-enabled redis-servers
-    joined as a cluster of three primaries, each with a replica."""
-
-    def __init__(self, tmp_path) -> None:
-        self.ports: list[int] = []
-        while len(self.ports) < 6:
-            port = _cluster_port()
-            if not {port, port + 10000, port - 10000} & set(self.ports):
-                self.ports.append(port)
-        self.procs = [subprocess.Popen(
-            ["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "",
-             "--appendonly", "no", "--cluster-enabled", "yes",
-             "--cluster-config-file", str(tmp_path / f"nodes-{port}.conf"),
-             "--logfile", str(tmp_path / f"redis-{port}.log"),
-             # a replica's first sync writes an RDB file into its working directory
-             "--dir", str(_mkdir(tmp_path / str(port)))],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-            for port in self.ports]
-        try:
-            self._join()
-        except BaseException:
-            self.stop()
-            raise
-
-    def _join(self) -> None:
-        self.clients = [redis_client.Redis(port=port) for port in self.ports]
-        _until(lambda: all(_answers(c) for c in self.clients), "redis-servers did not start")
-        created = subprocess.run(["redis-cli", "--cluster", "create",
-                                  *(f"127.0.0.1:{port}" for port in self.ports),
-                                  "--cluster-replicas", "1", "--cluster-yes"],
-                                 capture_output=True, text=True, timeout=30)
-        assert created.returncode == 0, created.stdout + created.stderr
-        _until(lambda: all(c.cluster("info")["cluster_state"] == "ok" for c in self.clients),
-               "the cluster did not come up")
-        # A replica still in its first sync cannot fail over (its primary waits for it).
-        _until(lambda: sum(c.info("replication").get("master_link_status") == "up"
-                           for c in self.clients) == 3, "the replicas did not sync", 30)
-        self.router = redis_client.RedisCluster(host="127.0.0.1", port=self.ports[0])
-
-    @property
-    def url(self) -> str:
-        return "redis+cluster://" + ",".join(f"127.0.0.1:{port}" for port in self.ports[:2])
-
-    def flush(self) -> None:
-        for client in self.clients:
-            if client.execute_command("ROLE")[0] == b"master":
-                client.flushall()
-
-    def stop(self) -> None:
-        for proc in self.procs:
-            proc.terminate()
-            proc.wait(timeout=10)
-
-
-def _mkdir(path):
-    path.mkdir()
-    return path
-
-
-def _cluster_port() -> int:
-    """A free port whose cluster bus port (+10000) is free too."""
-    while True:
-        port = free_port()
-        if port + 10000 < 65536 and _free(port + 10000):
-            return port
-
-
-def _free(port: int) -> bool:
-    with socket.socket() as s:
-        try:
-            s.bind(("127.0.0.1", port))
-            return True
-        except OSError:
-            return False
-
-
-def _answers(client) -> bool:
-    try:
-        return client.ping()
-    except redis_client.ConnectionError:
-        return False
-
-
-def _until(check, what: str, deadline: float = 15.0) -> None:
-    end = time.monotonic() + deadline
-    while not check():
-        assert time.monotonic() < end, what
-        time.sleep(0.1)
 
 
 @pytest.fixture(scope="module")
@@ -160,6 +67,18 @@ def test_signed_takeover_across_servers_closes_the_old_connection(nodes, open_cl
     offer = {"type": "offer", "sdp": "x"}
     watcher.send({"type": "offer", "to": "taken@x", "offer": offer})
     assert new.recv() == {"type": "offer", "to": "taken@x", "offer": offer, "from": "watcher@x"}
+
+
+def test_unbind_on_another_server_closes_the_holder_and_frees_the_id(nodes, open_client):
+    from signing import Identity
+    from test_attack2_unbind_listener_gap import TOKEN, admin_unbind
+
+    a, b = nodes(workers=1, VOLLI_ADMIN_TOKEN=TOKEN), nodes(workers=1, VOLLI_ADMIN_TOKEN=TOKEN)
+    holder = open_client(a)
+    assert Identity().register(holder, "lost-key@x")["type"] == "registered"
+    assert admin_unbind(b, "lost-key@x") == (200, {"userId": "lost-key@x", "unbound": True})
+    assert holder.recv()["type"] == "session-replaced"
+    assert Identity().register(open_client(b), "lost-key@x")["type"] == "registered"
 
 
 def _shard_of(cluster, user: str) -> int:

@@ -31,11 +31,15 @@ def _parse(url: str) -> _Topology:  # TEMPORARY
     for kind in ("cluster", "sentinel"):
         if url.startswith(f"redis+{kind}://"):
             parts = urlsplit(url)
-            nodes = tuple((host, int(port or 26379 if kind == "sentinel" else port or 6379))
-                          for host, _, port in
-                          (n.rpartition(":") for n in parts.netloc.split(",")))
+            default = 26379 if kind == "sentinel" else 6379
+            nodes = tuple(_host_port(n, default) for n in parts.netloc.split(","))
             return _Topology(kind, url, nodes, parts.path.strip("/"))
     return _Topology("single", url)
+
+
+def _host_port(text: str, default: int) -> tuple[str, int]:  # TEMPORARY
+    host, sep, port = text.rpartition(":")
+    return (host, int(port)) if sep else (text, default)
 
 
 def is_cluster(settings) -> bool:

@@ -36,12 +36,13 @@ class Epochs:
     """The store's epoch (per group) this node announced its users in, and the groups
     whose users it must announce again (the store lost them, or notices were lost)."""
 
-    def __init__(self, groups: int, wake: Callable[[], None]) -> None:
+    def __init__(self, groups: int, wake: Callable[[], None],
+                 on_new: Callable[[int], None]) -> None:
         self._ids: dict[int, str] = {}
         self.pending: set[int] = set()
         self._groups = groups
-        self._wake = wake
-        self.on_new: Callable[[int], None] = lambda group: None
+        self._wake = wake  # the heartbeat, to announce at once
+        self._on_new = on_new
 
     def get(self, group: int) -> str:
         return self._ids.get(group, "")
@@ -56,7 +57,7 @@ class Epochs:
                         "paused)%s; announcing its users again",
                         f" in group {group}" if self._groups > 1 else "")
         self._ids[group] = epoch
-        self.on_new(group)
+        self._on_new(group)
         self.pending.add(group)
         self._wake()
 
@@ -76,8 +77,7 @@ class PresenceStore:
         self.retention_ms = int(settings.binding_retention * 1000)
         # The cap counts bindings per group (one slot each): an even share per group.
         self._max_bindings = -(-settings.max_bindings // keys.groups)
-        self.epochs = Epochs(keys.groups, wake)
-        self.epochs.on_new = self._restart_seqs
+        self.epochs = Epochs(keys.groups, wake, self._restart_seqs)
         self._seqs: dict[str, int] = {}  # userId -> claim number of its local holder
         self._claim = script(client, scripts.CLAIM, cluster)
         self._refresh = script(client, scripts.REFRESH, cluster)
