@@ -68,6 +68,10 @@ def make_client(settings, *, socket_timeout: float | None, connect_timeout: floa
 
         # Per shard; redis-py's cluster takes no pool class that waits (TEMPORARY).
         sizes = {"max_connections": pool_size} if pool_size else {}
+        if retries is not None:
+            # redis-py's cluster retries after a timeout too, whatever the Retry's errors
+            # (a script run twice: a relay delivered twice), so it gets no retries.
+            options["retry"] = Retry(ExponentialBackoff(cap=0.2, base=0.02), 0)
         return RedisCluster(startup_nodes=[ClusterNode(h, p) for h, p in topology.nodes],
                             **options, **sizes)
     if topology.kind == "sentinel":
