@@ -15,7 +15,25 @@ from conftest import free_port
 SERVICE = "volli"  # the Sentinels' name of the primary
 
 
-class ClusterServers:
+class _Servers:
+    """Processes started together: all stopped if they do not come up."""
+
+    procs: list[subprocess.Popen]
+
+    def _ready_or_stop(self, wait) -> None:
+        try:
+            wait()
+        except BaseException:
+            self.stop()
+            raise
+
+    def stop(self) -> None:
+        for proc in self.procs:
+            proc.terminate()
+            proc.wait(timeout=10)
+
+
+class ClusterServers(_Servers):
     """Six cluster-enabled redis-servers joined as three primaries, each with a replica."""
 
     def __init__(self, tmp_path) -> None:
@@ -26,11 +44,7 @@ class ClusterServers:
                 self.ports.append(port)
         self.procs = [_run(tmp_path, port, "--cluster-enabled", "yes", "--cluster-config-file",
                            str(tmp_path / f"nodes-{port}.conf")) for port in self.ports]
-        try:
-            self._join()
-        except BaseException:
-            self.stop()
-            raise
+        self._ready_or_stop(self._join)
 
     def _join(self) -> None:
         self.clients = [redis_client.Redis(port=port) for port in self.ports]
@@ -55,11 +69,6 @@ class ClusterServers:
         for client in self.clients:
             if client.execute_command("ROLE")[0] == b"master":
                 client.flushall()
-
-    def stop(self) -> None:
-        for proc in self.procs:
-            proc.terminate()
-            proc.wait(timeout=10)
 
 
 def _mkdir(path):
@@ -107,7 +116,7 @@ def _run(tmp_path, port: int, *args: str):
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
 
 
-class SentinelServers:
+class SentinelServers(_Servers):
     """A primary, its replica and three Sentinels watching it (quorum 2, down after 1 s)."""
 
     def __init__(self, tmp_path) -> None:
@@ -126,11 +135,7 @@ class SentinelServers:
                 ["redis-server", str(conf), "--sentinel", "--logfile",
                  str(tmp_path / f"sentinel-{port}.log")],
                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True))
-        try:
-            self._wait()
-        except BaseException:
-            self.stop()
-            raise
+        self._ready_or_stop(self._wait)
 
     def _wait(self) -> None:
         until(lambda: len(self.sentinel().sentinel_slaves(SERVICE)) == 1
@@ -154,8 +159,3 @@ class SentinelServers:
         self.sentinel().execute_command("SENTINEL FAILOVER", SERVICE)
         until(lambda: self.primary_port() != before, "no failover", 20)
         return self.primary_port()
-
-    def stop(self) -> None:
-        for proc in self.procs:
-            proc.terminate()
-            proc.wait(timeout=10)

@@ -3,7 +3,7 @@ every backend keeps in memory. Under gevent nothing here yields, so each method 
 
 from __future__ import annotations
 
-from .base import BackendEvents, Session
+from .base import BackendEvents, Presence, Session
 
 
 class LocalSessions:
@@ -34,6 +34,13 @@ class LocalSessions:
 
     def holder(self, user_id: str) -> Session | None:
         return self._users.get(user_id)
+
+    def presence(self, user_id: str) -> Presence | None:
+        """user_id's presence if a session of this process holds it."""
+        session = self._users.get(user_id)
+        if session is None:
+            return None
+        return Presence(user_id, True, session.public_key, session.signed)
 
     def holds(self, user_id: str) -> bool:
         return user_id in self._users

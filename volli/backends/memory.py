@@ -80,9 +80,9 @@ class MemoryBackend(Backend):
         return had or holder is not None
 
     def lookup(self, user_id: str) -> Presence:
-        session = self._local.holder(user_id)
-        if session is not None:
-            return Presence(user_id, True, session.public_key, session.signed)
+        local = self._local.presence(user_id)
+        if local is not None:
+            return local
         key = self._bound_key(user_id)
         return Presence(user_id, False, key, key is not None)
 

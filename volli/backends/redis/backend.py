@@ -114,10 +114,7 @@ class RedisBackend(Backend):
         return self.presence.unbind(user_id)
 
     def lookup(self, user_id: str) -> Presence:
-        session = self.local.holder(user_id)
-        if session is not None:
-            return Presence(user_id, True, session.public_key, session.signed)
-        return self.presence.lookup(user_id)
+        return self.local.presence(user_id) or self.presence.lookup(user_id)
 
     def deliver(self, user_id: str, text: str, origin: str | None = None) -> bool:
         if self.local.holds(user_id):
