@@ -47,7 +47,7 @@ class FakeSession:
 def make_backend(redis) -> RedisBackend:
     settings = load({}, {"redis_url": redis.url, "presence_ttl": 60.0, "redis_prefix": "kr:"})
     backend = RedisBackend(settings)
-    backend._beat()  # what start() does: adopt the store's epoch
+    backend.heartbeat.beat()  # what start() does: adopt the store's epoch
     return backend
 
 
@@ -67,24 +67,24 @@ def run_case(redis, second_id: str) -> tuple[dict, Claim]:
     store = redis_client.Redis.from_url(redis.url)
     store.flushall()
     backend = make_backend(redis)
-    real_claim, real_quick = backend._claim, backend._quick
+    real_claim, real_quick = backend.presence._claim, backend.presence._quick
     dead = redis_client.Redis(host="127.0.0.1", port=1, socket_connect_timeout=0.2)
     s = FakeSession()
     # 1. register U: the script ran, the reply was lost; this node is cut off from Redis.
-    backend._claim = faulty_run(backend, real_claim)
-    backend._quick = dead
+    backend.presence._claim = faulty_run(backend, real_claim)
+    backend.presence._quick = dead
     with pytest.raises(BackendUnavailable):
         backend.claim(s, "u@x", "QQ==", False)
     # 2. the client (still unregistered) registers again while Redis is unreachable.
-    backend._claim = unreachable
+    backend.presence._claim = unreachable
     with pytest.raises(BackendUnavailable):
         backend.claim(s, second_id, "QQ==", False)
     # 3. Redis answers again: the node's next release run (a close, a claim, the heartbeat).
-    backend._claim, backend._quick = real_claim, real_quick
-    backend._release_queued()
+    backend.presence._claim, backend.presence._quick = real_claim, real_quick
+    backend.presence.release_queued()
     presence = {k.decode(): v.decode() for k, v in store.hgetall("kr:presence:u@x").items()}
     owner = FakeSession()
-    backend._beat()  # no heartbeat greenlet here: stamp the epoch as it would
+    backend.heartbeat.beat()  # no heartbeat greenlet here: stamp the epoch as it would
     return presence, (presence.get("session") == s.id and s.user_id is None,
                       backend.claim(owner, "u@x", "QQ==", False), store.pttl("kr:presence:u@x"))
 

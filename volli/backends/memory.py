@@ -10,6 +10,7 @@ from typing import Callable
 from .base import (
     NO_EVENTS, Backend, BackendEvents, Claim, Presence, Released, Session, nothing,
 )
+from .local import LocalSessions
 
 log = logging.getLogger("volli.memory")
 
@@ -26,8 +27,7 @@ class MemoryBackend(Backend):
                  clock: Callable[[], float] = time.monotonic,
                  events: BackendEvents = NO_EVENTS) -> None:
         super().__init__(events)
-        self._sessions: dict[str, Session] = {}
-        self._users: dict[str, Session] = {}
+        self._local = LocalSessions(events)
         # userId -> (bound key, forgotten at), least recently used first
         self._bindings: collections.OrderedDict[str, tuple[str, float]] = \
             collections.OrderedDict()
@@ -37,21 +37,13 @@ class MemoryBackend(Backend):
         self._full_logged_at = float("-inf")
 
     def attach(self, session: Session) -> None:
-        self._sessions[session.id] = session
+        self._local.attach(session)
 
     def detach(self, session: Session, then: Released = nothing) -> None:
-        self._forget(session)
-        then()
-
-    def _forget(self, session: Session) -> bool:
-        """Local bookkeeping of a closed session; whether it held its userId here."""
-        self._sessions.pop(session.id, None)
-        if session.user_id is None or self._users.get(session.user_id) is not session:
-            return False
-        del self._users[session.user_id]
-        if session.signed and session.user_id in self._bindings:
+        if (self._local.forget(session) and session.signed
+                and session.user_id in self._bindings):
             self._bind(session.user_id, self._bindings[session.user_id][0])
-        return True
+        then()
 
     def claim(self, session: Session, user_id: str, public_key: str, signed: bool) -> Claim:
         key = self._bound_key(user_id)
@@ -61,7 +53,7 @@ class MemoryBackend(Backend):
             return Claim.KEY_MISMATCH
         if signed and key is None and self._full():
             return Claim.FULL
-        holder = self._users.get(user_id)
+        holder = self._local.holder(user_id)
         outcome = Claim.OK
         if holder is not None and holder is not session:
             if not (signed and holder.public_key == public_key):
@@ -69,20 +61,11 @@ class MemoryBackend(Backend):
             outcome = Claim.TAKEN_OVER
         if signed:
             self._bind(user_id, public_key)
-        self._hold(session, user_id, public_key, signed)  # replaces a taken-over holder
+        self._local.hold(session, user_id, public_key, signed)  # replaces a taken-over holder
         return outcome
 
-    def _hold(self, session: Session, user_id: str, public_key: str, signed: bool) -> None:
-        """Local bookkeeping of a claimed userId (shared with the Redis backend): a live
-        session that held it here is replaced, never left holding it too."""
-        previous = self._users.get(user_id)
-        self._users[user_id] = session
-        session.user_id, session.public_key, session.signed = user_id, public_key, signed
-        if previous is not None and previous is not session and not previous.closed:
-            self._events.replace(previous)
-
     def rebind(self, session: Session, new_public_key: str) -> bool:
-        if (not session.signed or self._users.get(session.user_id) is not session
+        if (not session.signed or self._local.holder(session.user_id) is not session
                 or self._bound_key(session.user_id) != session.public_key):
             return False
         self._bind(session.user_id, new_public_key)
@@ -91,27 +74,26 @@ class MemoryBackend(Backend):
 
     def unbind(self, user_id: str) -> bool:
         had = self._bindings.pop(user_id, None) is not None
-        holder = self._users.get(user_id)
+        holder = self._local.holder(user_id)
         if holder is not None:
             self._events.replace(holder)
         return had or holder is not None
 
     def lookup(self, user_id: str) -> Presence:
-        session = self._users.get(user_id)
-        if session is not None:
-            return Presence(user_id, True, session.public_key, session.signed)
+        local = self._local.presence(user_id)
+        if local is not None:
+            return local
         key = self._bound_key(user_id)
         return Presence(user_id, False, key, key is not None)
 
     def deliver(self, user_id: str, text: str, origin: str | None = None) -> bool:
-        session = self._users.get(user_id)
-        return session is not None and session.send(text, origin)
+        return self._local.deliver(user_id, text, origin)
 
     def local_sessions(self) -> list[Session]:
-        return list(self._sessions.values())
+        return self._local.sessions()
 
     def online_count(self) -> int:
-        return len(self._users)
+        return self._local.user_count()
 
     def binding_count(self) -> int:
         return len(self._bindings)
@@ -123,7 +105,7 @@ class MemoryBackend(Backend):
         if entry is None:
             return None
         if entry[1] <= self._clock():
-            holder = self._users.get(user_id)
+            holder = self._local.holder(user_id)
             if holder is not None and holder.signed:  # in use: never expires
                 self._bind(user_id, entry[0])
             else:
@@ -145,7 +127,7 @@ class MemoryBackend(Backend):
             oldest, (key, until) = next(iter(self._bindings.items()))
             if until > now:
                 break
-            holder = self._users.get(oldest)
+            holder = self._local.holder(oldest)
             if holder is not None and holder.signed:
                 self._bind(oldest, key)
             else:

@@ -1,0 +1,69 @@
+"""Key and channel names in Redis (no I/O).
+
+One Redis (or Sentinel): one group and no hash tag, the names every version used:
+``<prefix>presence:<userId>`` (hash {node, session, publicKey}), ``<prefix>key:<userId>``
+(a signed user's binding), ``<prefix>bindings`` (sorted set counting bindings for the
+cap), ``<prefix>epoch``, ``<prefix>alive:<node>`` and the channel ``<prefix>node:<node>``.
+
+Redis Cluster: a script may touch the keys of one hash slot only, so users are spread over
+CLUSTER_GROUPS fixed groups (crc32 of the userId), and each group's keys and node channels
+carry its hash tag: ``<prefix>{g7}presence:<userId>``, ``<prefix>{g7}epoch``,
+``<prefix>{g7}node:<node>``... A group is one slot: its own epoch, bindings index and
+alive keys, and a node listens on its channel in every group (sharded pub/sub).
+"""
+
+from __future__ import annotations
+
+import zlib
+
+# Fixed for a deployment: every node must map a userId to the same group.
+CLUSTER_GROUPS = 64
+
+
+class Keys:
+    def __init__(self, prefix: str, groups: int = 1) -> None:
+        self.prefix = prefix
+        self.groups = groups
+
+    @property
+    def sharded(self) -> bool:
+        return self.groups > 1
+
+    def group(self, user_id: str) -> int:
+        if self.groups == 1:
+            return 0
+        return zlib.crc32(user_id.encode()) % self.groups
+
+    def _in(self, group: int) -> str:
+        """The start of every name in ``group``: the prefix and its hash tag."""
+        return self.prefix if self.groups == 1 else f"{self.prefix}{{g{group}}}"
+
+    def presence(self, user_id: str) -> str:
+        return f"{self._in(self.group(user_id))}presence:{user_id}"
+
+    def binding(self, user_id: str) -> str:
+        return f"{self._in(self.group(user_id))}key:{user_id}"
+
+    def bindings(self, group: int) -> str:
+        return f"{self._in(group)}bindings"
+
+    def epoch(self, group: int) -> str:
+        return f"{self._in(group)}epoch"
+
+    def alive_prefix(self, group: int) -> str:
+        return f"{self._in(group)}alive:"
+
+    def channel_prefix(self, group: int) -> str:
+        return f"{self._in(group)}node:"
+
+    def channel(self, group: int, node: str) -> str:
+        return self.channel_prefix(group) + node
+
+    def user(self, user_id: str) -> list[str]:
+        """presence, binding, bindings index: the keys of the release, renew and unbind
+        scripts."""
+        return [self.presence(user_id), self.binding(user_id),
+                self.bindings(self.group(user_id))]
+
+    def claim(self, user_id: str) -> list[str]:
+        return [*self.user(user_id), self.epoch(self.group(user_id))]

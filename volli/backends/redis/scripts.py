@@ -1,0 +1,213 @@
+"""The Lua scripts of the Redis backend (each runs atomically in Redis) and their codes.
+
+Every key a script touches is in its KEYS or built from a prefix in its ARGV that names the
+same group (keys.py), so on a cluster each script runs in one hash slot. Scripts that
+publish use PUBLISH, or SPUBLISH on a cluster (``for_cluster``): a plain PUBLISH there goes
+to every shard.
+"""
+
+from __future__ import annotations
+
+from ..base import Claim
+from .wire import LUA_NODE_VERSION
+
+def _peer_header(node: str, versioned: int, legacy: int) -> str:
+    """Lua: the header of a message to the node named by ``node`` (wire.version_for):
+    ARGV[versioned] if its id says it reads versions, else ARGV[legacy]."""
+    return f"(string.find({node}, '{LUA_NODE_VERSION}') and ARGV[{versioned}] or ARGV[{legacy}])"
+
+
+# The store's epoch: a hash <prefix>epoch {id, until, beat, born, seq}, gone 20 TTLs after the
+# last node stopped. Every node's heartbeat (each TTL/4) stamps `beat`. A store found
+# without it (restarted empty) or with no beat for half a TTL (paused, or every node cut
+# off: a node's presences, renewed at most a TTL/4 before the last beat of any node, may
+# expire under live users a TTL/4 later) gets a new id, and registrations are refused
+# until `until` (a TTL later) while every node, seeing the new id, announces its live
+# users again. A node that had users can tell (it knew the old id); a new node cannot, so
+# an old node that finds a young epoch begun without a window opens it. Shared by BEAT and
+# CLAIM: KEYS[EPOCH], ARGV[TTL] ms, ARGV[NEW] a new id, MINE the node's epoch, RECOVER
+# whether to open a window.
+_EPOCH = """
+local t = redis.call('TIME')
+local now = t[1] * 1000 + math.floor(t[2] / 1000)
+local e = redis.call('HMGET', KEYS[EPOCH], 'id', 'until', 'beat', 'born')
+local lost = not e[1] or now - tonumber(e[3] or 0) > ARGV[TTL] / 2
+if lost then
+  local u = 0
+  if RECOVER then u = now + ARGV[TTL] end
+  redis.call('HSET', KEYS[EPOCH], 'id', ARGV[NEW], 'until', u, 'beat', now, 'born', now)
+  e = {ARGV[NEW], u}
+elseif MINE ~= '' and MINE ~= e[1] and tonumber(e[2]) < tonumber(e[4]) + ARGV[TTL] then
+  -- A node from before sees a young epoch that a new node began without a window.
+  e[2] = tonumber(e[4]) + ARGV[TTL]
+  redis.call('HSET', KEYS[EPOCH], 'until', e[2])
+end
+"""
+
+
+def _epoch(epoch: int, ttl: int, new: int, mine: int, recover: str) -> str:
+    return (_EPOCH.replace("EPOCH", str(epoch)).replace("TTL", str(ttl))
+            .replace("NEW", str(new)).replace("MINE", f"ARGV[{mine}]")
+            .replace("RECOVER", recover))
+
+
+# A node's heartbeat: KEYS epoch, the node's alive key (half a TTL: two heartbeats);
+# ARGV ttl ms, new id, the node's epoch ("" when it has
+# none yet: a new node opens no recovery window). Returns the epoch id (the node announces
+# all its users again when it changed) and the deployment's TTL, which the first node of
+# an epoch sets: thresholds and windows assume one TTL for all.
+BEAT = _epoch(1, 1, 2, 3, "ARGV[3] ~= ''") + """
+if lost or not redis.call('HGET', KEYS[1], 'ttl') then
+  redis.call('HSET', KEYS[1], 'ttl', ARGV[1])
+end
+redis.call('HSET', KEYS[1], 'beat', now)
+redis.call('PEXPIRE', KEYS[1], ARGV[1] * 20)
+redis.call('SET', KEYS[2], '1', 'PX', math.floor(ARGV[1] / 2))
+return {e[1], redis.call('HGET', KEYS[1], 'ttl')}
+"""
+
+# The claim rule of base.Claim, atomically. KEYS: presence, binding, bindings index (a
+# sorted set userId -> expiry ms that counts bindings for the cap), epoch. ARGV: node,
+# session, publicKey, ttl ms, signed "1"/"0", refresh "1"/"0" (the heartbeat announcing a
+# live user again: never takes over, allowed while recovering, never refused by the cap),
+# binding retention ms, max bindings, userId, the node's epoch, a new epoch id, channel
+# prefix, the takeover message's header (versioned, legacy). Only a signed claim writes
+# the binding (with the retention as its TTL). A binding hash without bound=1 is a
+# leftover of an older version and goes. A takeover tells the old holder's node (its
+# channel) in the same script. A successful claim gets the next number of the epoch's
+# claim counter (`seq`): replies can arrive out of the order the claims ran in, and of
+# two of one node's sessions the higher number is the holder. Returns
+# {1, seq} ok, {2, seq, old node, old session} taken over, {0} taken, {-1} bound, {-2} key
+# mismatch, {-3} full, {-4, epoch} the node's epoch is not the store's, {-5} recovering.
+CLAIM = _epoch(4, 4, 11, 10, "true") + """
+if lost or e[1] ~= ARGV[10] then return {-4, e[1]} end
+local refresh = ARGV[6] == '1'
+if not refresh and tonumber(e[2]) > now then return {-5} end
+local b = redis.call('HMGET', KEYS[2], 'publicKey', 'bound')
+local signed = ARGV[5] == '1'
+if b[2] == '1' then
+  if not signed then return {-1} end
+  if b[1] ~= ARGV[3] then return {-2} end
+elseif b[1] then
+  redis.call('DEL', KEYS[2])
+end
+local h = redis.call('HMGET', KEYS[1], 'session', 'publicKey', 'node')
+local taken_over = false
+if h[1] == '' then  -- unbound by an operator (see UNBIND)
+  if refresh then return {0} end
+elseif h[1] and h[1] ~= ARGV[2] then
+  if refresh or not signed or h[2] ~= ARGV[3] then return {0} end
+  taken_over = true
+end
+if signed and b[2] ~= '1' and not refresh then
+  redis.call('ZREMRANGEBYSCORE', KEYS[3], '-inf', now)
+  if redis.call('ZCARD', KEYS[3]) >= tonumber(ARGV[8]) then return {-3} end
+end
+redis.call('HSET', KEYS[1], 'node', ARGV[1], 'session', ARGV[2], 'publicKey', ARGV[3])
+redis.call('PEXPIRE', KEYS[1], ARGV[4])
+local seq = redis.call('HINCRBY', KEYS[4], 'seq', 1)
+if signed then
+  redis.call('HSET', KEYS[2], 'publicKey', ARGV[3], 'bound', '1')
+  redis.call('PEXPIRE', KEYS[2], ARGV[7])
+  redis.call('ZADD', KEYS[3], now + ARGV[7], ARGV[9])
+end
+if taken_over then
+  if h[3] ~= ARGV[1] then
+    redis.call('PUBLISH', ARGV[12] .. h[3], """ + _peer_header("h[3]", 13, 14) + """ .. h[1])
+  end
+  return {2, seq, h[3], h[1]}
+end
+return {1, seq}
+"""
+
+# The heartbeat's compare-and-renew, for a batch of presences: KEYS presences; ARGV ttl ms,
+# then the session each should name. Per key: 1 renewed, 0 gone, -1 names another session.
+REFRESH = """
+local out = {}
+for i, key in ipairs(KEYS) do
+  local s = redis.call('HGET', key, 'session')
+  if s == ARGV[i + 1] then
+    redis.call('PEXPIRE', key, ARGV[1])
+    out[i] = 1
+  elseif s then
+    out[i] = -1
+  else
+    out[i] = 0
+  end
+end
+return out
+"""
+
+# Key rotation, only by the session the presence names (one just replaced cannot bind a
+# key under the new holder): KEYS binding, presence; ARGV old key, new key, session.
+REBIND = """
+if redis.call('HGET', KEYS[2], 'session') ~= ARGV[3] then return 0 end
+local b = redis.call('HMGET', KEYS[1], 'publicKey', 'bound')
+if b[2] ~= '1' or b[1] ~= ARGV[1] then return 0 end
+redis.call('HSET', KEYS[1], 'publicKey', ARGV[2])
+redis.call('HSET', KEYS[2], 'publicKey', ARGV[2])
+return 1
+"""
+
+# Renews a binding that still exists (never recreates one an operator unbound): KEYS
+# presence, binding, bindings index; ARGV retention ms, userId.
+_RENEW_BINDING = """
+if redis.call('PEXPIRE', KEYS[2], ARGV[{retention}]) == 1 then
+  local t = redis.call('TIME')
+  redis.call('ZADD', KEYS[3], 'XX', t[1] * 1000 + math.floor(t[2] / 1000) + ARGV[{retention}],
+             ARGV[{user}])
+end
+"""
+# The heartbeat's renewal of an online signed user's binding (it never expires while in
+# use). Same KEYS; ARGV retention ms, userId.
+RENEW = _RENEW_BINDING.format(retention=1, user=2)
+
+# Compare-and-delete: only the session that holds the userId may release it; its binding
+# (if any) is kept for the retention from now. KEYS presence, binding, bindings index;
+# ARGV session, retention ms, userId.
+RELEASE = """
+if redis.call('HGET', KEYS[1], 'session') == ARGV[1] then
+""" + _RENEW_BINDING.format(retention=2, user=3) + """
+  return redis.call('DEL', KEYS[1])
+end
+return 0
+"""
+
+# An operator's unbind: KEYS presence, binding, bindings index; ARGV userId. The holder's
+# presence keeps its TTL but names no session (a tombstone): whether or not the notice to
+# its node arrives, that node's heartbeat then finds its user's presence naming another
+# session and closes it; meanwhile the ID reads offline and a new claim may take it, a
+# re-announce may not. Returns {had binding, node, session} of the holder to close (nil
+# when nobody holds it).
+UNBIND = """
+local had = redis.call('DEL', KEYS[2])
+redis.call('ZREM', KEYS[3], ARGV[1])
+local h = redis.call('HMGET', KEYS[1], 'node', 'session')
+if not h[2] or h[2] == '' then return {had} end
+redis.call('HSET', KEYS[1], 'session', '')
+return {had, h[1], h[2]}
+"""
+
+# {-1}: offline. {0}: its node has no listener; if the node's heartbeat has stopped too
+# (its <prefix>alive:<node> key expired: the worker died) the stale presence goes, else
+# (a listener reconnecting) it stays: deleting it would free a live user's ID.
+# {n, node}: handed to n subscribers of that node's channel. ARGV channel prefix, the
+# message's body, alive-key prefix, its header (versioned, legacy).
+ROUTE = """
+local node = redis.call('HGET', KEYS[1], 'node')
+if not node then return {-1} end
+local n = redis.call('PUBLISH', ARGV[1] .. node, """ + _peer_header("node", 4, 5) + """ .. ARGV[2])
+if n == 0 and redis.call('EXISTS', ARGV[3] .. node) == 0 then
+  redis.call('DEL', KEYS[1])
+end
+return {n, node}
+"""
+
+CLAIM_CODES = {1: Claim.OK, 2: Claim.TAKEN_OVER, 0: Claim.TAKEN, -1: Claim.BOUND,
+               -2: Claim.KEY_MISMATCH, -3: Claim.FULL}
+EPOCH_CHANGED, RECOVERING = -4, -5
+
+
+def for_cluster(script: str) -> str:
+    """The script for a cluster: its channel is in its slot, published on that shard only."""
+    return script.replace("redis.call('PUBLISH'", "redis.call('SPUBLISH'")
