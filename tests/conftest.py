@@ -262,6 +262,7 @@ def nodes(tmp_path, deployment):
             time.sleep(0.05)
         return srv
 
+    start.prefix = prefix
     yield start
     for srv in started:
         srv.stop()

@@ -13,6 +13,9 @@ import time
 from pathlib import Path
 
 import redis
+import redis.cluster
+
+from volli.redis_connect import primary_moved, subscribe
 
 SERVICE = "volli"  # the name the sentinels monitor
 WAIT = 20.0  # seconds any start or failover step may take before the fixture gives up
@@ -35,7 +38,7 @@ def _free_ports(count: int) -> list[int]:
     return ports
 
 
-def _wait(what: str, check, timeout: float = WAIT):
+def wait(what: str, check, timeout: float = WAIT):
     """Poll ``check`` until it returns something true; its last error goes in the message."""
     end, last = time.monotonic() + timeout, None
     while time.monotonic() < end:
@@ -81,7 +84,7 @@ class _Processes:
                 raise RuntimeError(f"redis-server on {port} exited: {self.log(port)}")
             with redis.Redis(port=port, socket_timeout=1) as client:
                 return client.ping()
-        _wait(f"redis on port {port} answers PING", ping)
+        wait(f"redis on port {port} answers PING", ping)
 
     def log(self, port: int) -> str:
         path = self.dir / f"redis-{port}.log"
@@ -210,7 +213,7 @@ class LocalCluster(_Topology):
         """Until ``primary``'s replicas have everything it has taken so far."""
         offset = _info(primary, "replication")["master_repl_offset"]
         for replica in self._replica_of(primary, every=True):
-            _wait(f"{replica} in sync", lambda: _info(
+            wait(f"{replica} in sync", lambda: _info(
                 replica, "replication")["slave_repl_offset"] >= offset)
 
     def _replica_of(self, primary: int, every: bool = False):
@@ -225,7 +228,7 @@ class LocalCluster(_Topology):
     def _wait_ok(self, also=lambda: True) -> None:
         def ok() -> bool:
             return all(_info_cluster(p)["cluster_state"] == "ok" for p in self.live) and also()
-        _wait("cluster_state:ok on every live node", ok)
+        wait("cluster_state:ok on every live node", ok)
 
 
 def _shards(nodes: dict[int, dict]) -> list[dict]:
@@ -258,7 +261,7 @@ class LocalSentinel(_Topology):
         self.processes.wait_ping(self.replica)
         # Sentinels start once the replica is attached: they list the primary's replicas
         # from its INFO, fetched at once and then every 10 s.
-        _wait("the replica is in sync",
+        wait("the replica is in sync",
               lambda: _info(self.replica, "replication")["master_link_status"] == "up")
         for port in self.sentinels:
             conf = self.processes.dir / f"sentinel-{port}.conf"  # sentinels rewrite it
@@ -288,7 +291,7 @@ class LocalSentinel(_Topology):
         the sentinels would) and waits for the old primary to sync.
         """
         old, new = self.primary, self.replica
-        _wait("a sentinel sees the replica in sync (else NOGOODSLAVE; after a failover it "
+        wait("a sentinel sees the replica in sync (else NOGOODSLAVE; after a failover it "
               "may take its next INFO, 10 s)", self._replica_good)
         with redis.Redis(port=self.sentinels[0], socket_timeout=5) as sentinel:
             sentinel.execute_command("SENTINEL", "FAILOVER", SERVICE)
@@ -296,7 +299,7 @@ class LocalSentinel(_Topology):
         if demote:
             with redis.Redis(port=old, socket_timeout=5) as client:
                 client.replicaof("127.0.0.1", new)
-            _wait(f"{old} replicates from {new}",
+            wait(f"{old} replicates from {new}",
                   lambda: _info(old, "replication")["master_link_status"] == "up")
         return new
 
@@ -318,7 +321,7 @@ class LocalSentinel(_Topology):
         old, new = self.primary, self.replica
         self.primary, self.replica = new, old
         self._wait_sentinels(new)
-        _wait(f"{new} accepts writes", lambda: _info(new, "replication")["role"] == "master")
+        wait(f"{new} accepts writes", lambda: _info(new, "replication")["role"] == "master")
         return new
 
     def _wait_sentinels(self, primary: int) -> None:
@@ -333,4 +336,64 @@ class LocalSentinel(_Topology):
                             or "s_down" in state["flags"] or "failover" in state["flags"]):
                         return False
             return True
-        _wait(f"every sentinel names {primary} with its replica and peers", agreed)
+        wait(f"every sentinel names {primary} with its replica and peers", agreed)
+
+
+# -- pub/sub as the tests watch it (Volli's own listener is volli/backends/redis/bus.py) ----
+
+def publish(client, channel: str, data) -> int:
+    """PUBLISH, or SPUBLISH on a cluster: how many subscribers of the node that ran it got it
+    (one still subscribed on a former primary, now a replica, gets it uncounted)."""
+    if isinstance(client, redis.cluster.RedisCluster):
+        return client.spublish(channel, data)
+    return client.publish(channel, data)
+
+
+class SubscriptionLost(Exception):
+    """The server ended the subscription (a cluster slot moved) or the primary moved
+    (Sentinel) without an error on the connection."""
+
+
+class Subscription:
+    """One channel subscribed through volli.redis_connect.subscribe; ``get`` asks every
+    ``check_every`` s whether a Sentinel primary moved (primary_moved)."""
+
+    def __init__(self, client, channel: str, check_every: float = 1.0) -> None:
+        self.channel = channel
+        self._client = client
+        self._check_every, self._next_check = check_every, time.monotonic() + check_every
+        self._pubsub = subscribe(client, [channel])
+        self.sharded = isinstance(client, redis.cluster.RedisCluster)
+
+    def get(self, timeout: float):
+        """The data of the next message, or None when none came within ``timeout`` s."""
+        if time.monotonic() >= self._next_check:
+            self._next_check = time.monotonic() + self._check_every
+            moved = primary_moved(self._client, self._pubsub)
+            if moved:
+                raise SubscriptionLost(f"the primary moved to {moved}")
+        if self.sharded:
+            message = self._pubsub.get_sharded_message(timeout=timeout)
+        else:
+            message = self._pubsub.get_message(timeout=timeout)
+        if message is None:
+            return None
+        kind = message["type"]
+        kind = kind.decode() if isinstance(kind, bytes) else kind
+        if kind in ("message", "smessage"):
+            return message["data"]
+        if kind in ("unsubscribe", "sunsubscribe"):
+            raise SubscriptionLost(f"the server ended the subscription to {self.channel}")
+        return None  # the subscribe confirmation
+
+    def close(self) -> None:
+        try:
+            self._pubsub.close()
+        except Exception:  # closing a broken connection may fail; it is dropped either way
+            pass
+
+    def __enter__(self) -> "Subscription":
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.close()

@@ -1,6 +1,7 @@
-"""Scale-out on a real 3-primary Redis Cluster: the cross-server tests of test_redis.py
-run again with VOLLI_REDIS_URL=redis+cluster://..., plus what is cluster-specific (every
-shard holds presence; node channels are sharded; takeover across servers)."""
+"""What is Cluster-specific on a real Redis Cluster (3 primaries, a replica each; the
+cross-server tests of test_redis.py run on it too): every shard holds presence, node
+channels are sharded, takeover and unbind across servers, a shard that lost its state,
+and a failover during relays."""
 
 from __future__ import annotations
 
@@ -9,29 +10,32 @@ import time
 import pytest
 import redis as redis_client
 
-from redis_topologies_tmp import ClusterServers
-from test_redis import (  # noqa: F401 (collected here again, on the cluster)
-    test_user_id_taken_and_release_work_across_servers,
-    test_users_on_four_workers_of_two_servers_discover_and_relay_every_way,
-)
 from volli.backends.redis.keys import CLUSTER_GROUPS, Keys
 from workers import spread_users
 
-PREFIX = "it:"  # conftest.NODES_PREFIX
-KEYS = Keys(PREFIX, CLUSTER_GROUPS)
-
-
-@pytest.fixture(scope="module")
-def cluster(tmp_path_factory):
-    servers = ClusterServers(tmp_path_factory.mktemp("cluster"))
-    yield servers
-    servers.stop()
+# A test that changes the cluster (a failover, a flushed shard) gets one of its own.
+OWN_CLUSTER = pytest.mark.parametrize("deployment", ["own"], indirect=True)
 
 
 @pytest.fixture
-def redis(cluster):  # what conftest's `nodes` starts its servers on
-    cluster.flush()
-    return cluster
+def deployment(request):
+    """What conftest's `nodes` starts its servers on: the session's cluster, or (``own``)
+    the test's."""
+    own = getattr(request, "param", None) == "own"
+    return request.getfixturevalue("own_redis_cluster" if own else "redis_cluster")
+
+
+@pytest.fixture
+def cluster(deployment):
+    return deployment
+
+
+def _keys(nodes) -> Keys:
+    return Keys(nodes.prefix, CLUSTER_GROUPS)
+
+
+def _primaries(cluster) -> list[redis_client.Redis]:
+    return [cluster.client(shard["primary"]) for shard in cluster.shards()]
 
 
 def test_presence_lives_on_every_shard_and_node_channels_are_sharded(nodes, open_client,
@@ -41,15 +45,15 @@ def test_presence_lives_on_every_shard_and_node_channels_are_sharded(nodes, open
     users = [open_client(servers[i % 2]) for i in range(30)]
     for i, client in enumerate(users):
         assert client.register(f"spread{i}@x")["type"] == "registered"
-    per_shard = [{key.decode().rsplit(":", 1)[1]
-                  for key in s.scan_iter(f"{PREFIX}{{g*}}presence:spread*")}
-                 for s in cluster.clients]
+    prefix = nodes.prefix
+    per_shard = [{key.rsplit(":", 1)[1] for key in s.scan_iter(f"{prefix}{{g*}}presence:spread*")}
+                 for s in _primaries(cluster)]
     assert all(per_shard) and set().union(*per_shard) == {f"spread{i}@x" for i in range(30)}
     # Each worker listens on its channel in every group (64), none with plain SUBSCRIBE.
-    channels = sum(len(s.execute_command("PUBSUB SHARDCHANNELS", f"{PREFIX}*"))
-                   for s in cluster.clients)
+    channels = sum(len(s.execute_command("PUBSUB SHARDCHANNELS", f"{prefix}*"))
+                   for s in _primaries(cluster))
     assert channels == 4 * 64
-    assert not any(s.pubsub_channels(f"{PREFIX}*") for s in cluster.clients)
+    assert not any(s.pubsub_channels(f"{prefix}*") for s in _primaries(cluster))
 
 
 def test_signed_takeover_across_servers_closes_the_old_connection(nodes, open_client):
@@ -81,11 +85,12 @@ def test_unbind_on_another_server_closes_the_holder_and_frees_the_id(nodes, open
     assert Identity().register(open_client(b), "lost-key@x")["type"] == "registered"
 
 
-def _shard_of(cluster, user: str) -> int:
+def _shard_of(cluster, keys: Keys, user: str) -> int:
     """The port of the primary that holds ``user``'s presence."""
-    return cluster.router.get_node_from_key(KEYS.presence(user)).port
+    return cluster.primary_for(keys.presence(user))
 
 
+@OWN_CLUSTER
 def test_a_shard_that_lost_its_state_recovers_its_groups_only(nodes, open_client, cluster):
     """One shard forgets everything (what a restart with no persistence looks like): the
     groups it serves get a new epoch, their users are announced again and their IDs stay
@@ -94,7 +99,8 @@ def test_a_shard_that_lost_its_state_recovers_its_groups_only(nodes, open_client
     users = {f"kept{i}@x": open_client((a, b)[i % 2]) for i in range(24)}
     for user, client in users.items():
         assert client.register(user)["type"] == "registered"
-    shard = {user: _shard_of(cluster, user) for user in users}
+    keys = _keys(nodes)
+    shard = {user: _shard_of(cluster, keys, user) for user in users}
     victim = shard[next(iter(users))]
     lost = [user for user in users if shard[user] == victim]
     assert len(lost) < len(users)
@@ -104,11 +110,11 @@ def test_a_shard_that_lost_its_state_recovers_its_groups_only(nodes, open_client
     stranger = open_client(b)
     reply = stranger.request({"type": "register", "userId": lost[0], "publicKey": "K"})
     assert reply.get("code") in ("unavailable", "user-id-taken"), reply
-    fresh = [f"fresh{i}@x" for i in range(100) if _shard_of(cluster, f"fresh{i}@x") != victim]
+    fresh = [f"fresh{i}@x" for i in range(100) if _shard_of(cluster, keys, f"fresh{i}@x") != victim]
     sender = open_client(a)
     assert sender.register(fresh[0])["type"] == "registered"
     deadline = time.monotonic() + 6
-    while not all(victim_client.exists(KEYS.presence(u)) for u in lost):
+    while not all(victim_client.exists(keys.presence(u)) for u in lost):
         assert time.monotonic() < deadline, "lost users were not announced again"
         time.sleep(0.1)
     assert "lost its presence state (restarted empty or paused) in group" in a.log() + b.log()
@@ -125,6 +131,7 @@ def _role(port: int) -> list:
     return redis_client.Redis(port=port).execute_command("ROLE")
 
 
+@OWN_CLUSTER
 def test_failover_of_a_shard_during_relays_loses_nothing_silently(nodes, open_client,
                                                                    cluster):
     """CLUSTER FAILOVER of the shard that holds some users, while relays flow to them:
@@ -134,8 +141,9 @@ def test_failover_of_a_shard_during_relays_loses_nothing_silently(nodes, open_cl
     users = {f"f{i}@x": open_client((a, b)[i % 2]) for i in range(16)}
     for user, client in users.items():
         assert client.register(user)["type"] == "registered"
-    primary = _shard_of(cluster, "f0@x")
-    moved = [user for user in users if _shard_of(cluster, user) == primary]
+    keys = _keys(nodes)
+    primary = _shard_of(cluster, keys, "f0@x")
+    moved = [user for user in users if _shard_of(cluster, keys, user) == primary]
     replica = next(p for p in cluster.ports if _role(p)[0] == b"slave" and _role(p)[2] == primary)
     senders = {target: users[next(u for u in users if u not in moved and
                                   users[u] is not users[target])] for target in moved}

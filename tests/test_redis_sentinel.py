@@ -1,6 +1,6 @@
-"""Scale-out behind Redis Sentinel (a primary, a replica, three Sentinels, all real):
-relays across servers, and a failover during which the listener and every client move
-to the new primary."""
+"""Behind Redis Sentinel (a primary, a replica, three Sentinels, all real; the
+cross-server tests of test_redis.py run there too): a failover during which the listener
+and every client move to the new primary."""
 
 from __future__ import annotations
 
@@ -9,22 +9,14 @@ import time
 import pytest
 import redis as redis_client
 
-from redis_topologies_tmp import SentinelServers, until
-from test_redis import (  # noqa: F401 (collected here again, behind Sentinel)
-    test_user_id_taken_and_release_work_across_servers,
-)
-
-@pytest.fixture(scope="module")
-def sentinels(tmp_path_factory):
-    servers = SentinelServers(tmp_path_factory.mktemp("sentinel"))
-    yield servers
-    servers.stop()
+from redis_topologies import wait
 
 
 @pytest.fixture
-def redis(sentinels):  # what conftest's `nodes` starts its servers on
-    redis_client.Redis(port=sentinels.primary_port()).flushall()
-    return sentinels
+def deployment(own_redis_sentinel):
+    """What conftest's `nodes` starts its servers on: a deployment of the test's own (it
+    fails over)."""
+    return own_redis_sentinel
 
 
 def _relays(sender, receiver, to: str, frm: str) -> bool:
@@ -33,7 +25,7 @@ def _relays(sender, receiver, to: str, frm: str) -> bool:
     return receiver.recv(timeout=3) == {"type": "offer", "to": to, "offer": offer, "from": frm}
 
 
-def test_failover_moves_every_node_to_the_new_primary(nodes, open_client, sentinels):
+def test_failover_moves_every_node_to_the_new_primary(nodes, open_client, deployment):
     # Sentinel demotes the old primary only seconds after promoting the replica; clients
     # keep writing to the old one until then, so the new one may have missed heartbeats
     # and open a recovery window of one TTL (short here).
@@ -42,17 +34,18 @@ def test_failover_moves_every_node_to_the_new_primary(nodes, open_client, sentin
     alice.register("alice@x")
     bob.register("bob@x")
     assert _relays(alice, bob, "bob@x", "alice@x") and _relays(bob, alice, "alice@x", "bob@x")
-    new_primary = sentinels.failover()
-    assert new_primary == sentinels.replica
+    replica = deployment.replica
+    new_primary = deployment.failover()
+    assert new_primary == replica
     # Both servers' listeners resubscribe on the new primary, and registrations work there.
-    until(lambda: len(redis_client.Redis(port=new_primary).pubsub_channels("it:node:*")) == 2,
-          "the listeners did not move to the new primary", 20)
+    wait("the listeners moved to the new primary", lambda: len(redis_client.Redis(
+        port=new_primary).pubsub_channels(f"{nodes.prefix}node:*")) == 2, 20)
     carol = open_client(a)
     deadline = time.monotonic() + 15
     while carol.request({"type": "register", "userId": "carol@x",
                          "publicKey": "K"}).get("type") != "registered":
         assert time.monotonic() < deadline, "registrations do not work after the failover"
         time.sleep(0.2)
-    assert redis_client.Redis(port=new_primary).exists("it:presence:carol@x")
+    assert redis_client.Redis(port=new_primary).exists(f"{nodes.prefix}presence:carol@x")
     assert _relays(carol, bob, "bob@x", "carol@x") and _relays(bob, alice, "alice@x", "bob@x")
     assert "redis listener lost" in a.log() and "redis listener recovered" in a.log()

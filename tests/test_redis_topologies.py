@@ -14,7 +14,8 @@ import redis
 from redis.backoff import ExponentialBackoff, NoBackoff
 from redis.retry import Retry
 
-from volli.redis_connect import Subscription, SubscriptionLost, connect, follow_primary, parse, publish
+from redis_topologies import Subscription, SubscriptionLost, publish
+from volli.redis_connect import connect, follow_primary, parse
 
 from conftest import ROOT
 

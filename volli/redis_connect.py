@@ -36,10 +36,9 @@ tests/test_redis_topologies.py check the parts Volli relies on):
   slot map, and then on a ThreadPoolExecutor (a greenlet under gevent, using the
   listener's sockets while the listener may be reading them). A client whose slot map is
   stale SSUBSCRIBEs on the replica: Redis accepts it and forwards messages, but SPUBLISH
-  on the primary does not count that subscriber. So the caller subscribes again itself:
-  ``Subscription`` refreshes the slot map first and turns the unasked ``sunsubscribe``
-  into ``SubscriptionLost``. Give the listener a RedisCluster of its own and open a new
-  Subscription after any error. If the shard's primary died instead, the connection
+  on the primary does not count that subscriber. So the caller subscribes again itself
+  (``subscribe`` refreshes the slot map first) when it reads the unasked ``sunsubscribe``.
+  Give the listener a RedisCluster of its own and subscribe anew after any error. If the shard's primary died instead, the connection
   error surfaces from ``get_sharded_message``.
 - Sentinel: a connection asks the sentinels for the primary only in connect(). A demoted
   primary answers a write with READONLY, which redis-py turns into ConnectionError (the
@@ -51,7 +50,7 @@ tests/test_redis_topologies.py check the parts Volli relies on):
   loses them in the resync; PUBLISH through them reaches a replica without an error
   (returns 0) even after that. ``follow_primary`` asks the sentinels and drops
   connections to a former primary: call it every second or so. A subscriber on the old
-  primary is not told either: ``Subscription`` asks the sentinels every second. When the
+  primary is not told either: ``primary_moved`` asks the sentinels (every second). When the
   primary dies, connects fail until the sentinels promote a replica
   (down-after-milliseconds + election): retries need that much backoff, or try later.
 - gevent: every socket is redis-py's own (patched in the worker); locks are
@@ -64,7 +63,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import re
-import time
 from typing import Any
 from urllib.parse import parse_qsl, unquote
 
@@ -369,13 +367,33 @@ def _sentinel_pool(client):
     return pool if isinstance(pool, SentinelConnectionPool) else None
 
 
-def publish(client, channel: str, data) -> int:
-    """PUBLISH, or SPUBLISH on a cluster; returns how many subscribers got it.
+def follows_sentinel(client) -> bool:
+    """Whether ``client`` reaches its primary through Sentinel."""
+    return _sentinel_pool(client) is not None
 
-    Counts only the subscribers of the node that ran it: one still subscribed on a former
-    primary (now a replica) gets the message but is not counted.
-    """
-    return client.spublish(channel, data) if _is_cluster(client) else client.publish(channel, data)
+
+def subscribe(client, channels: list[str], **kwargs: Any):
+    """A pub/sub of ``client`` subscribed to ``channels``: SSUBSCRIBE on a cluster, after
+    refreshing the slot map (a stale one subscribes on a replica, whose subscribers SPUBLISH
+    does not count), SUBSCRIBE otherwise. ``kwargs`` go to ``client.pubsub``."""
+    pubsub = client.pubsub(**kwargs)
+    if _is_cluster(client):
+        client.nodes_manager.initialize()
+        pubsub.ssubscribe(*channels)
+    else:
+        pubsub.subscribe(*channels)
+    return pubsub
+
+
+def primary_moved(client, pubsub) -> str | None:
+    """Sentinel: where the primary is now, if ``pubsub`` (of ``client``) is subscribed
+    elsewhere (a subscriber on a demoted primary is not told); else None."""
+    pool = _sentinel_pool(client)
+    connection = pubsub.connection
+    if pool is None or connection is None:
+        return None
+    host, port = pool.get_master_address()
+    return None if (connection.host, connection.port) == (host, port) else f"{host}:{port}"
 
 
 def follow_primary(client) -> bool:
@@ -389,63 +407,3 @@ def follow_primary(client) -> bool:
         return False
     before = pool.master_address
     return before is not None and pool.get_master_address() != before
-
-
-class SubscriptionLost(Exception):
-    """The subscription ended without an error on its connection: the server dropped it
-    (a cluster slot moved away) or the primary moved (Sentinel)."""
-
-
-class Subscription:
-    """One channel on its own connection: SUBSCRIBE, or SSUBSCRIBE on a cluster.
-
-    After any error (SubscriptionLost included), close it and open a new one: see the
-    module docstring. On a cluster it subscribes on the slot's current primary; with
-    Sentinel, ``get`` asks the sentinels every ``check_every`` s whether the primary moved.
-    """
-
-    def __init__(self, client, channel: str, check_every: float = 1.0) -> None:
-        self.sharded = _is_cluster(client)
-        self.channel = channel
-        self._sentinel = _sentinel_pool(client)
-        self._check_every, self._next_check = check_every, time.monotonic() + check_every
-        self._pubsub = client.pubsub()
-        if self.sharded:
-            client.nodes_manager.initialize()  # else a demoted primary may still hold the slot
-            self._pubsub.ssubscribe(channel)
-        else:
-            self._pubsub.subscribe(channel)
-
-    def get(self, timeout: float):
-        """The data of the next message, or None when none came within ``timeout`` s."""
-        if self._sentinel is not None and time.monotonic() >= self._next_check:
-            self._next_check = time.monotonic() + self._check_every
-            connection = self._pubsub.connection
-            primary = self._sentinel.get_master_address()
-            if connection is not None and (connection.host, connection.port) != primary:
-                raise SubscriptionLost(f"the primary moved to {primary[0]}:{primary[1]}")
-        if self.sharded:
-            message = self._pubsub.get_sharded_message(timeout=timeout)
-        else:
-            message = self._pubsub.get_message(timeout=timeout)
-        if message is None:
-            return None
-        kind = message["type"]
-        kind = kind.decode() if isinstance(kind, bytes) else kind
-        if kind in ("message", "smessage"):
-            return message["data"]
-        if kind in ("unsubscribe", "sunsubscribe"):
-            raise SubscriptionLost(f"the server ended the subscription to {self.channel}")
-        return None  # the subscribe confirmation
-
-    def close(self) -> None:
-        try:
-            self._pubsub.close()
-        except Exception:  # closing a broken connection may fail; it is dropped either way
-            pass
-
-    def __enter__(self) -> "Subscription":
-        return self
-
-    def __exit__(self, *exc_info) -> None:
-        self.close()

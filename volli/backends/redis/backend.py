@@ -59,7 +59,7 @@ class RedisBackend(Backend):
                             pool_timeout=RELEASE_TIMEOUT)
         self.local = LocalSessions(events)
         self.bus = Bus(self.keys, self.node, events, client, listener, self._received,
-                       self._listener_recovered)
+                       self._listener_recovered, follow=(client, quick))
         self.presence = PresenceStore(settings, self.keys, self.node, self.local, events,
                                       client, quick, self._notify, cluster, self._wake)
         self.router = Router(self.keys, self.local, events, client, self.bus, self._healthy,

@@ -14,6 +14,7 @@ from typing import Callable
 
 import redis
 
+from ... import redis_connect
 from ..base import BackendEvents
 from . import wire
 from .keys import Keys
@@ -29,9 +30,12 @@ BACKOFF_FIRST, BACKOFF_CAP = 0.1, 1.0
 class Bus:
     def __init__(self, keys: Keys, node: str, events: BackendEvents, client, listener,
                  handle: Callable[[wire.Message], None],
-                 on_recovered: Callable[[], None]) -> None:
+                 on_recovered: Callable[[], None], follow: tuple = ()) -> None:
+        """``follow``: with Sentinel, the other clients to move to a new primary."""
         self._keys, self.node, self._events = keys, node, events
         self._redis, self._listener = client, listener
+        self._sentinel = redis_connect.follows_sentinel(listener)
+        self._follow = follow
         self._handle, self._on_recovered = handle, on_recovered
         self.subscribed = False
         self._stopped = False
@@ -68,12 +72,10 @@ class Bus:
         while not self._stopped:
             # On a cluster a shard that loses a slot (failover, resharding) says so with
             # `sunsubscribe`: that message is needed (see _read).
-            pubsub = self._listener.pubsub(ignore_subscribe_messages=not self._keys.sharded)
+            pubsub = None
             try:
-                if self._keys.sharded:
-                    pubsub.ssubscribe(*channels)
-                else:
-                    pubsub.subscribe(*channels)
+                pubsub = redis_connect.subscribe(self._listener, channels,
+                                                 ignore_subscribe_messages=not self._keys.sharded)
                 self.subscribed = True
                 backoff = BACKOFF_FIRST
                 if lost_at is not None:
@@ -97,12 +99,17 @@ class Bus:
                 time.sleep(backoff)
                 backoff = min(backoff * 2, BACKOFF_CAP)
             finally:
-                _close_quietly(pubsub)
+                if pubsub is not None:
+                    _close_quietly(pubsub)
         self.subscribed = False
 
     def _read(self, pubsub) -> None:
+        check_at = time.monotonic() + LISTEN_POLL
         while not self._stopped:
             message = pubsub.get_message(timeout=LISTEN_POLL)
+            if self._sentinel and time.monotonic() >= check_at:
+                check_at = time.monotonic() + LISTEN_POLL
+                self._follow_primary(pubsub)
             if message is None:
                 continue
             kind = message["type"]
@@ -136,6 +143,15 @@ class Bus:
         except (redis.RedisError, OSError) as exc:
             return exc
         return None
+
+    def _follow_primary(self, pubsub) -> None:
+        """Sentinel: neither a subscriber nor pooled connections on a demoted primary are
+        told (redis_connect): move the clients, and subscribe again on the new primary."""
+        for client in self._follow:
+            redis_connect.follow_primary(client)
+        moved = redis_connect.primary_moved(self._listener, pubsub)
+        if moved:
+            raise redis.ConnectionError(f"the Redis primary moved to {moved}")
 
     def dispatch(self, data: bytes) -> None:
         try:
