@@ -49,10 +49,20 @@ def read_available(sock, wait: float = 0.2) -> bytes:
 
 
 def response_headers(data: bytes) -> dict[str, str]:
-    head, _, _ = data.partition(b"\r\n\r\n")
+    """The headers of the 101 that is all of ``data``."""
+    head, _, rest = data.partition(b"\r\n\r\n")
+    assert rest == b"", rest
     lines = head.decode().split("\r\n")
     assert lines[0].startswith("HTTP/1.1 101"), lines[0]
     return {k.strip().lower(): v.strip() for k, v in (line.split(":", 1) for line in lines[1:])}
+
+
+def app_with_route(route) -> Flask:
+    """Volli's flask-sock set-up, with ``route`` as the WebSocket route /ws."""
+    app = Flask(__name__)
+    app.config["SOCK_SERVER_OPTIONS"] = {"thread_class": handshake.HandshakeOnly}
+    Sock(app).route("/ws")(route)
+    return app
 
 
 def accept_for(key: str) -> str:
@@ -101,22 +111,19 @@ def test_flask_sock_builds_the_server_from_our_options_and_gunicorns_socket(pair
     in gunicorn mode ends the response by raising StopIteration (gunicorn then writes no
     response: next test)."""
     ours, theirs = pair
-    app = Flask(__name__)
-    app.config["SOCK_SERVER_OPTIONS"] = {"thread_class": handshake.HandshakeOnly}
-    sock = Sock(app)
     seen = []
 
-    @sock.route("/ws")
     def route(ws):
         seen.append(ws)
         ws.connected = False
 
+    app = app_with_route(route)
     with pytest.raises(StopIteration):
         app.wsgi_app(environ_for(ours), lambda *args: None)
     [ws] = seen
     assert ws.sock is ours and isinstance(ws.thread, handshake.HandshakeOnly)
     response_headers(read_available(theirs))  # a 101, then nothing
-    assert not ours._closed
+    assert ours.fileno() != -1
 
 
 class _Log:
@@ -132,18 +139,14 @@ def test_gunicorns_async_worker_only_closes_an_upgraded_socket_which_detached_su
     from gunicorn.workers.ggevent import GeventWorker
 
     client, peer = gevent.socket.socketpair()
-    app = Flask(__name__)
-    app.config["SOCK_SERVER_OPTIONS"] = {"thread_class": handshake.HandshakeOnly}
-    sock = Sock(app)
     taken = []
 
-    @sock.route("/ws")
     def route(ws):
         ws.connected = False
         taken.append(handshake.detach(ws.sock))
 
     worker = GeventWorker.__new__(GeventWorker)  # the request path only: no process
-    worker.cfg, worker.log, worker.wsgi = Config(), _Log(), app
+    worker.cfg, worker.log, worker.wsgi = Config(), _Log(), app_with_route(route)
     worker.alive, worker.nr, worker.max_requests = True, 0, 1000
     listener = socket.socket()
     try:
