@@ -25,7 +25,7 @@ import collections
 import enum
 import itertools
 from collections import Counter
-from typing import Any, Iterator
+from typing import Any, Iterable, Iterator
 
 from .frames import (
     OP_BINARY, OP_CLOSE, OP_PING, OP_PONG, OP_TEXT, FrameError, FrameParser, close_frame, frame,
@@ -90,9 +90,15 @@ class ServerProtocol:
             return frames
         return 0
 
-    def events_received(self) -> Iterator[tuple[int, Any]]:
+    def events_received(self) -> Iterable[tuple[int, Any]]:
         """The events of the last read, in order, until the connection is closing."""
         events, self._events = self._events, ()
+        if self._error is None and (not events or len(events) == 1
+                                    and events[0][0] <= OP_BINARY):
+            return events  # the usual read, one message: no generator
+        return self._in_order(events)
+
+    def _in_order(self, events) -> Iterator[tuple[int, Any]]:
         for event in events:
             if self.close_code is not None:
                 return
