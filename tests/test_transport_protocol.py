@@ -12,7 +12,7 @@ from wsproto.frame_protocol import FrameProtocol, Opcode
 from rawclient import masked
 from volli.transport.frames import OP_BINARY, OP_CLOSE, OP_CONT, OP_PING, OP_PONG, OP_TEXT, frame
 from volli.transport.protocol import (
-    BUSY, CLOSED, FRAME_BATCH, FULL, QUEUED, ServerProtocol, State,
+    BUSY, FRAME_BATCH, FULL, NOT_OPEN, QUEUED, ServerProtocol, State,
 )
 
 LIMIT = 10_000
@@ -44,13 +44,21 @@ def server_frames(data: bytes) -> list[tuple[Opcode, object]]:
     return [(f.opcode, f.payload) for f in parser.received_frames()]
 
 
-def test_the_module_imports_no_io():
-    code = ("import sys, volli.transport.protocol; "
-            "print(sorted({m.split('.')[0] for m in sys.modules} & {'gevent', 'flask', "
-            "'flask_sock', 'simple_websocket', 'gunicorn', 'redis'}))")
+def imported_by(module: str) -> set[str]:
+    code = f"import sys, {module}; print(' '.join(sys.modules))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          check=True).stdout
-    assert out.strip() == "[]"
+    return set(out.split())
+
+
+def test_the_protocol_imports_no_io():
+    assert not imported_by("volli.transport.protocol") & {
+        "gevent", "flask", "flask_sock", "simple_websocket", "gunicorn", "redis"}
+
+
+def test_the_transport_is_below_flask_and_the_runtime():
+    modules = imported_by("volli.transport.connection, volli.transport.handshake")
+    assert not modules & {"flask", "flask_sock", "volli.runtime", "volli.hub", "volli.app"}
 
 
 def test_masked_and_fragmented_frames_in_any_split_are_one_message():
@@ -101,9 +109,9 @@ def test_we_close_first_then_input_is_discarded_and_nothing_follows_our_close_fr
     assert proto.close_code == 1000
     # Input after the close decision: discarded, pings unanswered.
     assert receive(proto, masked(OP_PING, b"late") + masked(OP_TEXT, b"late")) == []
-    assert proto.send_text("after") == CLOSED and not proto.send_ping()
+    assert proto.send_text("after") == NOT_OPEN and not proto.send_ping()
     proto.send_close(1000, "done")
-    assert proto.send_text("after the frame") == CLOSED
+    assert proto.send_text("after the frame") == NOT_OPEN
     assert server_frames(written(proto)) == [
         (Opcode.TEXT, "before"), (Opcode.CLOSE, (1000, "done"))]
     assert not proto.has_output()

@@ -43,7 +43,7 @@ class State(enum.IntEnum):
 
 
 # What send_text did with a message.
-QUEUED, BUSY, FULL, CLOSED = 0, 1, 2, 3
+QUEUED, BUSY, FULL, NOT_OPEN = 0, 1, 2, 3
 
 
 class ServerProtocol:
@@ -125,12 +125,12 @@ class ServerProtocol:
 
     def send_text(self, text: str, origin: str | None = None, window_full: bool = False) -> int:
         """Queue a text frame (a relay from ``origin``): QUEUED; BUSY if a relay must wait
-        (nothing queued); FULL if the queue would pass its limit (close with 4002); CLOSED.
+        (nothing queued); FULL if the queue would pass its limit (close with 4002); NOT_OPEN.
         A relay waits when it would pass the limit, or an eighth of it while the peer's
         ``window_full``: other peers cannot fill a receiver's queue to get it closed. A
         burst within one turn of the loop, about to be flushed, is not refused."""
         if self.close_code is not None:
-            return CLOSED
+            return NOT_OPEN
         payload = text.encode()
         if self._deflate is not None:
             data = frame(OP_TEXT, self._deflate.compress(payload), rsv1=True)
