@@ -116,11 +116,11 @@ def signaling(ws):
     address = g.pop("volli_address")
     opened = time.monotonic()
     try:
-        detached = handshake.detach(sock)
+        raw = handshake.detach(sock)
     except OSError as exc:
         log.warning("could not detach a WebSocket (%s); serving it in place", exc)
-        detached = None
-    conn = Connection(detached or sock, detached=detached is not None, events=runtime.hub,
+        raw = None
+    conn = Connection(sock if raw is None else raw, detached=raw is not None, events=runtime.hub,
                       max_message_size=settings.max_message_size,
                       queue_limit=settings.send_queue_limit,
                       send_timeout=settings.send_timeout, remote_addr=address,
@@ -129,7 +129,7 @@ def signaling(ws):
     runtime.hub.connect(conn)
     log.info("connection open id=%s ip=%s", conn.id, address)
     conn.start(settings.register_timeout)
-    if detached is None:
+    if raw is None:
         conn.serve()  # TLS, or not detached: read here until the end
 
 
