@@ -128,22 +128,24 @@ class Connection:
         if self._writer is not None or protocol.state is State.CLOSED:
             return
         self._flushing = False
+        more = protocol.has_output()
         if self._detached:
             try:
-                while protocol.has_output():
-                    self._write_some()
+                while more:
+                    more = self._write_some()
             except BlockingIOError:
-                pass
+                more = True
             except OSError:  # the peer is gone; releasing may block, not here
                 gevent.spawn(self._release)
                 return
-        if protocol.has_output():
+        if more:
             self._flushing = True
             self._writer = gevent.spawn(self._write_waiting)
         elif protocol.close_expected():
             self._shut_write()
 
-    def _write_some(self) -> None:
+    def _write_some(self) -> bool:
+        """One non-blocking write; whether output remains."""
         protocol = self._protocol
         bufs = protocol.data_to_send()
         try:
@@ -151,9 +153,10 @@ class Connection:
         except BlockingIOError:
             protocol.data_sent(0)
             raise
-        protocol.data_sent(sent)
+        more = protocol.data_sent(sent)
         if self._stall is not None and protocol.may_resume():
             self._resume()
+        return more
 
     def _write_waiting(self) -> None:
         """The writer: drains the queue while the peer's window is full."""

@@ -47,11 +47,12 @@ QUEUED, BUSY, FULL, NOT_OPEN = 0, 1, 2, 3
 
 
 class ServerProtocol:
-    __slots__ = ("close_code", "awaiting_pong", "_parser", "_deflate", "_events", "_error",
-                 "_out", "_offset", "_queued", "_queue_limit", "_pong", "_sending",
-                 "_pong_sending", "_close_sent", "_eof")
+    __slots__ = ("state", "close_code", "awaiting_pong", "_parser", "_deflate", "_events",
+                 "_error", "_out", "_offset", "_queued", "_queue_limit", "_pong", "_sending",
+                 "_pong_sending", "_close_sent")
 
     def __init__(self, *, max_message_size: int, queue_limit: int, deflate=None) -> None:
+        self.state = State.OPEN
         self.close_code: int | None = None  # decided by either side; first one wins
         self.awaiting_pong = False
         self._parser = FrameParser(max_message_size, deflate)
@@ -66,13 +67,6 @@ class ServerProtocol:
         self._sending = 0  # frames handed out by data_to_send and not yet acknowledged
         self._pong_sending = False  # ... the first of them the pong
         self._close_sent = False  # our close frame is queued
-        self._eof = False
-
-    @property
-    def state(self) -> State:
-        if self._eof:
-            return State.CLOSED
-        return State.OPEN if self.close_code is None else State.CLOSING
 
     # -- input --------------------------------------------------------------------------
 
@@ -118,7 +112,7 @@ class ServerProtocol:
 
     def receive_eof(self) -> Counter[str]:
         """The transport is gone: returns the relays never written, per sender."""
-        self._eof = True
+        self.state = State.CLOSED
         return self.drop_queue()
 
     # -- output -------------------------------------------------------------------------
@@ -161,6 +155,8 @@ class ServerProtocol:
         if self.close_code is not None:
             return False
         self.close_code = code
+        if self.state is State.OPEN:
+            self.state = State.CLOSING
         return True
 
     def send_close(self, code: int, reason: str = "") -> None:
@@ -196,14 +192,18 @@ class ServerProtocol:
             out.appendleft((self._pong, None))
             self._pong = None
             self._pong_sending = True
-        bufs = [data for data, _ in itertools.islice(out, MAX_IOV)]
+        if len(out) == 1:  # the usual case while the peer keeps up
+            bufs = [out[0][0]]
+        else:
+            bufs = [data for data, _ in itertools.islice(out, MAX_IOV)]
         if self._offset:
             bufs[0] = memoryview(bufs[0])[self._offset:]
         self._sending = len(bufs)
         return bufs
 
-    def data_sent(self, sent: int) -> None:
-        """``sent`` bytes of the last ``data_to_send`` were written."""
+    def data_sent(self, sent: int) -> bool:
+        """``sent`` bytes of the last ``data_to_send`` were written; returns whether output
+        remains."""
         out = self._out
         self._sending = 0
         if self._pong_sending:
@@ -215,6 +215,7 @@ class ServerProtocol:
         while out and sent >= len(out[0][0]):
             sent -= len(out.popleft()[0])
         self._offset = sent
+        return bool(out) or self._pong is not None
 
     def drop_queue(self, keep_started: bool = False) -> Counter[str]:
         """Discard what is queued; returns the relays dropped, per sender. With
