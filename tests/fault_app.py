@@ -1,14 +1,14 @@
 """The real app with deliberate bugs, for testing how failures are contained:
 discovering "explode@fault" raises inside a message handler, the text frame
 "crash-connection" raises outside the hub, in the connection's receive loop, and with
-FAULT_NO_DUP=1 duplicating a socket fails as it does out of file descriptors."""
+FAULT_NO_DETACH=1 taking a socket over from gunicorn fails."""
 
 import errno
 import os
 
 from volli.app import create_app
 from volli.protocol import Discover
-from volli.transport import websocket
+from volli.transport import handshake
 
 app = create_app()
 _hub = app.extensions["volli"].hub
@@ -32,15 +32,9 @@ _hub._handlers[Discover] = _faulty_discover
 _hub.receive_text = _faulty_receive_text
 
 
-class _OsWithoutDup:
-    def __getattr__(self, name):
-        return getattr(os, name)
-
-    @staticmethod
-    def dup(fd):
-        raise OSError(errno.EMFILE, "Too many open files (injected)")
+def _failing_detach(sock):
+    raise OSError(errno.EBADF, "cannot take the socket over (injected)")
 
 
-if os.environ.get("FAULT_NO_DUP"):
-    websocket.os = _OsWithoutDup()
-
+if os.environ.get("FAULT_NO_DETACH"):
+    handshake.detach = _failing_detach

@@ -6,7 +6,7 @@ import pytest
 
 from conftest import ROOT
 from volli.app import create_app
-from volli.transport.websocket import HandshakeOnly
+from volli.transport.handshake import HandshakeOnly
 from volli.config import SETTINGS, ConfigError, Settings, load
 
 

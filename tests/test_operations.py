@@ -169,10 +169,10 @@ def test_connection_cap_follows_the_open_file_limit(tmp_path, clients):
 
 
 def test_a_socket_that_cannot_be_detached_is_served_in_place(make_server, clients):
-    """At the descriptor limit the detaching dup() fails after the 101: the connection is
-    then read in its request greenlet, with everything else the same."""
+    """Should taking the socket over from gunicorn fail after the 101, the connection is
+    read in its request greenlet, with everything else the same."""
     srv = make_server(app="fault_app:app", env={"PYTHONPATH": f"{ROOT}:{ROOT / 'tests'}",
-                                                "FAULT_NO_DUP": "1"})
+                                                "FAULT_NO_DETACH": "1"})
     alice, bob = clients(srv.url), clients(srv.url)
     alice.register("alice@volli.app")
     bob.register("bob@volli.app")

@@ -153,7 +153,7 @@ def test_a_slow_consumer_close_never_cuts_a_frame():
     for text in relays:
         assert conn.send(text, origin="alice@volli.app")
     gevent.sleep(0.05)  # written until the socket pair is full: one frame partly
-    assert conn._offset > 0, "the scenario needs a partly written frame"
+    assert conn._protocol.offset > 0, "the scenario needs a partly written frame"
     conn.close(CloseCode.SLOW_CONSUMER, "too slow: output not read")
     theirs.setblocking(False)
     parser, frames = FrameProtocol(client=True, extensions=[]), []

@@ -8,9 +8,9 @@ from typing import Any, Mapping
 
 from flask import Flask
 
-from . import admin, config, http, logs, web
+from . import admin, config, endpoint, http, logs, web
 from .runtime import Runtime
-from .transport import websocket
+from .transport import handshake
 
 
 def create_app(overrides: Mapping[str, Any] | None = None,
@@ -21,11 +21,11 @@ def create_app(overrides: Mapping[str, Any] | None = None,
     app = Flask(__name__)
     app.config["VOLLI_SETTINGS"] = settings
     # simple-websocket only answers the handshake; volli.transport does the rest.
-    app.config["SOCK_SERVER_OPTIONS"] = {"thread_class": websocket.HandshakeOnly}
+    app.config["SOCK_SERVER_OPTIONS"] = {"thread_class": handshake.HandshakeOnly}
     logs.configure(settings.log_level, settings.log_format)
     Runtime.init_app(app, settings)
-    websocket.sock.init_app(app)
-    app.register_blueprint(websocket.bp)
+    endpoint.sock.init_app(app)
+    app.register_blueprint(endpoint.bp)
     app.register_blueprint(http.bp)
     app.register_blueprint(admin.bp)
     app.register_blueprint(web.bp)

@@ -1,22 +1,20 @@
-"""The ``/signaling`` WebSocket endpoint: admission, then a receive loop into the hub."""
+"""The ``/signaling`` WebSocket endpoint (Flask, flask-sock): admission (a valid
+handshake, draining, capacity, Origin, per-IP limits), then the socket is handed to a
+``Connection`` registered with the hub. The transport below it (``volli.transport``)
+knows nothing of Flask or the runtime."""
 
 from __future__ import annotations
 
-import _socket
-import base64
-import binascii
 import logging
-import os
-import ssl
 import time
 
 from flask import Blueprint, current_app, g, jsonify, request
 from flask_sock import Sock
 
-from ..runtime import Runtime, get_runtime
-from . import deflate
-from .client_ip import client_ip
-from .connection import Connection
+from .runtime import Runtime, get_runtime
+from .transport import deflate, handshake
+from .transport.client_ip import client_ip
+from .transport.connection import Connection
 
 log = logging.getLogger("volli.ws")
 
@@ -32,12 +30,12 @@ def admit():
     runtime = get_runtime()
     settings = runtime.settings
     environ = request.environ
-    problem = _handshake_problem(environ)
+    problem = handshake.problem(environ)
     if problem:
         status, message = problem
         log.warning("bad handshake from %s: %s", request.remote_addr, message)
         return _refuse(runtime, status, "bad-handshake", message)
-    environ["HTTP_UPGRADE"] = "websocket"  # the one token wsproto accepts
+    handshake.normalise_upgrade(environ)
     if runtime.draining:
         return _refuse(runtime, 503, "draining", "server is shutting down")
     if runtime.connections >= runtime.max_connections:
@@ -107,62 +105,22 @@ def _refuse(runtime: Runtime, status: int, reason: str, message: str):
     return response
 
 
-def _handshake_problem(environ: dict) -> tuple[int, str] | None:
-    """What RFC 6455 4.2.1 (and wsproto, which answers the handshake) requires, checked
-    before any slot is taken: (status, message), or None for a valid handshake."""
-    if environ["REQUEST_METHOD"] != "GET":
-        return 400, "a WebSocket handshake must be a GET"
-    if "websocket" not in _tokens(environ, "HTTP_UPGRADE") \
-            or "upgrade" not in _tokens(environ, "HTTP_CONNECTION"):
-        return 400, "a WebSocket upgrade needs 'Upgrade: websocket' and 'Connection: Upgrade'"
-    if environ.get("HTTP_SEC_WEBSOCKET_VERSION", "").strip() != "13":
-        return 426, "only Sec-WebSocket-Version 13 is supported"
-    try:
-        key = base64.b64decode(environ.get("HTTP_SEC_WEBSOCKET_KEY", "").strip(), validate=True)
-    except binascii.Error:
-        key = b""
-    if len(key) != 16:
-        return 400, "Sec-WebSocket-Key must be 16 bytes in base64"
-    if not environ.get("HTTP_HOST"):
-        return 400, "a WebSocket handshake needs a Host header"
-    return None
-
-
-def _tokens(environ: dict, name: str) -> set[str]:
-    return {token.strip().lower() for token in environ.get(name, "").split(",")}
-
-
-class HandshakeOnly:
-    """simple-websocket's reader "thread", never started: simple-websocket answers the
-    handshake, then the socket belongs to ``Connection`` (its own frame layer)."""
-
-    name = "volli-handshake"
-
-    def __init__(self, target=None) -> None:
-        pass
-
-    def start(self) -> None:
-        pass
-
-
 @sock.route("/signaling", bp=bp)
 def signaling(ws):
-    ws.connected = False  # flask-sock's closing ws afterwards must not write on our socket
+    # flask-sock closes ws after this returns: closed already, it writes nothing (a TLS
+    # socket may still be open while its writer stops).
+    ws.connected = False
     runtime = get_runtime()
     settings = runtime.settings
     sock = request.environ["gunicorn.socket"]
     address = g.pop("volli_address")
     opened = time.monotonic()
-    detached = not isinstance(sock, ssl.SSLSocket)
-    if detached:
-        try:
-            # gunicorn closes its socket when this handler returns; the duplicate lives on.
-            sock = _socket.socket(fileno=os.dup(sock.fileno()))
-            sock.setblocking(False)
-        except OSError as exc:  # out of descriptors: serve it in this greenlet instead
-            log.warning("could not detach a WebSocket (%s); serving it in place", exc)
-            detached = False
-    conn = Connection(sock, detached=detached, events=runtime.hub,
+    try:
+        raw = handshake.detach(sock)
+    except OSError as exc:
+        log.warning("could not detach a WebSocket (%s); serving it in place", exc)
+        raw = None
+    conn = Connection(sock if raw is None else raw, detached=raw is not None, events=runtime.hub,
                       max_message_size=settings.max_message_size,
                       queue_limit=settings.send_queue_limit,
                       send_timeout=settings.send_timeout, remote_addr=address,
@@ -171,8 +129,8 @@ def signaling(ws):
     runtime.hub.connect(conn)
     log.info("connection open id=%s ip=%s", conn.id, address)
     conn.start(settings.register_timeout)
-    if not detached:
-        conn.serve()  # TLS, or no descriptor to spare: read here until the end
+    if raw is None:
+        conn.serve()  # TLS, or not detached: read here until the end
 
 
 @bp.route("/signaling")
