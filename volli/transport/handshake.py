@@ -5,7 +5,7 @@ the opening handshake (through wsproto) on ``environ["gunicorn.socket"]`` and th
 its reader "thread". Volli lets it do only the first: the thread class it is given never
 starts, and the socket then belongs to ``Connection`` (its own frame layer). Each
 assumption this makes about flask-sock, simple-websocket, wsproto and gunicorn has a test
-in ``tests/test_handshake_seam.py``.
+in ``tests/test_transport_handshake.py``.
 
 Also here, before any of that runs: what RFC 6455 4.2.1 (and wsproto) require of the
 request, and the one Upgrade token wsproto accepts.
