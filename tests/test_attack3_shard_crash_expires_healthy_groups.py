@@ -4,8 +4,11 @@ one pipelined round trip, and any failure in it aborts the whole heartbeat, so w
 shard is unreachable the presences of users in the *healthy* groups are not renewed
 either. docs/scaling.md: "registrations in that group are refused during that group's
 recovery window; the other groups go on". Here a connected user's presence on a healthy
-shard expires during another shard's failover, and a stranger on another server registers
-the same userId while the first holder is still connected: two live holders of one ID.
+shard expires (key gone from its own, healthy shard) while another shard fails over, and
+meanwhile a relay between two users of healthy shards and a registration in a healthy
+group are both answered `unavailable`: every node's listener and heartbeat treat one
+shard's loss as the loss of all of Redis. (No two live holders were seen: claims are
+refused while the node is unhealthy.)
 """
 
 from __future__ import annotations
