@@ -6,6 +6,7 @@ knows nothing of Flask or the runtime."""
 from __future__ import annotations
 
 import logging
+import ssl
 import time
 
 from flask import Blueprint, current_app, g, jsonify, request
@@ -65,7 +66,8 @@ def admit():
 
 
 @bp.errorhandler(ConnectionError)
-def client_left(exc: ConnectionError):
+@bp.errorhandler(ssl.SSLError)  # over TLS, the same hang-up (SSLEOFError)
+def client_left(exc: OSError):
     """The client hung up (say, a reset) while the handshake was being answered: nothing
     to answer and nothing of ours broke, so one line and no traceback."""
     log.info("client %s left during the WebSocket handshake (%s)",

@@ -33,6 +33,7 @@ from typing import Callable, Protocol
 
 import gevent
 from gevent import get_hub
+from gevent.socket import socket as GeventSocket
 from gevent.event import Event
 
 from ..protocol import CloseCode, ErrorCode, ProtocolError
@@ -198,7 +199,12 @@ class Connection:
         if not self._write_shut:
             self._write_shut = True
             try:
-                self._sock.shutdown(_socket.SHUT_WR)
+                if self._detached:
+                    self._sock.shutdown(_socket.SHUT_WR)
+                else:
+                    # TLS: gevent's SSLSocket.shutdown drops its SSL object under serve()'s
+                    # read; shut only the TCP write side (our close frame was the last record).
+                    GeventSocket.shutdown(self._sock, _socket.SHUT_WR)
             except OSError:
                 pass
 
@@ -241,7 +247,7 @@ class Connection:
         while True:
             try:
                 data = self._sock.recv(RECV_SIZE)
-            except OSError:
+            except (OSError, ValueError):  # ValueError: an SSL socket already unwrapped
                 data = b""
             self._reading = True
             try:

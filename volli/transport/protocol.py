@@ -126,17 +126,23 @@ class ServerProtocol:
         if self.close_code is not None:
             return NOT_OPEN
         payload = text.encode()
-        if self._deflate is not None:
-            data = frame(OP_TEXT, self._deflate.compress(payload), rsv1=True)
-        else:
-            data = frame(OP_TEXT, payload)
-        queued = self._queued + len(data)
         limit = self._queue_limit
-        if origin is not None and self._queued and (
-                queued > limit or window_full and queued > limit >> 3):
-            return BUSY
+        if self._deflate is None:
+            data = frame(OP_TEXT, payload)
+            size = len(data)
+        else:
+            # A refused relay must never enter the deflate stream (the peer would inflate
+            # later frames against text it never got): decide on a bound of its size.
+            data, size = None, _deflated_bound(len(payload))
+        if origin is not None and self._queued:
+            queued = self._queued + size
+            if queued > limit or window_full and queued > limit >> 3:
+                return BUSY
+        if data is None:
+            data = frame(OP_TEXT, self._deflate.compress(payload), rsv1=True)
+        queued = self._queued + len(data)
         if queued > limit:
-            return FULL
+            return FULL  # the connection closes: what the stream holds no longer matters
         self._out.append((data, origin))
         self._queued = queued
         return QUEUED
@@ -252,3 +258,9 @@ class ServerProtocol:
     def offset(self) -> int:
         """Bytes of the first queued frame already written."""
         return self._offset
+
+
+def _deflated_bound(length: int) -> int:
+    """The most a text frame of ``length`` bytes can take once deflated (zlib's
+    deflateBound, plus the frame header)."""
+    return length + (length >> 12) + (length >> 14) + 32
