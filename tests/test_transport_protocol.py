@@ -246,3 +246,29 @@ def test_one_write_takes_at_most_max_iov_buffers(count):
     assert len(bufs) == min(count, 512)
     proto.data_sent(sum(len(b) for b in bufs))
     assert len(proto.data_to_send()) == count - len(bufs)
+
+
+def test_a_relay_refused_busy_never_enters_the_deflate_stream():
+    """The peer inflates every frame against the ones before it: a refused relay must
+    leave the compressor as it was, so the next frames still inflate to what was sent."""
+    import random
+    import zlib
+
+    from volli.transport.deflate import PerMessageDeflate
+
+    proto = ServerProtocol(max_message_size=65536, queue_limit=LIMIT,
+                           deflate=PerMessageDeflate(False, 15))
+    rng = random.Random(7)
+    texts = ["".join(rng.choice("abcdefgh") for _ in range(3000)) for _ in range(3)]
+    assert proto.send_text(texts[0], origin="alice") == QUEUED
+    assert proto.send_text(texts[1] * 4, origin="bob") == BUSY  # past the limit
+    assert proto.send_text(texts[2], origin="carol") == QUEUED
+    data, got, inflate = written(proto), [], zlib.decompressobj(-15)
+    while data:  # unmasked server frames, RSV1 set (compressed)
+        assert data[0] == 0x80 | 0x40 | OP_TEXT
+        length, start = data[1], 2
+        if length == 126:
+            length, start = int.from_bytes(data[2:4], "big"), 4
+        payload, data = data[start:start + length], data[start + length:]
+        got.append(inflate.decompress(payload + b"\x00\x00\xff\xff").decode())
+    assert got == [texts[0], texts[2]]
