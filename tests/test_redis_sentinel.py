@@ -26,25 +26,25 @@ def _relays(sender, receiver, to: str, frm: str) -> bool:
 
 
 def test_failover_moves_every_node_to_the_new_primary(nodes, open_client, deployment):
-    # Sentinel demotes the old primary only seconds after promoting the replica; clients
-    # keep writing to the old one until then, so the new one may have missed heartbeats
-    # and open a recovery window of one TTL (short here).
-    a, b = nodes(workers=1, VOLLI_PRESENCE_TTL="4"), nodes(workers=1, VOLLI_PRESENCE_TTL="4")
+    """SENTINEL FAILOVER with the old primary left as it is (the Sentinels demote it only
+    at their next check, up to 10 s later, and it takes writes until then): every node
+    moves its clients and its listener to the new primary within a few seconds."""
+    a, b = nodes(workers=1), nodes(workers=1)
     alice, bob = open_client(a), open_client(b)
     alice.register("alice@x")
     bob.register("bob@x")
     assert _relays(alice, bob, "bob@x", "alice@x") and _relays(bob, alice, "alice@x", "bob@x")
     replica = deployment.replica
-    new_primary = deployment.failover()
+    new_primary = deployment.failover(demote=False)
     assert new_primary == replica
-    # Both servers' listeners resubscribe on the new primary, and registrations work there.
+    moved_at = time.monotonic()
+    # Both servers' listeners subscribe again on the new primary, registrations land there.
     wait("the listeners moved to the new primary", lambda: len(redis_client.Redis(
-        port=new_primary).pubsub_channels(f"{nodes.prefix}node:*")) == 2, 20)
+        port=new_primary).pubsub_channels(f"{nodes.prefix}node:*")) == 2, 4)
     carol = open_client(a)
-    deadline = time.monotonic() + 15
     while carol.request({"type": "register", "userId": "carol@x",
                          "publicKey": "K"}).get("type") != "registered":
-        assert time.monotonic() < deadline, "registrations do not work after the failover"
+        assert time.monotonic() < moved_at + 5, "registrations do not reach the new primary"
         time.sleep(0.2)
     assert redis_client.Redis(port=new_primary).exists(f"{nodes.prefix}presence:carol@x")
     assert _relays(carol, bob, "bob@x", "carol@x") and _relays(bob, alice, "alice@x", "bob@x")
