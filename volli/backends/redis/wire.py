@@ -77,6 +77,12 @@ def header(kind: bytes, version: int = VERSION) -> bytes:
     return MARK + str(version).encode() + b" " + kind + b"\n"
 
 
+# Every publish starts with one of these: built once, not per message.
+_HEADERS = {(kind, version): header(kind, version)
+            for kind in _KINDS.values() for version in range(VERSION + 1)}
+_VERSION = str(VERSION).encode()
+
+
 def body(message: Message) -> bytes:
     if isinstance(message, Deliver):
         return f"{message.user_id}\n{message.origin}\n{message.text}".encode()
@@ -86,14 +92,14 @@ def body(message: Message) -> bytes:
 
 
 def encode(message: Message, version: int = VERSION) -> bytes:
-    return header(_KINDS[type(message)], version) + body(message)
+    return _HEADERS[_KINDS[type(message)], version] + body(message)
 
 
 def decode(data: bytes) -> Message:
     if data[:1] == MARK:
         line, _, rest = data.partition(b"\n")
         version, _, kind = line[1:].partition(b" ")
-        if version != str(VERSION).encode():
+        if version != _VERSION:
             raise WireError(f"unknown wire version {version[:8]!r}")
     else:  # version 0: a node from before versions
         kind, sep, rest = data.partition(b"\n")
