@@ -33,9 +33,7 @@ def test_one_live_connection_per_id_and_online_exactly_while_open(tmp_path, redi
     _check(tmp_path, redis, ci_schedule(SETTINGS), MINIMUM)
 
 
-# Sentinel is not listed: a CI run found two live holders of one ID after a Sentinel
-# failover (seed 1201, phase 2), not yet explained; see the issue 13 note.
-@pytest.mark.parametrize("kind", ["cluster"])
+@pytest.mark.parametrize("kind", ["cluster", "sentinel"])
 def test_the_invariant_holds_through_a_failover(tmp_path, request, kind):
     """Redis Cluster (every shard's primary fails over in turn) and Sentinel, while
     clients register, take over and relay: no double holder, nothing lost silently."""

@@ -2,8 +2,9 @@
 
 Each node (worker) listens on its own channel (one per group on a cluster, with sharded
 pub/sub, keys.py); what it hears is decoded by wire.py and handed to ``handle``. Pub/sub
-is at-most-once: while the listener reconnects, messages to this node are lost, so once
-it is back the node announces its users again (``on_recovered``).
+is at-most-once: while the listener reconnects, messages to this node find no subscriber
+(their senders are told), so once it is back the node announces its users again
+(``on_recovered``).
 """
 
 from __future__ import annotations
@@ -12,7 +13,9 @@ import logging
 import time
 from typing import Callable
 
+import gevent
 import redis
+from gevent.event import AsyncResult
 
 from ... import redis_connect
 from ..base import BackendEvents
@@ -22,6 +25,7 @@ from .keys import Keys
 log = logging.getLogger("volli.redis")
 
 LISTEN_POLL = 1.0  # seconds a listener waits for a message before checking its state
+DRAIN = 1.0  # seconds a lost subscription is read for what Redis queued before it ended
 # The listener reconnects quickly: while it is away, relays to this node's users find no
 # subscriber and delete their presence.
 BACKOFF_FIRST, BACKOFF_CAP = 0.1, 1.0
@@ -70,12 +74,9 @@ class Bus:
         lost_at: float | None = None
         channels = [self._keys.channel(g, self.node) for g in range(self._keys.groups)]
         while not self._stopped:
-            # On a cluster a shard that loses a slot (failover, resharding) says so with
-            # `sunsubscribe`: that message is needed (see _read).
             pubsub = None
             try:
-                pubsub = redis_connect.subscribe(self._listener, channels,
-                                                 ignore_subscribe_messages=not self._keys.sharded)
+                pubsub = redis_connect.subscribe(self._listener, channels)
                 self.subscribed = True
                 backoff = BACKOFF_FIRST
                 if lost_at is not None:
@@ -89,7 +90,7 @@ class Bus:
                 if self._keys.sharded:
                     self._read_shards(list(pubsub.node_pubsub_mapping.values()))
                 else:
-                    self._read(pubsub)
+                    self._read_one(pubsub)
             except (redis.RedisError, OSError) as exc:
                 self._events.backend_failed("listener")
                 self.subscribed = False
@@ -103,55 +104,87 @@ class Bus:
                     _close_quietly(pubsub)
         self.subscribed = False
 
-    def _read(self, pubsub) -> None:
+    # A subscription that must be made again (a cluster slot moved, a Sentinel primary
+    # moved) is not simply closed: a publisher was told its message reached this node as
+    # soon as Redis queued it on our connection, and closing would drop what is still
+    # unread. So each connection is unsubscribed and read until Redis confirms it holds no
+    # subscription (what it queued before that is delivered; what comes after finds no
+    # subscriber, and its sender is told), for at most DRAIN seconds.
+
+    def _read_one(self, pubsub) -> None:
+        lost = AsyncResult()
+        self._read(pubsub, lost)
+        if lost.ready():
+            raise lost.value
+
+    def _read_shards(self, shards: list) -> None:
+        """Read each shard's connection in a greenlet of its own (redis-py's cluster
+        pub/sub polls them in turn, each with its timeout); when one is lost, all are
+        drained, to subscribe again."""
+        lost = AsyncResult()
+        readers = [gevent.spawn(self._read_until_failed, shard, lost) for shard in shards]
+        try:
+            gevent.wait([lost, *readers], count=1)
+            if lost.ready():
+                for shard in shards:
+                    _unsubscribe_quietly(shard)
+                gevent.joinall(readers, timeout=DRAIN)
+        finally:
+            gevent.killall(readers)
+        if lost.ready():
+            raise lost.value
+        if not self._stopped:  # a reader died of something else (gevent printed it)
+            raise RuntimeError("a shard's pub/sub reader stopped")
+
+    def _read_until_failed(self, pubsub, lost: AsyncResult) -> None:
+        """_read, recording its Redis failure in ``lost`` instead of dying of it (gevent
+        would print that as an unhandled error)."""
+        try:
+            self._read(pubsub, lost)
+        except (redis.RedisError, OSError) as exc:
+            if not lost.ready():
+                lost.set(exc)
+
+    def _read(self, pubsub, lost: AsyncResult) -> None:
+        """Dispatch what ``pubsub`` hears until it is lost (``lost`` is set, here or by
+        another shard's reader) and drained, or the bus stops."""
         check_at = time.monotonic() + LISTEN_POLL
+        drain_until: float | None = None
         while not self._stopped:
-            message = pubsub.get_message(timeout=LISTEN_POLL)
-            if self._sentinel and time.monotonic() >= check_at:
-                check_at = time.monotonic() + LISTEN_POLL
-                self._follow_primary(pubsub)
+            now = time.monotonic()
+            if lost.ready():
+                drain_until = drain_until or now + DRAIN
+                if now >= drain_until:
+                    return
+            elif self._sentinel and now >= check_at:
+                check_at = now + LISTEN_POLL
+                moved = self._follow_primary(pubsub)
+                if moved:
+                    lost.set(redis.ConnectionError(f"the Redis primary moved to {moved}"))
+                    _unsubscribe_quietly(pubsub)
+                    continue
+            wait = LISTEN_POLL if drain_until is None else max(0.0, drain_until - now)
+            message = pubsub.get_message(timeout=wait)
             if message is None:
                 continue
             kind = message["type"]
             if kind in ("message", "smessage"):
                 self.dispatch(message["data"])
-            elif kind == "sunsubscribe":  # the slot moved: subscribe again where it is now
-                raise redis.ConnectionError(f"unsubscribed from {message['channel']!r} by "
-                                            "the cluster (its slot moved)")
+            elif kind in ("unsubscribe", "sunsubscribe"):
+                if not lost.ready():  # not asked for: the cluster moved the slot
+                    lost.set(redis.ConnectionError(
+                        f"unsubscribed from {message['channel']!r} by the cluster (its "
+                        "slot moved)"))
+                if message["data"] == 0:  # this connection holds no subscription now
+                    return
 
-    def _read_shards(self, shards: list) -> None:
-        """Read each shard's connection in a greenlet of its own (redis-py's cluster
-        pub/sub polls them in turn, each with its timeout); the first that fails ends
-        them all, to subscribe again."""
-        import gevent
-
-        readers = [gevent.spawn(self._read_until_lost, shard) for shard in shards]
-        try:
-            first = gevent.wait(readers, count=1)[0]
-        finally:
-            gevent.killall(readers)
-        if isinstance(first.value, Exception):
-            raise first.value
-        if not self._stopped:  # it died of something else (gevent printed it)
-            raise RuntimeError("a shard's pub/sub reader stopped")
-
-    def _read_until_lost(self, pubsub) -> Exception | None:
-        """_read, returning its Redis failure instead of dying of it (gevent would print
-        that as an unhandled error)."""
-        try:
-            self._read(pubsub)
-        except (redis.RedisError, OSError) as exc:
-            return exc
-        return None
-
-    def _follow_primary(self, pubsub) -> None:
+    def _follow_primary(self, pubsub) -> str | None:
         """Sentinel: neither a subscriber nor pooled connections on a demoted primary are
-        told (redis_connect): move the clients, and subscribe again on the new primary."""
+        told (redis_connect): move the clients; where the primary is now, if ``pubsub``
+        is not subscribed there."""
         for client in self._follow:
             redis_connect.follow_primary(client)
-        moved = redis_connect.primary_moved(self._listener, pubsub)
-        if moved:
-            raise redis.ConnectionError(f"the Redis primary moved to {moved}")
+        return redis_connect.primary_moved(self._listener, pubsub)
 
     def dispatch(self, data: bytes) -> None:
         try:
@@ -164,6 +197,18 @@ class Bus:
             self._handle(message)
         except Exception:
             log.exception("bad message on this node's channel")
+
+
+def _unsubscribe_quietly(pubsub) -> None:
+    """Ask Redis to end every subscription of ``pubsub`` (its reader sees the replies);
+    a connection that is gone has none left to drain."""
+    try:
+        if pubsub.shard_channels:
+            pubsub.sunsubscribe()
+        else:
+            pubsub.unsubscribe()
+    except (redis.RedisError, OSError):
+        pass
 
 
 def _close_quietly(pubsub) -> None:

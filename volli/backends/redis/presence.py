@@ -53,8 +53,8 @@ class Epochs:
         if epoch == self._ids.get(group):
             return
         if group in self._ids:
-            log.warning("the shared store lost its presence state (restarted empty or "
-                        "paused)%s; announcing its users again",
+            log.warning("the shared store may have lost presence state (restarted, paused "
+                        "or failed over)%s; announcing its users again",
                         f" in group {group}" if self._groups > 1 else "")
         self._ids[group] = epoch
         self._on_new(group)

@@ -72,7 +72,7 @@ class Router:
         with self._publishing:  # frames queued before this one are published before it
             self._publish_queued()
             with guarded(self._events, "publish"):
-                reply = self._route(keys=[self._keys.presence(user_id)],
+                reply = self._route(keys=[self._keys.presence(user_id), self._keys.epoch(group)],
                                     args=[self._keys.channel_prefix(group), body,
                                           self._keys.alive_prefix(group), wire.header(b"D"),
                                           wire.header(b"D", 0)])

@@ -11,36 +11,57 @@ from __future__ import annotations
 from ..base import Claim
 from .wire import LUA_NODE_VERSION
 
+# Lua: `now`, the server's clock in ms (every node's scripts share one clock).
+_NOW = """
+local t = redis.call('TIME')
+local now = t[1] * 1000 + math.floor(t[2] / 1000)
+"""
+# Lua: `primary`, the replication ID of the Redis running the script: a replica promoted by a
+# failover takes a new one (so does a restart). '' where INFO is denied (an ACL without
+# +info): failovers then go unseen, as before.
+_PRIMARY = """
+local info = redis.pcall('INFO', 'replication')
+local primary = type(info) == 'string' and string.match(info, 'master_replid:(%x+)') or ''
+"""
+
+
 def _peer_header(node: str, versioned: int, legacy: int) -> str:
     """Lua: the header of a message to the node named by ``node`` (wire.version_for):
     ARGV[versioned] if its id says it reads versions, else ARGV[legacy]."""
     return f"(string.find({node}, '{LUA_NODE_VERSION}') and ARGV[{versioned}] or ARGV[{legacy}])"
 
 
-# The store's epoch: a hash <prefix>epoch {id, until, beat, born, seq}, gone 20 TTLs after the
-# last node stopped. Every node's heartbeat (each TTL/4) stamps `beat`. A store found
-# without it (restarted empty) or with no beat for half a TTL (paused, or every node cut
-# off: a node's presences, renewed at most a TTL/4 before the last beat of any node, may
-# expire under live users a TTL/4 later) gets a new id, and registrations are refused
-# until `until` (a TTL later) while every node, seeing the new id, announces its live
-# users again. A node that had users can tell (it knew the old id); a new node cannot, so
-# an old node that finds a young epoch begun without a window opens it. Shared by BEAT and
-# CLAIM: KEYS[EPOCH], ARGV[TTL] ms, ARGV[NEW] a new id, MINE the node's epoch, RECOVER
-# whether to open a window.
-_EPOCH = """
-local t = redis.call('TIME')
-local now = t[1] * 1000 + math.floor(t[2] / 1000)
-local e = redis.call('HMGET', KEYS[EPOCH], 'id', 'until', 'beat', 'born')
+# The store's epoch: a hash <prefix>epoch {id, until, beat, born, seq, primary}, gone 20 TTLs
+# after the last node stopped. Every node's heartbeat (each TTL/4) stamps `beat`. A store
+# found without it (restarted empty), with no beat for half a TTL (paused, or every node
+# cut off: a node's presences, renewed at most a TTL/4 before the last beat of any node,
+# may expire under live users a TTL/4 later), or on another primary than the one that
+# stamped it (a failover: the old primary took writes its replica never got, and nodes
+# still writing there left their presences and alive keys to expire on the new one) gets
+# a new id, and registrations are refused until `until` (a TTL later) while every node,
+# seeing the new id, announces its live users again. A node that had users can tell (it
+# knew the old id); a new node cannot, so an old node that finds a young epoch begun
+# without a window opens it. Shared by BEAT and CLAIM: KEYS[EPOCH], ARGV[TTL] ms, ARGV[NEW]
+# a new id, MINE the node's epoch, RECOVER whether to open a window.
+_EPOCH = _NOW + _PRIMARY + """
+local e = redis.call('HMGET', KEYS[EPOCH], 'id', 'until', 'beat', 'born', 'primary')
 local lost = not e[1] or now - tonumber(e[3] or 0) > ARGV[TTL] / 2
+  or (e[5] and e[5] ~= primary)
 if lost then
   local u = 0
   if RECOVER then u = now + ARGV[TTL] end
-  redis.call('HSET', KEYS[EPOCH], 'id', ARGV[NEW], 'until', u, 'beat', now, 'born', now)
+  redis.call('HSET', KEYS[EPOCH], 'id', ARGV[NEW], 'until', u, 'beat', now, 'born', now,
+             'primary', primary)
   e = {ARGV[NEW], u}
-elseif MINE ~= '' and MINE ~= e[1] and tonumber(e[2]) < tonumber(e[4]) + ARGV[TTL] then
-  -- A node from before sees a young epoch that a new node began without a window.
-  e[2] = tonumber(e[4]) + ARGV[TTL]
-  redis.call('HSET', KEYS[EPOCH], 'until', e[2])
+else
+  if not e[5] then  -- stamped by a version that did not record it
+    redis.call('HSET', KEYS[EPOCH], 'primary', primary)
+  end
+  if MINE ~= '' and MINE ~= e[1] and tonumber(e[2]) < tonumber(e[4]) + ARGV[TTL] then
+    -- A node from before sees a young epoch that a new node began without a window.
+    e[2] = tonumber(e[4]) + ARGV[TTL]
+    redis.call('HSET', KEYS[EPOCH], 'until', e[2])
+  end
 end
 """
 
@@ -190,15 +211,21 @@ return {had, h[1], h[2]}
 
 # {-1}: offline. {0}: its node has no listener; if the node's heartbeat has stopped too
 # (its <prefix>alive:<node> key expired: the worker died) the stale presence goes, else
-# (a listener reconnecting) it stays: deleting it would free a live user's ID.
-# {n, node}: handed to n subscribers of that node's channel. ARGV channel prefix, the
+# (a listener reconnecting) it stays: deleting it would free a live user's ID. It stays
+# too while the epoch recovers or the primary changed (a failover): a node still writing
+# to the old primary is alive though its key here expired. {n, node}: handed to n
+# subscribers of that node's channel. KEYS presence, epoch; ARGV channel prefix, the
 # message's body, alive-key prefix, its header (versioned, legacy).
 ROUTE = """
 local node = redis.call('HGET', KEYS[1], 'node')
 if not node then return {-1} end
 local n = redis.call('PUBLISH', ARGV[1] .. node, """ + _peer_header("node", 4, 5) + """ .. ARGV[2])
 if n == 0 and redis.call('EXISTS', ARGV[3] .. node) == 0 then
-  redis.call('DEL', KEYS[1])
+""" + _NOW + _PRIMARY + """
+  local e = redis.call('HMGET', KEYS[2], 'until', 'primary')
+  if tonumber(e[1] or 0) <= now and (not e[2] or e[2] == primary) then
+    redis.call('DEL', KEYS[1])
+  end
 end
 return {n, node}
 """
