@@ -49,9 +49,10 @@ def run(client: redis.Redis, prefix: str, calls: int) -> dict[str, float]:
     figures = {}
     for name, call in (
         ("claim", lambda i: claim(
-            keys=[f"{prefix}presence:u{i}", f"{prefix}key:u{i}", f"{prefix}bindings", epoch],
+            keys=[f"{prefix}presence:u{i}", f"{prefix}key:u{i}", f"{prefix}bindings",
+                  f"{prefix}watch:u{i}", epoch],
             args=[node, f"s{i}", "pk", TTL_MS, "0", "0", 60_000, 1_000_000, f"u{i}",
-                  epoch_id, "e2", f"{prefix}node:", "R", "R"])),
+                  epoch_id, "e2", f"{prefix}node:", "R", "R", "P"])),
         ("beat", lambda i: beat(keys=[epoch, f"{prefix}alive:{node}"],
                                 args=[TTL_MS, "e3", epoch_id]))):
         client.config_resetstat()

@@ -4,13 +4,15 @@ import orjson
 import pytest
 
 from volli.backends.redis import wire
-from volli.backends.redis.wire import Batch, Deliver, Replace, WireError
+from volli.backends.redis.wire import Batch, Deliver, PresenceChange, Replace, WireError
 
 MESSAGES = [
     Deliver("alice@x", "bob@x", '{"type":"relay","payload":"a\\nb"}'),
     Deliver("alice@x", "", "line one\nline two\n"),  # no origin; newlines in the frame
     Batch((("alice@x", "bob@x", "{}"), ("carol@x", "", "é\n✓"))),
     Replace("0123abcd"),
+    PresenceChange("alice@x", True, "host:1:ab/w1"),
+    PresenceChange("é x", False, ""),
 ]
 
 
@@ -45,6 +47,8 @@ def test_version_0_is_the_format_of_nodes_from_before_versions():
     (b"\xff1 B\n{not json", "malformed"),
     (b"\xff1 B\n[[1, 2]]", "malformed"),
     (b"\xff1 D\n\xff\xfe\n\nt", "malformed"),  # not UTF-8
+    (b"\xff1 P\nu\n2\nnode", "malformed"),  # online is 0 or 1
+    (b"\xff1 P\nu\n1", "malformed"),
 ])
 def test_unreadable_messages_are_refused_never_misread(data, reason):
     with pytest.raises(WireError, match=reason):
@@ -57,6 +61,12 @@ def test_a_peer_gets_the_highest_version_both_read():
     assert wire.version_for("host:1:ab/w7") == wire.VERSION  # a newer peer reads ours
     assert wire.version_for("host:1:ab") == 0  # a node from before versions
     assert wire.version_for("host/w:1:ab") == 0
+
+
+def test_the_scripts_presence_change_decodes():
+    """What _ANNOUNCE in scripts.py publishes: the header, then user, 1/0, node."""
+    assert wire.decode(wire.header(b"P") + b"u@x\n0\nn1/w1") == \
+        PresenceChange("u@x", False, "n1/w1")
 
 
 def test_headers_match_what_the_scripts_prepend():

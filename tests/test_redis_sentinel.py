@@ -79,17 +79,17 @@ def test_a_promoted_replica_starts_a_new_epoch(own_redis_sentinel):
                               for s in (scripts.BEAT, scripts.CLAIM, scripts.ROUTE))
 
         def claim_(user, epoch, refresh="0"):
-            reply = claim(keys=[keys.presence(user), keys.binding(user), keys.bindings(0),
-                                keys.epoch(0)],
+            reply = claim(keys=keys.claim(user),
                           args=[node, session, "K", ttl, "0", refresh, ttl, 100, user, epoch,
                                 "fresh", keys.channel_prefix(0), wire.header(b"R"),
-                                wire.header(b"R", 0)])
+                                wire.header(b"R", 0), wire.header(b"P")])
             return [int(reply[0]), *(r.decode() for r in reply[1:2] if isinstance(r, bytes))]
 
         def route_(user):
-            return route(keys=[keys.presence(user), keys.epoch(0)],
+            return route(keys=[keys.presence(user), keys.epoch(0), keys.watchers(user)],
                          args=[keys.channel_prefix(0), b"x", keys.alive_prefix(0),
-                               wire.header(b"D"), wire.header(b"D", 0)])
+                               wire.header(b"D"), wire.header(b"D", 0), user,
+                               wire.header(b"P")])
 
         return client, (lambda mine: beat(keys=[keys.epoch(0), keys.alive_prefix(0) + node],
                                           args=[ttl, "first", mine])[0].decode()), claim_, route_

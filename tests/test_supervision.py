@@ -19,7 +19,7 @@ from conftest import ROOT, Server
 from rawclient import RawClient
 
 FAULT_CONF = str(ROOT / "tests" / "fault_gunicorn.conf.py")
-LOOPS = {"stats", "keepalive", "metrics", "drain-watch"}
+LOOPS = {"stats", "keepalive", "metrics", "presence", "drain-watch"}
 REDIS_LOOPS = {"redis-listener", "redis-heartbeat"}
 
 

@@ -4,9 +4,10 @@ Needs the ``client`` extra (python-websockets); aiortc is optional and only impo
 conversion helpers. The server never imports this module.
 
 Design: one reader task owns the socket. A reply carrying the ``requestId`` of a pending
-request (register, discover, ice-servers, ping, rotate-key) resolves that request; every
-other message (relayed offer/answer/ice-candidate, pushed ``ice-servers``,
-``session-replaced``, errors without a pending ``requestId``) goes to the handler registered
+request (register, discover, ice-servers, ping, rotate-key, watch, unwatch) resolves that
+request; every other message (relayed offer/answer/ice-candidate, pushed ``ice-servers``,
+``presence``, ``session-replaced``, errors without a pending ``requestId``) goes to the
+handler registered
 for its ``type`` with :meth:`VolliClient.on` if there is one, else to :meth:`VolliClient.recv`
 (also ``async for message in client``). Handlers run one at a time, in arrival order, in a
 dispatcher task, so a handler may await requests on the same client.
@@ -37,7 +38,7 @@ Handler = Callable[[Message], Awaitable[None] | None]
 _CLOSED = object()
 # Only these can answer a request: a relayed message may carry its sender's own requestId.
 _REPLY_TYPES = frozenset({"registered", "discover-response", "pong", "ice-servers",
-                          "key-rotated", "error"})
+                          "key-rotated", "watching", "unwatched", "error"})
 
 
 class VolliError(Exception):
@@ -153,6 +154,16 @@ class VolliClient:
         """``{"userId", "online", "publicKey"}`` for ``user_id``."""
         reply = await self.request({"type": "discover", "userId": user_id})
         return {k: reply.get(k) for k in ("userId", "online", "publicKey")}
+
+    async def watch(self, *user_ids: str) -> dict[str, bool]:
+        """Subscribe to the presence of ``user_ids``; returns ``{userId: online}`` now.
+        Each change then arrives as a ``presence`` message (``{"userId", "online"}``):
+        give it a handler with ``on("presence", …)`` or read it with :meth:`recv`."""
+        reply = await self.request({"type": "watch", "userIds": list(user_ids)})
+        return {p["userId"]: p["online"] for p in reply["presence"]}
+
+    async def unwatch(self, *user_ids: str) -> None:
+        await self.request({"type": "unwatch", "userIds": list(user_ids)})
 
     async def ice_servers(self) -> list[Message]:
         """The ``iceServers`` list (RTCConfiguration shape); empty without TURN configured."""

@@ -175,6 +175,17 @@ class Settings:
     discover_per_minute: int = _setting(
         "VOLLI_DISCOVER_PER_MINUTE", 120, _int,
         "discover requests one connection may make per minute (bucket of that size).", 1)
+    watch_max: int = _setting(
+        "VOLLI_WATCH_MAX", 256, _int,
+        "User IDs one connection may watch at once (watch beyond it: rate-limited, "
+        "limit watched-ids).", 1)
+    watch_per_minute: int = _setting(
+        "VOLLI_WATCH_PER_MINUTE", 30, _int,
+        "watch requests one connection may make per minute (bucket of that size).", 1)
+    presence_debounce: float = _setting(
+        "VOLLI_PRESENCE_DEBOUNCE", 3.0, _float,
+        "Seconds a user must stay offline before its watchers are told; one who registers "
+        "again sooner is never announced offline.", 0)
     ip_max_connections: int = _setting(
         "VOLLI_IP_MAX_CONNECTIONS", 100, _int,
         "Open WebSockets per client IP and worker (HTTP 429 beyond); 0 = no limit.", 0)

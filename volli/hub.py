@@ -17,10 +17,12 @@ from .limits import ConnectionLimits
 from .metrics import Metrics
 from .protocol import (
     CloseCode, Discover, ErrorCode, IceServers, Message, Ping, ProtocolError, Register, Relay,
-    RotateKey, discover_response_message, encode, encode_relay, error_message, hello_message,
-    ice_servers_message, identity, key_rotated_message, parse, pong_message,
-    rate_limited_message, registered_message, session_replaced_message, undelivered_message,
+    RotateKey, Unwatch, Watch, discover_response_message, encode, encode_relay, error_message,
+    hello_message, ice_servers_message, identity, key_rotated_message, parse, pong_message,
+    presence_message, rate_limited_message, registered_message, session_replaced_message,
+    undelivered_message, unwatched_message, watch_limit_message, watching_message,
 )
+from .watching import Watching
 
 log = logging.getLogger("volli.hub")
 
@@ -45,6 +47,7 @@ class Hub:
         self._clock = clock
         self._limits: dict[str, ConnectionLimits] = {}
         self.metrics = metrics if metrics is not None else Metrics()
+        self.watching = Watching(settings.presence_debounce)
         self.backend = make_backend(self)
         # Each handler gets the session, the message and when its frame was received.
         self._handlers: dict[type, Callable[[Session, Message, float], None]] = {
@@ -54,6 +57,8 @@ class Hub:
             Ping: self._ping,
             RotateKey: self._rotate_key,
             IceServers: self._ice_servers,
+            Watch: self._watch,
+            Unwatch: self._unwatch,
         }
         self._turn_uris = [u.strip() for u in settings.turn_uris.split(",") if u.strip()]
         # Only turn:/turns: URIs carry credentials (the policy and the issue rate apply).
@@ -70,6 +75,7 @@ class Hub:
         transport sends its close frame: a client that sees it finds its ID free)."""
         if self._limits.pop(session.id, None) is not None and session.user_id is not None:
             self.metrics.unregistered()
+        self._unwatched(self.watching.drop(session))
         self.backend.detach(session, then)
 
     def report_undelivered(self, peer: str, undelivered: Mapping[str, int],
@@ -86,6 +92,26 @@ class Hub:
 
     def backend_failed(self, operation: str) -> None:
         self.metrics.redis_failure(operation)
+
+    def presence_changed(self, user_id: str, online: bool) -> None:
+        self._announce(user_id, online, self.watching.changed(user_id, online, self._clock()))
+
+    def announce_due(self) -> None:
+        """Tell watchers of the offline users whose debounce has passed (called often)."""
+        for user_id, sessions in self.watching.due(self._clock()):
+            self._announce(user_id, False, sessions)
+
+    def _announce(self, user_id: str, online: bool, sessions: list[Session]) -> None:
+        if sessions:
+            text = encode(presence_message(user_id, online))
+            for session in sessions:
+                session.send(text)
+            self.metrics.presence_sent(online, len(sessions))
+
+    def _unwatched(self, user_ids: list[str]) -> None:
+        if user_ids:
+            self.metrics.watched_users(-len(user_ids))
+            self.backend.unwatch(user_ids)
 
     def replace(self, session: Session) -> None:
         """A signed registration elsewhere took this session's userId."""
@@ -241,6 +267,42 @@ class Hub:
         if not self.backend.deliver(message.to, encode_relay(message, sender), sender):
             raise ProtocolError(ErrorCode.PEER_OFFLINE, f"{message.to!r} is not online")
         self.metrics.relayed(message.kind, self._clock() - received_at)
+
+    def _watch(self, session: Session, message: Watch, received_at: float) -> None:
+        _require_registered(session)
+        if not self._check(session, "watch-rate",
+                           self._limits[session.id].watches.take(received_at),
+                           message.request_id):
+            return
+        if (self.watching.count(session) + self.watching.count_new(session, message.user_ids)
+                > self.settings.watch_max):
+            self.metrics.error(ErrorCode.RATE_LIMITED)
+            self.metrics.refused("watched-ids")
+            session.send(encode(watch_limit_message(self.settings.watch_max,
+                                                    message.request_id)))
+            return
+        # Watched before the backend is asked: a change it reports while its lookup is
+        # under way is not missed.
+        added, new_here = self.watching.add(session, message.user_ids)
+        self.metrics.watched_users(len(new_here))
+        try:
+            presences = self.backend.watch(message.user_ids)
+        except BackendUnavailable:
+            self._unwatched(self.watching.remove(session, added))
+            raise
+        self.watching.settle({p.user_id: p.online for p in presences})
+        if session.closed:  # its watches were dropped with it
+            return
+        # A user watched here already: what its watchers were told (an offline still
+        # within its debounce is not told yet).
+        session.send(encode(watching_message(
+            [(p.user_id, bool(self.watching.told(p.user_id)), p.verified) for p in presences],
+            message.request_id)))
+
+    def _unwatch(self, session: Session, message: Unwatch, received_at: float) -> None:
+        _require_registered(session)
+        self._unwatched(self.watching.remove(session, message.user_ids))
+        session.send(encode(unwatched_message(message.user_ids, message.request_id)))
 
     def _ice_servers(self, session: Session, message: IceServers, received_at: float) -> None:
         _require_registered(session)

@@ -72,13 +72,14 @@ def per_minute(count: int, now: float) -> TokenBucket:
 class ConnectionLimits:
     """The per-connection limits of docs/protocol.md, built from Settings."""
 
-    __slots__ = ("messages", "discovers", "targets", "violations", "turn", "frames")
+    __slots__ = ("messages", "discovers", "targets", "violations", "turn", "frames", "watches")
 
     def __init__(self, settings, now: float) -> None:
         self.messages = TokenBucket(settings.rate_messages, settings.rate_burst, now)
         self.frames = TokenBucket(settings.rate_frames, 4 * settings.rate_frames, now)
         self.discovers = per_minute(settings.discover_per_minute, now)
         self.turn = per_minute(settings.turn_per_minute, now)
+        self.watches = per_minute(settings.watch_per_minute, now)
         self.targets = DistinctInWindow(settings.fanout_per_minute, 60.0)
         self.violations = CountInWindow(60.0, now)
 

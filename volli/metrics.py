@@ -37,6 +37,10 @@ REFUSED = Counter("volli_refused", "Refusals by limit: upgrades (503/429/403) an
                   "rate-limited messages.", ["reason"])
 REGISTRATIONS = Counter("volli_registrations", "Successful registrations.", ["signed"])
 REDIS_FAILURES = Counter("volli_redis_failures", "Redis operations that failed.", ["operation"])
+PRESENCE_EVENTS = Counter("volli_presence_events",
+                          "presence messages sent to watchers, by state.", ["online"])
+WATCHED_USERS = Gauge("volli_watched_users", "User IDs watched by connections of this server.",
+                      multiprocess_mode="livesum")
 LOOP_FAILURES = Counter("volli_loop_failures",
                         "Background loops that raised and were restarted, by loop.", ["loop"])
 
@@ -58,7 +62,7 @@ class Metrics:
         self._latency_counts = [0] * (len(LATENCY_BOUNDS) + 1)  # the last is +Inf
         self._latency_sum = 0.0
         self._registrations: collections.Counter[str] = collections.Counter()
-        self._gauges: dict[Gauge, int] = {CONNECTIONS: 0, USERS: 0}  # pending deltas
+        self._gauges: dict[Gauge, int] = {CONNECTIONS: 0, USERS: 0, WATCHED_USERS: 0}  # pending deltas
 
     def _child(self, metric, label: str):
         key = (metric, label)
@@ -123,6 +127,13 @@ class Metrics:
 
     def redis_failure(self, operation: str) -> None:
         self._child(REDIS_FAILURES, operation).inc()
+
+    def presence_sent(self, online: bool, count: int) -> None:
+        self.totals["presence-events"] += count
+        self._child(PRESENCE_EVENTS, "true" if online else "false").inc(count)
+
+    def watched_users(self, delta: int) -> None:
+        self._gauges[WATCHED_USERS] += delta
 
     def loop_failure(self, loop: str) -> None:
         self._child(LOOP_FAILURES, loop).inc()

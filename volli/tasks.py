@@ -18,13 +18,15 @@ DRAIN_POLL = 0.2  # seconds between checks of the worker's alive flag
 DRAIN_WAIT = 5.0  # seconds to wait for connections to finish after closing with 1001
 KEEPALIVE_SLICE = 200  # pings between yields to other greenlets
 METRICS_FLUSH = 1.0  # seconds: how far other workers' counters may lag in /metrics
+PRESENCE_TICK = 0.2  # seconds: how late after its debounce an offline may be told
 
 
 def start_worker_tasks(app: Flask, is_alive: Callable[[], bool]) -> None:
     """Start this worker's background loops, each supervised (see supervise.py)."""
     runtime: Runtime = app.extensions["volli"]
     runtime.backend.start(gevent.spawn)
-    loops = {"stats": stats_loop, "keepalive": keepalive_loop, "metrics": metrics_loop}
+    loops = {"stats": stats_loop, "keepalive": keepalive_loop, "metrics": metrics_loop,
+             "presence": presence_loop}
     for name, loop in loops.items():
         runtime.loops.start(name, loop, runtime)
     for name, loop in runtime.backend.loops().items():
@@ -51,6 +53,12 @@ def metrics_loop(runtime: Runtime) -> None:
     while True:
         gevent.sleep(METRICS_FLUSH)
         runtime.metrics.flush()
+
+
+def presence_loop(runtime: Runtime) -> None:
+    while True:
+        gevent.sleep(PRESENCE_TICK)
+        runtime.hub.announce_due()
 
 
 def keepalive_loop(runtime: Runtime) -> None:

@@ -101,6 +101,11 @@ class BackendEvents(Protocol):
     def backend_failed(self, operation: str) -> None:
         """A shared-store operation failed."""
 
+    def presence_changed(self, user_id: str, online: bool) -> None:
+        """A user this process watches (``Backend.watch``) came online or went offline,
+        reported in the order the changes happened (a repeat is possible: the hub
+        compares with what it told)."""
+
 
 class NoEvents:
     """Events nobody listens to (a backend used on its own)."""
@@ -112,6 +117,9 @@ class NoEvents:
         pass
 
     def backend_failed(self, operation) -> None:
+        pass
+
+    def presence_changed(self, user_id, online) -> None:
         pass
 
 
@@ -193,6 +201,17 @@ class Backend(abc.ABC):
     def lookup(self, user_id: str) -> Presence:
         """Whether user_id is online, and its public key: the live one, else its bound key
         (bindings outlive connections, for their retention), else None."""
+
+    @abc.abstractmethod
+    def watch(self, user_ids: list[str]) -> list[Presence]:
+        """This process watches ``user_ids`` (again: idempotent): from now on each change of
+        their presence is reported (``events.presence_changed``) until ``unwatch``. Returns
+        their presence now, as ``lookup`` would, in order."""
+
+    @abc.abstractmethod
+    def unwatch(self, user_ids: list[str]) -> None:
+        """Nobody in this process watches ``user_ids`` any more. Never blocks or raises: a
+        change reported after it is ignored by the hub."""
 
     @abc.abstractmethod
     def deliver(self, user_id: str, text: str, origin: str | None = None) -> bool:

@@ -40,9 +40,10 @@ class MemoryBackend(Backend):
         self._local.attach(session)
 
     def detach(self, session: Session, then: Released = nothing) -> None:
-        if (self._local.forget(session) and session.signed
-                and session.user_id in self._bindings):
-            self._bind(session.user_id, self._bindings[session.user_id][0])
+        if self._local.forget(session):
+            if session.signed and session.user_id in self._bindings:
+                self._bind(session.user_id, self._bindings[session.user_id][0])
+            self._events.presence_changed(session.user_id, False)
         then()
 
     def claim(self, session: Session, user_id: str, public_key: str, signed: bool) -> Claim:
@@ -62,6 +63,7 @@ class MemoryBackend(Backend):
         if signed:
             self._bind(user_id, public_key)
         self._local.hold(session, user_id, public_key, signed)  # replaces a taken-over holder
+        self._events.presence_changed(user_id, True)
         return outcome
 
     def rebind(self, session: Session, new_public_key: str) -> bool:
@@ -85,6 +87,12 @@ class MemoryBackend(Backend):
             return local
         key = self._bound_key(user_id)
         return Presence(user_id, False, key, key is not None)
+
+    def watch(self, user_ids: list[str]) -> list[Presence]:
+        return [self.lookup(user_id) for user_id in user_ids]  # changes come from here
+
+    def unwatch(self, user_ids: list[str]) -> None:
+        pass
 
     def deliver(self, user_id: str, text: str, origin: str | None = None) -> bool:
         return self._local.deliver(user_id, text, origin)

@@ -2,11 +2,11 @@
 
 from .errors import CloseCode, ErrorCode, ProtocolError
 from .messages import (
-    Discover, IceServers, Message, Ping, Register, Relay, RotateKey, discover_response_message,
-    encode, encode_relay, ice_servers_message,
+    Discover, IceServers, Message, Ping, Register, Relay, RotateKey, Unwatch, Watch,
+    discover_response_message, encode, encode_relay, ice_servers_message,
     error_message, hello_message, key_rotated_message, parse, pong_message,
-    rate_limited_message, registered_message, session_replaced_message,
-    undelivered_message,
+    presence_message, rate_limited_message, registered_message, session_replaced_message,
+    undelivered_message, unwatched_message, watch_limit_message, watching_message,
 )
 
 __all__ = [
@@ -15,4 +15,6 @@ __all__ = [
     "RotateKey", "discover_response_message", "encode", "encode_relay", "error_message", "hello_message",
     "key_rotated_message", "parse", "pong_message", "rate_limited_message",
     "registered_message", "session_replaced_message", "undelivered_message",
+    "Watch", "Unwatch", "watching_message", "unwatched_message", "presence_message",
+    "watch_limit_message",
 ]

@@ -24,6 +24,7 @@ PUBLIC_KEY_MAX = 4096
 SIGNATURE_MAX = 128
 REQUEST_ID_MAX = 128
 RELAY_NESTING_MAX = 254  # orjson's limit when writing
+WATCH_IDS_MAX = 1000  # user IDs in one watch or unwatch message
 
 # Standard and URL-safe base64 alphabets with padding. The key is not decoded: the
 # seed's own example ("base64-encoded-public-key") must be accepted as written.
@@ -81,7 +82,21 @@ class IceServers:
     request_id: RequestId = None
 
 
-Message = Union[Register, Discover, Relay, Ping, RotateKey, IceServers]
+@dataclasses.dataclass(slots=True)
+class Watch:
+    """Subscribe to the presence of ``user_ids`` (distinct, in the order given)."""
+
+    user_ids: list[str]
+    request_id: RequestId = None
+
+
+@dataclasses.dataclass(slots=True)
+class Unwatch:
+    user_ids: list[str]
+    request_id: RequestId = None
+
+
+Message = Union[Register, Discover, Relay, Ping, RotateKey, IceServers, Watch, Unwatch]
 
 
 def parse(text: str | bytes) -> Message:
@@ -111,6 +126,10 @@ def parse(text: str | bytes) -> Message:
             return Ping(request_id)
         if kind == "ice-servers":
             return IceServers(request_id)
+        if kind == "watch":
+            return Watch(_user_ids(data), request_id)
+        if kind == "unwatch":
+            return Unwatch(_user_ids(data), request_id)
         raise ProtocolError(ErrorCode.UNKNOWN_TYPE, f"unknown message type {kind[:64]!r}")
     except ProtocolError as exc:
         exc.request_id = request_id
@@ -139,6 +158,24 @@ def _user_id(data: dict[str, Any], field: str) -> str:
     if problem:
         raise ProtocolError(ErrorCode.INVALID_USER_ID, f"'{field}' {problem}")
     return value
+
+
+def _user_ids(data: dict[str, Any]) -> list[str]:
+    """``userIds``: a non-empty array of at most WATCH_IDS_MAX user IDs, duplicates dropped."""
+    value = data.get("userIds")
+    if not isinstance(value, list) or not value:
+        raise ProtocolError(ErrorCode.INVALID_MESSAGE,
+                            "'userIds' must be a non-empty array of user IDs")
+    if len(value) > WATCH_IDS_MAX:
+        raise ProtocolError(ErrorCode.INVALID_MESSAGE,
+                            f"'userIds' may name at most {WATCH_IDS_MAX} user IDs")
+    for n, user_id in enumerate(value):
+        if not isinstance(user_id, str):
+            raise ProtocolError(ErrorCode.INVALID_MESSAGE, f"'userIds'[{n}] must be a string")
+        problem = user_id_problem(user_id, USER_ID_MAX)
+        if problem:
+            raise ProtocolError(ErrorCode.INVALID_USER_ID, f"'userIds'[{n}] {problem}")
+    return list(dict.fromkeys(value))
 
 
 def _public_key(data: dict[str, Any], field: str) -> str:
@@ -278,6 +315,32 @@ def discover_response_message(user_id: str, online: bool, public_key: str | None
     return _with_request_id({"type": "discover-response", "userId": user_id,
                              "online": online, "publicKey": public_key,
                              "verified": verified}, request_id)
+
+
+def watching_message(presences: list[tuple[str, bool, bool]],
+                     request_id: RequestId = None) -> dict[str, Any]:
+    """``presences``: (userId, online, verified) of each watched user, in request order."""
+    return _with_request_id({"type": "watching", "presence": [
+        {"userId": user_id, "online": online, "verified": verified}
+        for user_id, online, verified in presences]}, request_id)
+
+
+def unwatched_message(user_ids: list[str], request_id: RequestId = None) -> dict[str, Any]:
+    return _with_request_id({"type": "unwatched", "userIds": user_ids}, request_id)
+
+
+def presence_message(user_id: str, online: bool) -> dict[str, Any]:
+    return {"type": "presence", "userId": user_id, "online": online}
+
+
+def watch_limit_message(limit: int, request_id: RequestId = None) -> dict[str, Any]:
+    """A watch that would pass the connection's cap of watched user IDs: waiting does not
+    help (``retryAfter`` 0), unwatching does."""
+    message = error_message(ErrorCode.RATE_LIMITED,
+                            f"a connection may watch at most {limit} user IDs; unwatch some "
+                            "first", request_id)
+    message.update(limit="watched-ids", retryAfter=0, max=limit)
+    return message
 
 
 def pong_message(request_id: RequestId = None) -> dict[str, Any]:

@@ -16,6 +16,8 @@ let localStream = null;
 /** A call waiting for Accept or Decline: {peer, offer, queued}. It has no RTCPeerConnection
  * yet, so nothing (answer, candidates, media) reaches the caller before the user accepts. */
 let incoming = null;
+/** The contact whose presence is shown (watched on the server, live). */
+let watchedPeer = null;
 
 // ---- small UI helpers -------------------------------------------------------------------
 
@@ -183,6 +185,10 @@ function wire(s) {
     setStatus("registered", `Registered as ${msg.userId} (${how})`);
     log(`registered as ${msg.userId} (${how})${msg.reconnected ? " again after a reconnect" : ""}`);
     updateButtons();
+    if (!msg.reconnected) {
+      watchedPeer = null; // a new connection watches nothing yet
+      watchPeer();
+    }
   }));
   s.on("reconnecting", mine(({ attempt, delay }) => {
     setStatus("reconnecting", `Connection lost: reconnecting in ${delay.toFixed(1)} s (attempt ${attempt})`);
@@ -214,9 +220,39 @@ function wire(s) {
   s.on("ice-servers", mine((msg) => { // unsolicited: right after registering, with TURN
     if (msg.requestId == null) log(`ice-servers: ${msg.iceServers.length} server(s)`);
   }));
+  s.on("presence", mine(({ userId, online }) => {
+    if (userId === watchedPeer) showPresence(online);
+  }));
   s.on("offer", mine(onOffer));
   s.on("answer", mine(onAnswer));
   s.on("ice-candidate", mine(onCandidate));
+}
+
+// ---- the contact's presence -------------------------------------------------------------
+
+function showPresence(online) {
+  const el = $("peer-presence");
+  el.dataset.state = online === null ? "unknown" : online ? "online" : "offline";
+  el.textContent = online === null ? "–" : online ? "online" : "offline";
+}
+
+/** Watch the ID typed in "Their user ID" (unwatching the previous one): the server pushes
+ * each change, so the page never polls. */
+async function watchPeer() {
+  const s = sig;
+  const peer = $("peer-id").value.trim();
+  if (!s || s.state !== "registered" || peer === watchedPeer) return;
+  const previous = watchedPeer;
+  watchedPeer = peer || null;
+  showPresence(null);
+  try {
+    if (previous) await s.unwatch([previous]);
+    if (!peer) return;
+    const [state] = await s.watch([peer]);
+    if (s === sig && watchedPeer === peer) showPresence(state.online);
+  } catch (err) {
+    log(`watch failed: ${err.code}: ${err.message}`, "err");
+  }
 }
 
 // ---- the call ---------------------------------------------------------------------------
@@ -258,6 +294,7 @@ function newCall(peer, initiator) {
   if (localStream) for (const track of localStream.getTracks()) pc.addTrack(track, localStream);
   if (initiator) attachChannel(c, pc.createDataChannel("chat"));
   $("peer-id").value = peer;
+  watchPeer();
   $("peer-name").textContent = peer;
   refresh(c);
   updateButtons();
@@ -492,6 +529,11 @@ if (params.get("peer")) $("peer-id").value = params.get("peer");
 $("connect-form").addEventListener("submit", connect);
 $("disconnect").addEventListener("click", disconnect);
 $("call-form").addEventListener("submit", startCall);
+let typing = null;
+$("peer-id").addEventListener("input", () => {
+  clearTimeout(typing);
+  typing = setTimeout(watchPeer, 500); // once the user stops typing
+});
 $("hangup").addEventListener("click", () => endCall("You hung up"));
 $("accept").addEventListener("click", acceptCall);
 $("decline").addEventListener("click", declineCall);

@@ -32,7 +32,8 @@ const RETRYABLE_REGISTER_ERRORS = new Set(["user-id-taken", "unavailable", "rate
  * ice-candidate carries whatever `requestId` its sender chose.
  */
 const REPLY_FOR = Object.freeze({ register: "registered", discover: "discover-response",
-  ping: "pong", "rotate-key": "key-rotated", "ice-servers": "ice-servers" });
+  ping: "pong", "rotate-key": "key-rotated", "ice-servers": "ice-servers",
+  watch: "watching", unwatch: "unwatched" });
 const REPLY_TYPES = new Set([...Object.values(REPLY_FOR), "error"]);
 
 const REGISTER_CONTEXT = "volli/register/v1";
@@ -181,6 +182,9 @@ export class VolliSignaling extends EventTarget {
     this._ws = null;
     this._pending = new Map(); // requestId -> {resolve, reject, timer, expects}
     this._relays = new Map(); // recent relay requestIds -> {type, to}, to explain errors
+    this._watched = new Set(); // userIds to watch again after a reconnect
+    /** Watched userIds -> online, as last reported by `watching` or `presence`. */
+    this.presence = new Map();
     this._nextId = 1;
     this._attempt = 0;
     this._timer = null; // reconnect timer
@@ -243,6 +247,35 @@ export class VolliSignaling extends EventTarget {
    */
   discover(userId) {
     return this.request({ type: "discover", userId });
+  }
+
+  /**
+   * Subscribe to the presence of `userIds` (docs/protocol.md, section 5b). Resolves with
+   * the `watching` reply's list `[{userId, online, verified}]`; each change then fires a
+   * `presence` event `{userId, online}` (offline only once it lasted the server's
+   * debounce). Watches are made again after a reconnect: a `presence` event then reports
+   * each user whose state changed meanwhile.
+   * @param {string[]} userIds
+   * @returns {Promise<object[]>}
+   */
+  async watch(userIds) {
+    const reply = await this.request({ type: "watch", userIds });
+    for (const id of userIds) this._watched.add(id);
+    this._noteWatching(reply.presence, false);
+    return reply.presence;
+  }
+
+  /**
+   * Stop watching `userIds`.
+   * @param {string[]} userIds
+   * @returns {Promise<void>}
+   */
+  async unwatch(userIds) {
+    for (const id of userIds) {
+      this._watched.delete(id);
+      this.presence.delete(id);
+    }
+    await this.request({ type: "unwatch", userIds });
   }
 
   /**
@@ -414,6 +447,9 @@ export class VolliSignaling extends EventTarget {
         this.iceServers = msg.iceServers ?? [];
         this._emit("ice-servers", msg);
         break;
+      case "presence":
+        if (this._watched.has(msg.userId)) this._notePresence(msg.userId, msg.online);
+        return;
       case "session-replaced":
         this._stopped = true;
         this._emit("session-replaced", msg);
@@ -427,6 +463,35 @@ export class VolliSignaling extends EventTarget {
         return;
     }
     pending?.resolve(msg);
+  }
+
+  _notePresence(userId, online) {
+    if (this.presence.get(userId) === online) return;
+    this.presence.set(userId, online);
+    this._emit("presence", { type: "presence", userId, online });
+  }
+
+  /** A `watching` list: remembered; after a reconnect (`report`), changes are events. */
+  _noteWatching(list, report) {
+    for (const { userId, online } of list ?? []) {
+      if (!this._watched.has(userId)) continue;
+      if (report) this._notePresence(userId, online);
+      else this.presence.set(userId, online);
+    }
+  }
+
+  async _watchAgain(ws) {
+    const ids = [...this._watched];
+    // The server takes at most 1000 per message (and VOLLI_WATCH_MAX in all).
+    for (let i = 0; i < ids.length && ws === this._ws; i += 1000) {
+      try {
+        const reply = await this.request({ type: "watch", userIds: ids.slice(i, i + 1000) });
+        this._noteWatching(reply.presence, true);
+      } catch (err) {
+        if (ws === this._ws) this._emit("error", err.reply ?? { code: err.code, message: err.message });
+        return;
+      }
+    }
   }
 
   /** The pending request `msg` answers, if it is a direct reply that fits that request. */
@@ -458,6 +523,7 @@ export class VolliSignaling extends EventTarget {
       this._startPinging(ws);
       this._emit("registered", { ...reply, reconnected });
       this._ready.resolve(reply);
+      if (reconnected && this._watched.size) this._watchAgain(ws);
     } catch (err) {
       if (ws !== this._ws) return; // the socket closed meanwhile: _closed() decides
       if (!this._established || !RETRYABLE_REGISTER_ERRORS.has(err.code)) {

@@ -29,6 +29,7 @@ from .heartbeat import Heartbeat
 from .keys import CLUSTER_GROUPS, Keys
 from .presence import PresenceStore
 from .router import Router
+from .watchers import Watchers
 
 log = logging.getLogger("volli.redis")
 
@@ -64,14 +65,19 @@ class RedisBackend(Backend):
                                       client, quick, self._notify, cluster, self._wake)
         self.router = Router(self.keys, self.local, events, client, self.bus, self._healthy,
                              cluster)
+        self.watchers = Watchers(self.keys, self.node, events, client, self.presence.ttl_ms,
+                                 cluster)
         self.heartbeat = Heartbeat(settings, self.keys, self.node, self.local, events, client,
-                                   self.presence, self.router.expire_routes, cluster)
+                                   self.presence, self.watchers, self.router.expire_routes,
+                                   cluster)
 
     # -- wiring -----------------------------------------------------------------------
 
     def _received(self, message: wire.Message) -> None:
         if isinstance(message, wire.Replace):  # a signed registration elsewhere took it
             self.local.replace(message.session_id)
+        elif isinstance(message, wire.PresenceChange):
+            self.watchers.received(message)
         else:
             self.router.received(message)
 
@@ -115,6 +121,12 @@ class RedisBackend(Backend):
 
     def lookup(self, user_id: str) -> Presence:
         return self.local.presence(user_id) or self.presence.lookup(user_id)
+
+    def watch(self, user_ids: list[str]) -> list[Presence]:
+        return self.watchers.watch(user_ids)
+
+    def unwatch(self, user_ids: list[str]) -> None:
+        self.watchers.unwatch(user_ids)
 
     def deliver(self, user_id: str, text: str, origin: str | None = None) -> bool:
         if self.local.holds(user_id):

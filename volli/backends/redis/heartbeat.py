@@ -22,6 +22,7 @@ from .bus import BACKOFF_CAP
 from .clients import script
 from .keys import Keys
 from .presence import PresenceStore
+from .watchers import Watchers
 
 log = logging.getLogger("volli.redis")
 
@@ -32,10 +33,11 @@ class TTLMismatch(RuntimeError):
 
 class Heartbeat:
     def __init__(self, settings, keys: Keys, node: str, local: LocalSessions,
-                 events: BackendEvents, client, presence: PresenceStore,
+                 events: BackendEvents, client, presence: PresenceStore, watchers: Watchers,
                  expire_routes: Callable[[], None], cluster: bool) -> None:
         self._keys, self.node, self._local, self._events = keys, node, local, events
         self._redis, self._presence, self._expire_routes = client, presence, expire_routes
+        self._watchers = watchers
         self._every = settings.presence_ttl / 4
         self._prefix = settings.redis_prefix
         self._beat_script = script(client, scripts.BEAT, cluster)
@@ -103,8 +105,9 @@ class Heartbeat:
     def announce(self) -> list[Session]:
         """Renew the presence of every local user that the store still names as its
         holder (compare-and-renew, one script per batch), announce again those it lost
-        (every user of a group whose epoch changed); returns the sessions whose userId
-        another session holds now: they are replaced."""
+        (every user of a group whose epoch changed), renew this node's watches (looking
+        watched users up if changes may have been missed); returns the sessions whose
+        userId another session holds now: they are replaced."""
         self.beat()
         presence, epochs = self._presence, self._presence.epochs
         if presence.releases_kept:
@@ -112,10 +115,14 @@ class Heartbeat:
         owned = self._local.owned()
         self._renew_bindings(owned)
         pending, epochs.pending = epochs.pending, set()
+        if pending:  # the store lost state, or this node was cut off: changes were missed
+            self._watchers.missed()
         again = [(u, s) for u, s in owned if self._keys.group(u) in pending]
         missing, lost = presence.refresh([(u, s) for u, s in owned
                                           if self._keys.group(u) not in pending])
-        return lost + presence.reclaim(again + missing)
+        lost += presence.reclaim(again + missing)
+        self._watchers.renew()
+        return lost
 
     def _renew_bindings(self, owned: list[tuple[str, Session]]) -> None:
         """A third of the retention after the last renewal, renew the bindings of online

@@ -59,11 +59,15 @@ class Keys:
     def channel(self, group: int, node: str) -> str:
         return self.channel_prefix(group) + node
 
+    def watchers(self, user_id: str) -> str:
+        """A sorted set: the nodes watching user_id's presence (score: until when, ms)."""
+        return f"{self._in(self.group(user_id))}watch:{user_id}"
+
     def user(self, user_id: str) -> list[str]:
-        """presence, binding, bindings index: the keys of the release, renew and unbind
-        scripts."""
+        """presence, binding, bindings index, watchers: the keys of the release, renew and
+        unbind scripts."""
         return [self.presence(user_id), self.binding(user_id),
-                self.bindings(self.group(user_id))]
+                self.bindings(self.group(user_id)), self.watchers(user_id)]
 
     def claim(self, user_id: str) -> list[str]:
         return [*self.user(user_id), self.epoch(self.group(user_id))]

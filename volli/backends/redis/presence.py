@@ -162,7 +162,7 @@ class PresenceStore:
         return [self.node, session.id, public_key, self.ttl_ms, "1" if signed else "0",
                 "1" if refresh else "0", self.retention_ms, self._max_bindings, user_id,
                 self.epochs.get(group), secrets.token_hex(8), self._keys.channel_prefix(group),
-                wire.header(b"R"), wire.header(b"R", 0)]
+                wire.header(b"R"), wire.header(b"R", 0), wire.header(b"P")]
 
     def _restart_seqs(self, group: int) -> None:
         """A new epoch's claim counter begins again."""
@@ -181,7 +181,9 @@ class PresenceStore:
         return True
 
     def unbind(self, user_id: str) -> bool:
-        had, *holder = self._call("unbind", self._unbind, self._keys.user(user_id), [user_id])
+        group = self._keys.group(user_id)
+        had, *holder = self._call("unbind", self._unbind, self._keys.user(user_id),
+                                  [user_id, self._keys.channel_prefix(group), wire.header(b"P")])
         if holder:
             node, session_id = holder[0].decode(), holder[1].decode()
             if node == self.node:
@@ -261,7 +263,9 @@ class PresenceStore:
         pipe = self._quick.pipeline(transaction=False)
         for user_id, session_id, _ in batch:
             self._release(keys=self._keys.user(user_id),
-                          args=[session_id, self.retention_ms, user_id], client=pipe)
+                          args=[session_id, self.retention_ms, user_id,
+                                self._keys.channel_prefix(self._keys.group(user_id)),
+                                wire.header(b"P")], client=pipe)
         try:
             pipe.execute()
             return True

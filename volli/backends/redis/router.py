@@ -72,10 +72,11 @@ class Router:
         with self._publishing:  # frames queued before this one are published before it
             self._publish_queued()
             with guarded(self._events, "publish"):
-                reply = self._route(keys=[self._keys.presence(user_id), self._keys.epoch(group)],
+                reply = self._route(keys=[self._keys.presence(user_id), self._keys.epoch(group),
+                                          self._keys.watchers(user_id)],
                                     args=[self._keys.channel_prefix(group), body,
                                           self._keys.alive_prefix(group), wire.header(b"D"),
-                                          wire.header(b"D", 0)])
+                                          wire.header(b"D", 0), user_id, wire.header(b"P")])
         if int(reply[0]) <= 0:
             return False
         self._routes[user_id] = (reply[1].decode(), time.monotonic() + ROUTE_CACHE)

@@ -25,6 +25,21 @@ local primary = type(info) == 'string' and string.match(info, 'master_replid:(%x
 """
 
 
+# Lua: announce(watchers key, userId, '1'/'0', holder node, channel prefix, P header) tells
+# every node that watches the user (until a time still to come) of a change of its
+# presence, from inside the script that made it: changes reach watchers in the order they
+# ran. Only nodes that read P watch, so the header is always the versioned one.
+_ANNOUNCE = """
+local function announce(watchers, user, online, node, prefix, header)
+  local t = redis.call('TIME')
+  local at = t[1] * 1000 + math.floor(t[2] / 1000)
+  for _, w in ipairs(redis.call('ZRANGEBYSCORE', watchers, at, '+inf')) do
+    redis.call('PUBLISH', prefix .. w, header .. user .. '\\n' .. online .. '\\n' .. node)
+  end
+end
+"""
+
+
 def _peer_header(node: str, versioned: int, legacy: int) -> str:
     """Lua: the header of a message to the node named by ``node`` (wire.version_for):
     ARGV[versioned] if its id says it reads versions, else ARGV[legacy]."""
@@ -88,11 +103,12 @@ return {e[1], redis.call('HGET', KEYS[1], 'ttl')}
 """
 
 # The claim rule of base.Claim, atomically. KEYS: presence, binding, bindings index (a
-# sorted set userId -> expiry ms that counts bindings for the cap), epoch. ARGV: node,
+# sorted set userId -> expiry ms that counts bindings for the cap), watchers, epoch. ARGV: node,
 # session, publicKey, ttl ms, signed "1"/"0", refresh "1"/"0" (the heartbeat announcing a
 # live user again: never takes over, allowed while recovering, never refused by the cap),
 # binding retention ms, max bindings, userId, the node's epoch, a new epoch id, channel
-# prefix, the takeover message's header (versioned, legacy). Only a signed claim writes
+# prefix, the takeover message's header (versioned, legacy), the presence change's header.
+# The user's watchers are told it is online. Only a signed claim writes
 # the binding (with the retention as its TTL). A binding hash without bound=1 is a
 # leftover of an older version and goes. A takeover tells the old holder's node (its
 # channel) in the same script. A successful claim gets the next number of the epoch's
@@ -100,7 +116,7 @@ return {e[1], redis.call('HGET', KEYS[1], 'ttl')}
 # two of one node's sessions the higher number is the holder. Returns
 # {1, seq} ok, {2, seq, old node, old session} taken over, {0} taken, {-1} bound, {-2} key
 # mismatch, {-3} full, {-4, epoch} the node's epoch is not the store's, {-5} recovering.
-CLAIM = _epoch(4, 4, 11, 10, "true") + """
+CLAIM = _ANNOUNCE + _epoch(5, 4, 11, 10, "true") + """
 if lost or e[1] ~= ARGV[10] then return {-4, e[1]} end
 local refresh = ARGV[6] == '1'
 if not refresh and tonumber(e[2]) > now then return {-5} end
@@ -126,12 +142,13 @@ if signed and b[2] ~= '1' and not refresh then
 end
 redis.call('HSET', KEYS[1], 'node', ARGV[1], 'session', ARGV[2], 'publicKey', ARGV[3])
 redis.call('PEXPIRE', KEYS[1], ARGV[4])
-local seq = redis.call('HINCRBY', KEYS[4], 'seq', 1)
+local seq = redis.call('HINCRBY', KEYS[5], 'seq', 1)
 if signed then
   redis.call('HSET', KEYS[2], 'publicKey', ARGV[3], 'bound', '1')
   redis.call('PEXPIRE', KEYS[2], ARGV[7])
   redis.call('ZADD', KEYS[3], now + ARGV[7], ARGV[9])
 end
+announce(KEYS[4], ARGV[9], '1', ARGV[1], ARGV[12], ARGV[15])
 if taken_over then
   if h[3] ~= ARGV[1] then
     redis.call('PUBLISH', ARGV[12] .. h[3], """ + _peer_header("h[3]", 13, 14) + """ .. h[1])
@@ -184,28 +201,34 @@ end
 RENEW = _RENEW_BINDING.format(retention=1, user=2)
 
 # Compare-and-delete: only the session that holds the userId may release it; its binding
-# (if any) is kept for the retention from now. KEYS presence, binding, bindings index;
-# ARGV session, retention ms, userId.
-RELEASE = """
-if redis.call('HGET', KEYS[1], 'session') == ARGV[1] then
+# (if any) is kept for the retention from now, and its watchers are told. KEYS presence,
+# binding, bindings index, watchers; ARGV session, retention ms, userId, channel prefix,
+# the presence change's header.
+RELEASE = _ANNOUNCE + """
+local h = redis.call('HMGET', KEYS[1], 'session', 'node')
+if h[1] == ARGV[1] then
 """ + _RENEW_BINDING.format(retention=2, user=3) + """
-  return redis.call('DEL', KEYS[1])
+  redis.call('DEL', KEYS[1])
+  announce(KEYS[4], ARGV[3], '0', h[2], ARGV[4], ARGV[5])
+  return 1
 end
 return 0
 """
 
-# An operator's unbind: KEYS presence, binding, bindings index; ARGV userId. The holder's
+# An operator's unbind: KEYS presence, binding, bindings index, watchers; ARGV userId,
+# channel prefix, the presence change's header (its watchers are told). The holder's
 # presence keeps its TTL but names no session (a tombstone): whether or not the notice to
 # its node arrives, that node's heartbeat then finds its user's presence naming another
 # session and closes it; meanwhile the ID reads offline and a new claim may take it, a
 # re-announce may not. Returns {had binding, node, session} of the holder to close (nil
 # when nobody holds it).
-UNBIND = """
+UNBIND = _ANNOUNCE + """
 local had = redis.call('DEL', KEYS[2])
 redis.call('ZREM', KEYS[3], ARGV[1])
 local h = redis.call('HMGET', KEYS[1], 'node', 'session')
 if not h[2] or h[2] == '' then return {had} end
 redis.call('HSET', KEYS[1], 'session', '')
+announce(KEYS[4], ARGV[1], '0', h[1], ARGV[2], ARGV[3])
 return {had, h[1], h[2]}
 """
 
@@ -213,10 +236,11 @@ return {had, h[1], h[2]}
 # (its <prefix>alive:<node> key expired: the worker died) the stale presence goes, else
 # (a listener reconnecting) it stays: deleting it would free a live user's ID. It stays
 # too while the epoch recovers or the primary changed (a failover): a node still writing
-# to the old primary is alive though its key here expired. {n, node}: handed to n
-# subscribers of that node's channel. KEYS presence, epoch; ARGV channel prefix, the
-# message's body, alive-key prefix, its header (versioned, legacy).
-ROUTE = """
+# to the old primary is alive though its key here expired. A presence deleted is told to
+# the user's watchers. {n, node}: handed to n subscribers of that node's channel. KEYS
+# presence, epoch, watchers; ARGV channel prefix, the message's body, alive-key prefix,
+# its header (versioned, legacy), userId, the presence change's header.
+ROUTE = _ANNOUNCE + """
 local node = redis.call('HGET', KEYS[1], 'node')
 if not node then return {-1} end
 local n = redis.call('PUBLISH', ARGV[1] .. node, """ + _peer_header("node", 4, 5) + """ .. ARGV[2])
@@ -225,9 +249,48 @@ if n == 0 and redis.call('EXISTS', ARGV[3] .. node) == 0 then
   local e = redis.call('HMGET', KEYS[2], 'until', 'primary')
   if tonumber(e[1] or 0) <= now and (not e[2] or e[2] == primary) then
     redis.call('DEL', KEYS[1])
+    announce(KEYS[3], ARGV[6], '0', node, ARGV[1], ARGV[7])
   end
 end
 return {n, node}
+"""
+
+# A node starts watching a user, or renews its watch, and reads the user's presence: KEYS
+# watchers, presence, binding; ARGV node, ttl ms, alive-key prefix. Returns {holder node
+# or '', whether it is online (1: it names a live session of a node whose heartbeat goes
+# on), live key or '', bound key or ''}.
+WATCH = _NOW + """
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)  -- nodes that stopped watching
+redis.call('ZADD', KEYS[1], now + ARGV[2], ARGV[1])
+redis.call('PEXPIRE', KEYS[1], ARGV[2])
+local h = redis.call('HMGET', KEYS[2], 'node', 'session', 'publicKey')
+local b = redis.call('HMGET', KEYS[3], 'publicKey', 'bound')
+local online = 0
+if h[1] and h[2] and h[2] ~= '' and redis.call('EXISTS', ARGV[3] .. h[1]) == 1 then
+  online = 1
+end
+local bound = ''
+if b[2] == '1' then bound = b[1] end
+return {h[1] or '', online, h[3] or '', bound}
+"""
+
+# The heartbeat's renewal of this node's watches, for a batch of one group: KEYS watchers;
+# ARGV node, ttl ms, alive-key prefix, then the node each user was last seen on ('' none).
+# Per key: 1 that node's heartbeat goes on, 0 it stopped (look the user up), -1 none.
+RENEW_WATCH = _NOW + """
+local out = {}
+for i, key in ipairs(KEYS) do
+  redis.call('ZREMRANGEBYSCORE', key, '-inf', now)
+  redis.call('ZADD', key, now + ARGV[2], ARGV[1])
+  redis.call('PEXPIRE', key, ARGV[2])
+  local holder = ARGV[i + 3]
+  if holder == '' then
+    out[i] = -1
+  else
+    out[i] = redis.call('EXISTS', ARGV[3] .. holder)
+  end
+end
+return out
 """
 
 CLAIM_CODES = {1: Claim.OK, 2: Claim.TAKEN_OVER, 0: Claim.TAKEN, -1: Claim.BOUND,

@@ -7,6 +7,8 @@ Version 1, the current one. A header line, then the body:
     D  a relay:    <userId> LF <origin userId or empty> LF <frame text>
     B  a batch:    JSON array of [userId, origin userId or "", frame text]
     R  a takeover: <session id> (close that session of yours as replaced)
+    P  a presence change of a user this node watches: <userId> LF <1 online, 0 offline>
+       LF <the node that holds, or held, it>
 
 0xFF never occurs in UTF-8, so a node from before versions (which decodes the whole
 message as UTF-8 first) drops a versioned message as bad and never misreads it.
@@ -56,8 +58,17 @@ class Replace:
     session_id: str
 
 
-Message = Deliver | Batch | Replace
-_KINDS = {Deliver: b"D", Batch: b"B", Replace: b"R"}
+@dataclasses.dataclass(frozen=True, slots=True)
+class PresenceChange:
+    """Sent only by scripts, only to nodes that watch (so never to a node from before P)."""
+
+    user_id: str
+    online: bool
+    node: str
+
+
+Message = Deliver | Batch | Replace | PresenceChange
+_KINDS = {Deliver: b"D", Batch: b"B", Replace: b"R", PresenceChange: b"P"}
 
 
 def node_id(base: str) -> str:
@@ -88,6 +99,8 @@ def body(message: Message) -> bytes:
         return f"{message.user_id}\n{message.origin}\n{message.text}".encode()
     if isinstance(message, Batch):
         return orjson.dumps(message.frames)
+    if isinstance(message, PresenceChange):
+        return f"{message.user_id}\n{int(message.online)}\n{message.node}".encode()
     return message.session_id.encode()
 
 
@@ -113,6 +126,11 @@ def decode(data: bytes) -> Message:
             return Batch(tuple((u, o, t) for u, o, t in orjson.loads(rest)))
         if kind == b"R":
             return Replace(rest.decode())
+        if kind == b"P":
+            user_id, online, node = rest.decode().split("\n", 2)
+            if online not in ("0", "1"):
+                raise ValueError(f"online must be 0 or 1, not {online[:8]!r}")
+            return PresenceChange(user_id, online == "1", node)
     except (ValueError, TypeError) as exc:  # orjson.JSONDecodeError is a ValueError
         raise WireError(f"malformed {kind[:8]!r} message: {exc}") from exc
     raise WireError(f"unknown message kind {kind[:8]!r}")
