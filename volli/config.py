@@ -186,6 +186,24 @@ class Settings:
         "VOLLI_PRESENCE_DEBOUNCE", 3.0, _float,
         "Seconds a user must stay offline before its watchers are told; one who registers "
         "again sooner is never announced offline.", 0)
+    hold_max: int = _setting(
+        "VOLLI_HOLD_MAX", 60, _int,
+        "Most seconds an offer with hold waits for an offline callee (a longer hold is "
+        "cut to it); 0 disables holding (such offers get peer-offline).", 0)
+    hold_per_caller: int = _setting(
+        "VOLLI_HOLD_PER_CALLER", 4, _int,
+        "Offers one connection may hold at once (rate-limited, limit held-offers).", 1)
+    hold_per_callee: int = _setting(
+        "VOLLI_HOLD_PER_CALLEE", 8, _int,
+        "Callers whose offers may be held for one callee at once (rate-limited, limit "
+        "held-for-peer).", 1)
+    hold_candidates: int = _setting(
+        "VOLLI_HOLD_CANDIDATES", 32, _int,
+        "ICE candidates held with one offer (rate-limited, limit held-candidates).", 0)
+    hold_bytes: int = _setting(
+        "VOLLI_HOLD_BYTES", 262144, _int,
+        "Bytes of held offers and candidates one connection may have at once "
+        "(rate-limited, limit held-bytes).", 1024)
     ip_max_connections: int = _setting(
         "VOLLI_IP_MAX_CONNECTIONS", 100, _int,
         "Open WebSockets per client IP and worker (HTTP 429 beyond); 0 = no limit.", 0)

@@ -21,7 +21,10 @@ from .protocol import (
     hello_message, ice_servers_message, identity, key_rotated_message, parse, pong_message,
     presence_message, rate_limited_message, registered_message, session_replaced_message,
     undelivered_message, unwatched_message, watch_limit_message, watching_message,
+    delivered_message, expired_message, held_message, hold_limit_message, with_held_for,
 )
+from .backends.base import Held
+from .holding import Holding
 from .watching import Watching
 
 log = logging.getLogger("volli.hub")
@@ -48,6 +51,7 @@ class Hub:
         self._limits: dict[str, ConnectionLimits] = {}
         self.metrics = metrics if metrics is not None else Metrics()
         self.watching = Watching(settings.presence_debounce)
+        self.holding = Holding()
         self.backend = make_backend(self)
         # Each handler gets the session, the message and when its frame was received.
         self._handlers: dict[type, Callable[[Session, Message, float], None]] = {
@@ -76,6 +80,9 @@ class Hub:
         if self._limits.pop(session.id, None) is not None and session.user_id is not None:
             self.metrics.unregistered()
         self._unwatched(self.watching.drop(session))
+        callees = self.holding.drop(session)
+        if callees:  # a caller who leaves cancels its held offers
+            self.backend.cancel_held(session.user_id, session.id, callees)
         self.backend.detach(session, then)
 
     def report_undelivered(self, peer: str, undelivered: Mapping[str, int],
@@ -97,9 +104,19 @@ class Hub:
         self._announce(user_id, online, self.watching.changed(user_id, online, self._clock()))
 
     def announce_due(self) -> None:
-        """Tell watchers of the offline users whose debounce has passed (called often)."""
-        for user_id, sessions in self.watching.due(self._clock()):
+        """Tell watchers of the offline users whose debounce has passed, and callers of
+        the held offers whose time is up (called often)."""
+        now = self._clock()
+        for user_id, sessions in self.watching.due(now):
             self._announce(user_id, False, sessions)
+        for session, callee in self.holding.due(now):
+            try:
+                expired = self.backend.drop_held(callee, session.user_id, session.id)
+            except BackendUnavailable:  # it expires in the store by itself; say so anyway
+                expired = True
+            if expired:  # else it was delivered (the caller was told) or replaced
+                self.metrics.held("expired")
+                session.send(encode(expired_message(callee)))
 
     def _announce(self, user_id: str, online: bool, sessions: list[Session]) -> None:
         if sessions:
@@ -227,6 +244,25 @@ class Hub:
         servers = self._ice_server_list(session, received_at)
         if servers:
             session.send(encode(ice_servers_message(servers)))
+        self._deliver_held(session, message.user_id)
+
+    def _deliver_held(self, session: Session, user_id: str) -> None:
+        """Offers held for a user who just registered: to it, in the order they were
+        held, each followed by its candidates; each caller is told ``delivered``."""
+        try:
+            held = self.backend.take_held(user_id)
+        except BackendUnavailable:
+            log.warning("could not read the offers held for user=%s; they expire", user_id)
+            return
+        for offer in held:
+            for frame in offer.frames:
+                session.send(with_held_for(frame, offer.held_for_ms), offer.caller)
+            self.metrics.held("delivered")
+            try:
+                self.backend.deliver(offer.caller, encode(delivered_message(user_id)))
+            except BackendUnavailable:
+                log.warning("could not tell %r that its offer to %r was delivered",
+                            offer.caller, user_id)
 
     def _rotate_key(self, session: Session, message: RotateKey, received_at: float) -> None:
         user_id = _require_registered(session)
@@ -264,9 +300,56 @@ class Hub:
                            self._limits[session.id].targets.allow(message.to, received_at),
                            message.request_id):
             return
-        if not self.backend.deliver(message.to, encode_relay(message, sender), sender):
-            raise ProtocolError(ErrorCode.PEER_OFFLINE, f"{message.to!r} is not online")
+        text = encode_relay(message, sender)
+        if not self.backend.deliver(message.to, text, sender):
+            if not self._hold(session, message, sender, received_at):
+                raise ProtocolError(ErrorCode.PEER_OFFLINE, f"{message.to!r} is not online")
+            return
         self.metrics.relayed(message.kind, self._clock() - received_at)
+
+    def _hold(self, session: Session, message: Relay, sender: str, received_at: float) -> bool:
+        """An offer with ``hold``, or a candidate that follows one, to an offline callee:
+        held (True), refused with an error (True), or not for holding (False)."""
+        settings, to = self.settings, message.to
+        if message.kind == "offer" and message.hold and settings.hold_max:
+            text = encode_relay(_without_held_for(message), sender)
+            size = len(text)
+            if self.holding.count(session, but=to) >= settings.hold_per_caller:
+                return self._hold_refused(session, "held-offers", settings.hold_per_caller,
+                                          message)
+            if self.holding.size(session, but=to) + size > settings.hold_bytes:
+                return self._hold_refused(session, "held-bytes", settings.hold_bytes, message)
+            seconds = min(message.hold, settings.hold_max)
+            outcome = self.backend.hold(session, to, text, seconds, settings.hold_per_callee)
+            if outcome is Held.ONLINE:  # it registered meanwhile: relay after all
+                return self.backend.deliver(to, text, sender)
+            if outcome is Held.FULL:
+                return self._hold_refused(session, "held-for-peer", settings.hold_per_callee,
+                                          message)
+            self.holding.add(session, to, received_at + seconds, size)
+            self.metrics.held("held")
+            session.send(encode(held_message(to, seconds, message.request_id)))
+            return True
+        if message.kind == "ice-candidate" and self.holding.holds(session, to):
+            text = encode_relay(_without_held_for(message), sender)
+            if self.holding.size(session) + len(text) > settings.hold_bytes:
+                return self._hold_refused(session, "held-bytes", settings.hold_bytes, message)
+            outcome = self.backend.hold_candidate(session, to, text,
+                                                  settings.hold_candidates + 1)
+            if outcome is Held.FULL:
+                return self._hold_refused(session, "held-candidates",
+                                          settings.hold_candidates, message)
+            if outcome is Held.OK:
+                self.holding.grow(session, to, len(text))
+                return True
+        return False
+
+    def _hold_refused(self, session: Session, limit: str, maximum: int, message: Relay) -> bool:
+        self.metrics.error(ErrorCode.RATE_LIMITED)
+        self.metrics.refused(limit)
+        session.send(encode(hold_limit_message(limit, maximum, message.to,
+                                               message.request_id)))
+        return True
 
     def _watch(self, session: Session, message: Watch, received_at: float) -> None:
         _require_registered(session)
@@ -329,6 +412,16 @@ class Hub:
 
     def _ping(self, session: Session, message: Ping, received_at: float) -> None:
         session.send(encode(pong_message(message.request_id)))
+
+
+def _without_held_for(message: Relay) -> Relay:
+    """``heldFor`` is stamped by the server: one the sender wrote (or a key a
+    case-insensitive parser would read as it) goes."""
+    if not any(key.casefold() == "heldfor" for key in message.body):
+        return message
+    body = {k: v for k, v in message.body.items() if k.casefold() != "heldfor"}
+    return Relay(message.kind, message.to, message.sender, body, message.request_id,
+                 encode(body), message.hold)
 
 
 def _require_registered(session: Session) -> str:

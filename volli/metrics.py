@@ -39,6 +39,8 @@ REGISTRATIONS = Counter("volli_registrations", "Successful registrations.", ["si
 REDIS_FAILURES = Counter("volli_redis_failures", "Redis operations that failed.", ["operation"])
 PRESENCE_EVENTS = Counter("volli_presence_events",
                           "presence messages sent to watchers, by state.", ["online"])
+HELD_OFFERS = Counter("volli_held_offers", "Offers held for offline callees, by outcome "
+                      "(held, delivered, expired).", ["outcome"])
 WATCHED_USERS = Gauge("volli_watched_users", "User IDs watched by connections of this server.",
                       multiprocess_mode="livesum")
 LOOP_FAILURES = Counter("volli_loop_failures",
@@ -131,6 +133,10 @@ class Metrics:
     def presence_sent(self, online: bool, count: int) -> None:
         self.totals["presence-events"] += count
         self._child(PRESENCE_EVENTS, "true" if online else "false").inc(count)
+
+    def held(self, outcome: str) -> None:
+        self.totals[f"held-{outcome}"] += 1
+        self._child(HELD_OFFERS, outcome).inc()
 
     def watched_users(self, delta: int) -> None:
         self._gauges[WATCHED_USERS] += delta

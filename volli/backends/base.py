@@ -58,6 +58,22 @@ def local_refusal(holder: "Session | None", session: "Session", public_key: str,
     return None
 
 
+class Held(enum.Enum):
+    """Outcome of holding an offer (or a candidate with it) for an offline callee."""
+
+    OK = "ok"
+    ONLINE = "online"  # the callee registered meanwhile: relay it instead
+    FULL = "full"  # the callee has as many held offers as allowed, or the offer its candidates
+    NONE = "none"  # no offer of this session is held for the callee (delivered, expired)
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class HeldOffer:
+    caller: str
+    frames: tuple[str, ...]  # the offer, then its candidates, as relayed (with "from")
+    held_for_ms: int
+
+
 class BackendUnavailable(Exception):
     """The shared store cannot be reached; the request may succeed if retried."""
 
@@ -212,6 +228,31 @@ class Backend(abc.ABC):
     def unwatch(self, user_ids: list[str]) -> None:
         """Nobody in this process watches ``user_ids`` any more. Never blocks or raises: a
         change reported after it is ignored by the hub."""
+
+    @abc.abstractmethod
+    def hold(self, session: Session, callee: str, frame: str, seconds: float,
+             per_callee: int) -> Held:
+        """Hold an offer of ``session`` for the offline ``callee`` for ``seconds`` (replacing
+        one it held before): OK, ONLINE (``callee`` is online: relay it), or FULL (it has
+        ``per_callee`` other callers' offers held)."""
+
+    @abc.abstractmethod
+    def hold_candidate(self, session: Session, callee: str, frame: str,
+                       max_frames: int) -> Held:
+        """Add a frame to the offer ``session`` holds for ``callee``: OK, NONE (none held
+        now), or FULL (it has ``max_frames`` already)."""
+
+    @abc.abstractmethod
+    def take_held(self, callee: str) -> list[HeldOffer]:
+        """Every offer held for ``callee``, oldest first; none is held any more."""
+
+    @abc.abstractmethod
+    def drop_held(self, callee: str, caller: str, session_id: str) -> bool:
+        """The caller's offer for ``callee`` goes, if that session still holds it."""
+
+    @abc.abstractmethod
+    def cancel_held(self, caller: str, session_id: str, callees: list[str]) -> None:
+        """A closed caller's offers go. Never blocks or raises."""
 
     @abc.abstractmethod
     def deliver(self, user_id: str, text: str, origin: str | None = None) -> bool:

@@ -8,8 +8,10 @@ import time
 from typing import Callable
 
 from .base import (
-    NO_EVENTS, Backend, BackendEvents, Claim, Presence, Released, Session, nothing,
+    NO_EVENTS, Backend, BackendEvents, Claim, Held, HeldOffer, Presence, Released, Session,
+    nothing,
 )
+from .held import MemoryHeld
 from .local import LocalSessions
 
 log = logging.getLogger("volli.memory")
@@ -35,6 +37,7 @@ class MemoryBackend(Backend):
         self._retention = retention
         self._clock = clock
         self._full_logged_at = float("-inf")
+        self._held = MemoryHeld(clock)
 
     def attach(self, session: Session) -> None:
         self._local.attach(session)
@@ -93,6 +96,24 @@ class MemoryBackend(Backend):
 
     def unwatch(self, user_ids: list[str]) -> None:
         pass
+
+    def hold(self, session, callee, frame, seconds, per_callee) -> Held:
+        if self._local.holds(callee):
+            return Held.ONLINE
+        return self._held.hold(session, callee, frame, seconds, per_callee)
+
+    def hold_candidate(self, session, callee, frame, max_frames) -> Held:
+        return self._held.hold_candidate(session, callee, frame, max_frames)
+
+    def take_held(self, callee: str) -> list[HeldOffer]:
+        return self._held.take(callee)
+
+    def drop_held(self, callee: str, caller: str, session_id: str) -> bool:
+        return self._held.drop(callee, caller, session_id)
+
+    def cancel_held(self, caller: str, session_id: str, callees: list[str]) -> None:
+        for callee in callees:
+            self._held.drop(callee, caller, session_id)
 
     def deliver(self, user_id: str, text: str, origin: str | None = None) -> bool:
         return self._local.deliver(user_id, text, origin)

@@ -7,6 +7,7 @@ from .messages import (
     error_message, hello_message, key_rotated_message, parse, pong_message,
     presence_message, rate_limited_message, registered_message, session_replaced_message,
     undelivered_message, unwatched_message, watch_limit_message, watching_message,
+    held_message, delivered_message, expired_message, with_held_for, hold_limit_message,
 )
 
 __all__ = [
@@ -16,5 +17,6 @@ __all__ = [
     "key_rotated_message", "parse", "pong_message", "rate_limited_message",
     "registered_message", "session_replaced_message", "undelivered_message",
     "Watch", "Unwatch", "watching_message", "unwatched_message", "presence_message",
-    "watch_limit_message",
+    "watch_limit_message", "held_message", "delivered_message", "expired_message",
+    "with_held_for", "hold_limit_message",
 ]

@@ -25,6 +25,7 @@ SIGNATURE_MAX = 128
 REQUEST_ID_MAX = 128
 RELAY_NESTING_MAX = 254  # orjson's limit when writing
 WATCH_IDS_MAX = 1000  # user IDs in one watch or unwatch message
+HOLD_MAX = 86400  # the largest `hold` an offer may ask (the server caps it lower)
 
 # Standard and URL-safe base64 alphabets with padding. The key is not decoded: the
 # seed's own example ("base64-encoded-public-key") must be accepted as written.
@@ -68,6 +69,7 @@ class Relay:
     body: dict[str, Any]
     request_id: RequestId = None
     text: str = ""
+    hold: int | None = None  # an offer's seconds to wait for an offline callee
 
 
 @dataclasses.dataclass(slots=True)
@@ -218,7 +220,13 @@ def _relay(kind: str, data: dict[str, Any], request_id: RequestId, text: str | b
             problem = key_problem(key)
             if problem:
                 raise ProtocolError(ErrorCode.INVALID_MESSAGE, f"top-level {problem}")
-    return Relay(kind, to, sender, data, request_id, _canonical(data, text))
+    hold = None
+    if kind == "offer" and data.get("hold") is not None:
+        hold = data["hold"]
+        if not isinstance(hold, int) or isinstance(hold, bool) or not 1 <= hold <= HOLD_MAX:
+            raise ProtocolError(ErrorCode.INVALID_MESSAGE,
+                                f"'hold' must be an integer number of seconds, 1 to {HOLD_MAX}")
+    return Relay(kind, to, sender, data, request_id, _canonical(data, text), hold)
 
 
 # Top-level keys of a relay that need no look for look-alikes.
@@ -333,14 +341,43 @@ def presence_message(user_id: str, online: bool) -> dict[str, Any]:
     return {"type": "presence", "userId": user_id, "online": online}
 
 
-def watch_limit_message(limit: int, request_id: RequestId = None) -> dict[str, Any]:
-    """A watch that would pass the connection's cap of watched user IDs: waiting does not
-    help (``retryAfter`` 0), unwatching does."""
-    message = error_message(ErrorCode.RATE_LIMITED,
-                            f"a connection may watch at most {limit} user IDs; unwatch some "
-                            "first", request_id)
-    message.update(limit="watched-ids", retryAfter=0, max=limit)
+def held_message(to: str, expires_in: int, request_id: RequestId = None) -> dict[str, Any]:
+    return _with_request_id({"type": "held", "to": to, "expiresIn": expires_in}, request_id)
+
+
+def delivered_message(to: str) -> dict[str, Any]:
+    """To a caller: its offer held for ``to`` was delivered (``to`` registered)."""
+    return {"type": "delivered", "to": to}
+
+
+def expired_message(to: str) -> dict[str, Any]:
+    """To a caller: ``to`` did not register while its offer was held."""
+    return {"type": "expired", "to": to}
+
+
+def with_held_for(frame: str, held_for_ms: int) -> str:
+    """A held frame as the callee gets it: with ``heldFor`` (ms) appended."""
+    return f'{frame[:-1]},"heldFor":{int(held_for_ms)}}}'
+
+
+def cap_message(limit: str, maximum: int, text: str,
+                request_id: RequestId = None) -> dict[str, Any]:
+    """A request that would pass a cap (not a rate): waiting alone does not help
+    (``retryAfter`` 0); ``max`` is the cap."""
+    message = error_message(ErrorCode.RATE_LIMITED, text, request_id)
+    message.update(limit=limit, retryAfter=0, max=maximum)
     return message
+
+
+def watch_limit_message(limit: int, request_id: RequestId = None) -> dict[str, Any]:
+    return cap_message("watched-ids", limit, f"a connection may watch at most {limit} user "
+                       "IDs; unwatch some first", request_id)
+
+
+def hold_limit_message(limit: str, maximum: int, to: str,
+                       request_id: RequestId = None) -> dict[str, Any]:
+    return cap_message(limit, maximum, f"{limit} limit ({maximum}) reached: nothing more is "
+                       f"held for {to!r}", request_id)
 
 
 def pong_message(request_id: RequestId = None) -> dict[str, Any]:

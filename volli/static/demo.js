@@ -16,6 +16,8 @@ let localStream = null;
 /** A call waiting for Accept or Decline: {peer, offer, queued}. It has no RTCPeerConnection
  * yet, so nothing (answer, candidates, media) reaches the caller before the user accepts. */
 let incoming = null;
+/** Seconds the server holds our call's first offer if the callee is offline. */
+const HOLD_SECONDS = 60;
 /** The contact whose presence is shown (watched on the server, live). */
 let watchedPeer = null;
 
@@ -223,6 +225,15 @@ function wire(s) {
   s.on("presence", mine(({ userId, online }) => {
     if (userId === watchedPeer) showPresence(online);
   }));
+  s.on("held", mine(({ to, expiresIn }) => {
+    if (call?.peer !== to) return;
+    setCallStatus("connecting", `${to} is offline: the call waits up to ${expiresIn} s for them to open Volli`);
+    log(`${to} is offline: the offer is held for ${expiresIn} s`);
+  }));
+  s.on("delivered", mine(({ to }) => log(`${to} came online and got the call`)));
+  s.on("expired", mine(({ to }) => {
+    if (call?.peer === to && !call.connected) endCall(`${to} did not come online in time`, "failed");
+  }));
   s.on("offer", mine(onOffer));
   s.on("answer", mine(onAnswer));
   s.on("ice-candidate", mine(onCandidate));
@@ -276,7 +287,9 @@ function newCall(peer, initiator) {
       c.makingOffer = true;
       await pc.setLocalDescription();
       if (call === c && sig) {
-        relay(() => sig.sendOffer(peer, pc.localDescription));
+        // A first offer of ours waits on the server for a callee who is offline.
+        const hold = c.initiator && !c.connected ? { hold: HOLD_SECONDS } : {};
+        relay(() => sig.sendOffer(peer, pc.localDescription, hold));
         log(`→ offer to ${peer}`);
       }
     } catch (err) {
@@ -391,7 +404,10 @@ function startCall(event) {
 
 // Anyone who knows your ID can send an offer: ask before answering a new caller.
 function askToAnswer(msg) {
-  if (incoming?.peer !== msg.from) log(`incoming call from ${msg.from}: waiting for you`);
+  if (incoming?.peer !== msg.from) {
+    const waited = msg.heldFor ? ` (it waited ${(msg.heldFor / 1000).toFixed(1)} s for you to come online)` : "";
+    log(`incoming call from ${msg.from}${waited}: waiting for you`);
+  }
   incoming = { peer: msg.from, offer: msg, queued: [] }; // a repeated offer replaces the last
   $("incoming-from").textContent = msg.from;
   $("incoming").hidden = false;

@@ -319,11 +319,17 @@ export class VolliSignaling extends EventTarget {
    * Relay an offer to `to`. Returns the requestId it carries; a failure (e.g.
    * `peer-offline`) arrives as an `error` event whose detail has this `requestId` and
    * `request: {type, to}`. Throws `not-connected` unless registered.
+   * With `{hold: seconds}`, an offer to an offline `to` is held for it (docs/protocol.md
+   * section 5c): a `held` event (`{to, expiresIn, requestId}`), then `delivered` when
+   * `to` registers and gets it (with the candidates sent meanwhile), or `expired`.
    * @param {string} to
    * @param {RTCSessionDescriptionInit|RTCSessionDescription} offer
+   * @param {{hold?: number}} [options]
    */
-  sendOffer(to, offer) {
-    return this._relay("offer", to, { offer: toJSON(offer) });
+  sendOffer(to, offer, options = {}) {
+    const fields = { offer: toJSON(offer) };
+    if (options.hold) fields.hold = options.hold;
+    return this._relay("offer", to, fields);
   }
 
   /** Relay an answer to `to`; as {@link VolliSignaling#sendOffer}. */
@@ -449,6 +455,11 @@ export class VolliSignaling extends EventTarget {
         break;
       case "presence":
         if (this._watched.has(msg.userId)) this._notePresence(msg.userId, msg.online);
+        return;
+      case "held":
+      case "delivered":
+      case "expired":
+        this._emit(msg.type, msg);
         return;
       case "session-replaced":
         this._stopped = true;

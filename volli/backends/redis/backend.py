@@ -18,7 +18,8 @@ import threading
 import redis
 
 from ..base import (
-    NO_EVENTS, Backend, BackendEvents, Claim, Presence, Released, Session, Spawn,
+    NO_EVENTS, Backend, BackendEvents, Claim, Held, HeldOffer, Presence, Released, Session,
+    Spawn,
     local_refusal, nothing,
 )
 from ..local import LocalSessions
@@ -29,6 +30,7 @@ from .heartbeat import Heartbeat
 from .keys import CLUSTER_GROUPS, Keys
 from .presence import PresenceStore
 from .router import Router
+from .held import HeldStore
 from .watchers import Watchers
 
 log = logging.getLogger("volli.redis")
@@ -67,6 +69,7 @@ class RedisBackend(Backend):
                              cluster)
         self.watchers = Watchers(self.keys, self.node, events, client, self.presence.ttl_ms,
                                  cluster)
+        self.held = HeldStore(self.keys, events, client, cluster)
         self.heartbeat = Heartbeat(settings, self.keys, self.node, self.local, events, client,
                                    self.presence, self.watchers, self.router.expire_routes,
                                    cluster)
@@ -128,6 +131,23 @@ class RedisBackend(Backend):
     def unwatch(self, user_ids: list[str]) -> None:
         self.watchers.unwatch(user_ids)
 
+    def hold(self, session, callee, frame, seconds, per_callee) -> Held:
+        if self.local.holds(callee):
+            return Held.ONLINE
+        return self.held.hold(session, callee, frame, seconds, per_callee)
+
+    def hold_candidate(self, session, callee, frame, max_frames) -> Held:
+        return self.held.hold_candidate(session, callee, frame, max_frames)
+
+    def take_held(self, callee: str) -> list[HeldOffer]:
+        return self.held.take(callee)
+
+    def drop_held(self, callee: str, caller: str, session_id: str) -> bool:
+        return self.held.drop(callee, caller, session_id)
+
+    def cancel_held(self, caller: str, session_id: str, callees: list[str]) -> None:
+        self.held.cancel(caller, session_id, callees)
+
     def deliver(self, user_id: str, text: str, origin: str | None = None) -> bool:
         if self.local.holds(user_id):
             return self.local.deliver(user_id, text, origin)
@@ -150,6 +170,7 @@ class RedisBackend(Backend):
         # Created here: after patching, gevent's.
         self.heartbeat.start(threading.Event())
         self.router.start(spawn, threading.RLock())
+        self.held.start(spawn)
         self.presence.start(spawn, threading.Lock())
         try:  # before serving: registrations need the store's epoch
             self.heartbeat.beat()  # a TTLMismatch stops this worker from booting

@@ -63,6 +63,14 @@ class Keys:
         """A sorted set: the nodes watching user_id's presence (score: until when, ms)."""
         return f"{self._in(self.group(user_id))}watch:{user_id}"
 
+    def held_meta(self, user_id: str) -> str:
+        """A hash: callers of offers held for user_id -> {session, at, exp, n} (JSON)."""
+        return f"{self._in(self.group(user_id))}held-meta:{user_id}"
+
+    def held(self, user_id: str) -> str:
+        """A hash: callers of offers held for user_id -> the frames, one per line."""
+        return f"{self._in(self.group(user_id))}held:{user_id}"
+
     def user(self, user_id: str) -> list[str]:
         """presence, binding, bindings index, watchers: the keys of the release, renew and
         unbind scripts."""

@@ -293,6 +293,70 @@ end
 return out
 """
 
+# Offers held for an offline callee (held.py). KEYS held-meta, held (and presence for
+# HOLD); times on Redis's clock. An expired offer stays until its caller's node drops it
+# (it then tells the caller `expired`) or, if that node died, until the keys expire a
+# minute after their last offer. HOLD: ARGV caller, session, frame, ms, max callers per
+# callee -> 1 held, 0 the callee is online, -1 full (of offers not expired).
+HOLD = _NOW + """
+local s = redis.call('HGET', KEYS[3], 'session')
+if s and s ~= '' then return 0 end
+local metas = redis.call('HGETALL', KEYS[1])
+local n = 0
+for i = 1, #metas, 2 do
+  if metas[i] ~= ARGV[1] and cjson.decode(metas[i + 1]).exp > now then n = n + 1 end
+end
+if n >= tonumber(ARGV[5]) then return -1 end
+redis.call('HSET', KEYS[1], ARGV[1], cjson.encode({s = ARGV[2], at = now,
+                                                   exp = now + tonumber(ARGV[4]), n = 1}))
+redis.call('HSET', KEYS[2], ARGV[1], ARGV[3])
+local keep = tonumber(ARGV[4]) + 60000
+for i = 1, 2 do
+  if redis.call('PTTL', KEYS[i]) < keep then redis.call('PEXPIRE', KEYS[i], keep) end
+end
+return 1
+"""
+
+# A candidate with the caller's held offer: ARGV caller, session, frame, max frames ->
+# 1 added, 0 no offer of that session held, -1 full.
+HOLD_CANDIDATE = _NOW + """
+local raw = redis.call('HGET', KEYS[1], ARGV[1])
+if not raw then return 0 end
+local m = cjson.decode(raw)
+if m.s ~= ARGV[2] or m.exp <= now then return 0 end
+if m.n >= tonumber(ARGV[4]) then return -1 end
+m.n = m.n + 1
+redis.call('HSET', KEYS[1], ARGV[1], cjson.encode(m))
+redis.call('HSET', KEYS[2], ARGV[1], redis.call('HGET', KEYS[2], ARGV[1]) .. '\\n' .. ARGV[3])
+return 1
+"""
+
+# The callee registered: every offer held for it and not expired, {caller, at, held for
+# ms, frames} each, taken (expired ones stay for their callers' nodes to drop).
+TAKE_HELD = _NOW + """
+local metas = redis.call('HGETALL', KEYS[1])
+local out = {}
+for i = 1, #metas, 2 do
+  local m = cjson.decode(metas[i + 1])
+  if m.exp > now then
+    out[#out + 1] = {metas[i], m.at, now - m.at, redis.call('HGET', KEYS[2], metas[i])}
+    redis.call('HDEL', KEYS[1], metas[i])
+    redis.call('HDEL', KEYS[2], metas[i])
+  end
+end
+return out
+"""
+
+# A caller's offer goes (its time is up, or the caller left), if that session holds it:
+# ARGV caller, session -> 1 dropped, 0 not held.
+DROP_HELD = """
+local raw = redis.call('HGET', KEYS[1], ARGV[1])
+if not raw or cjson.decode(raw).s ~= ARGV[2] then return 0 end
+redis.call('HDEL', KEYS[1], ARGV[1])
+redis.call('HDEL', KEYS[2], ARGV[1])
+return 1
+"""
+
 CLAIM_CODES = {1: Claim.OK, 2: Claim.TAKEN_OVER, 0: Claim.TAKEN, -1: Claim.BOUND,
                -2: Claim.KEY_MISMATCH, -3: Claim.FULL}
 EPOCH_CHANGED, RECOVERING = -4, -5

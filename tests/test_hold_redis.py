@@ -1,0 +1,110 @@
+"""Offers held for an offline callee across workers and hosts: 2 gunicorn servers on a
+real redis-server (and the cluster and Sentinel for the cross-server test). The held
+offer lives in Redis: the callee may come back anywhere, even on a server started after
+the offer was held."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+import redis as redis_client
+
+from conftest import DEPLOYMENTS, Client
+
+CALLEE = "callee@volli.app"
+OFFER = {"type": "offer", "sdp": "v=0 held"}
+
+
+def hold_offer(caller: Client, seconds: int = 30) -> dict:
+    caller.send({"type": "offer", "to": CALLEE, "offer": OFFER, "hold": seconds,
+                 "requestId": "h1"})
+    reply = caller.recv()
+    assert reply == {"type": "held", "to": CALLEE, "expiresIn": seconds, "requestId": "h1"}
+    for n in range(3):
+        caller.send({"type": "ice-candidate", "to": CALLEE, "candidate": {"candidate": f"c{n}"}})
+    caller.send({"type": "ping", "requestId": "p"})  # candidates are held without a reply
+    assert caller.recv() == {"type": "pong", "requestId": "p"}
+    return reply
+
+
+def register_callee(client: Client) -> list[dict]:
+    """Register the callee; the frames held for it that follow ``registered``."""
+    client.send({"type": "register", "userId": CALLEE, "publicKey": "cHVibGljLWtleQ=="})
+    assert client.recv()["type"] == "registered"
+    got = []
+    while True:
+        try:
+            got.append(client.recv(timeout=1.0))
+        except TimeoutError:
+            return got
+
+
+@pytest.mark.parametrize("deployment", DEPLOYMENTS, indirect=True)
+def test_a_held_offer_reaches_the_callee_on_another_server(nodes, open_client):
+    a, b = nodes(workers=1), nodes(workers=1)
+    caller = open_client(a)
+    caller.register("caller@volli.app")
+    hold_offer(caller)
+    time.sleep(0.5)
+    got = register_callee(open_client(b))
+    assert [m["type"] for m in got] == ["offer", "ice-candidate", "ice-candidate",
+                                        "ice-candidate"], got
+    assert all(m["from"] == "caller@volli.app" and 500 <= m["heldFor"] < 5000 for m in got)
+    assert got[0]["offer"] == OFFER
+    assert [m["candidate"]["candidate"] for m in got[1:]] == ["c0", "c1", "c2"]
+    assert caller.recv(timeout=5) == {"type": "delivered", "to": CALLEE}
+
+
+def test_held_offers_outlive_the_server_the_callee_comes_back_to(nodes, open_client, redis):
+    a = nodes(workers=1)
+    caller = open_client(a)
+    caller.register("caller@volli.app")
+    hold_offer(caller)
+    store = redis_client.Redis.from_url(redis.url)
+    assert store.hlen(f"{nodes.prefix}held:{CALLEE}") == 1
+    late = nodes(workers=2)  # started after the offer was held
+    got = register_callee(open_client(late))
+    assert [m["type"] for m in got][:1] == ["offer"] and len(got) == 4
+    assert caller.recv(timeout=5)["type"] == "delivered"
+    assert not store.exists(f"{nodes.prefix}held:{CALLEE}")
+
+
+def test_expiry_and_cancellation(nodes, open_client, redis):
+    a, b = nodes(workers=1), nodes(workers=1)
+    caller = open_client(a)
+    caller.register("caller@volli.app")
+    hold_offer(caller, seconds=2)
+    assert caller.recv(timeout=4) == {"type": "expired", "to": CALLEE}
+    assert register_callee(open_client(b)) == []
+    # A caller who leaves takes its offers with it.
+    store = redis_client.Redis.from_url(redis.url)
+    other = "other@volli.app"
+    leaver = open_client(a)
+    leaver.register("leaver@volli.app")
+    leaver.send({"type": "offer", "to": other, "offer": OFFER, "hold": 30})
+    assert leaver.recv()["type"] == "held"
+    assert store.hlen(f"{nodes.prefix}held:{other}") == 1
+    leaver.close()
+    deadline = time.monotonic() + 5
+    while store.hlen(f"{nodes.prefix}held:{other}"):
+        assert time.monotonic() < deadline, "a departed caller's offer is still held"
+        time.sleep(0.05)
+    callee = open_client(b)
+    assert callee.request({"type": "register", "userId": other,
+                           "publicKey": "cHVibGljLWtleQ=="})["type"] == "registered"
+    with pytest.raises(TimeoutError):
+        callee.recv(timeout=1)
+
+
+def test_per_callee_limit_is_shared_by_every_server(nodes, open_client):
+    a, b = nodes(workers=1, VOLLI_HOLD_PER_CALLEE="2"), nodes(workers=1,
+                                                               VOLLI_HOLD_PER_CALLEE="2")
+    replies = []
+    for n, srv in enumerate((a, b, a)):
+        caller = open_client(srv)
+        caller.register(f"caller{n}@volli.app")
+        caller.send({"type": "offer", "to": CALLEE, "offer": OFFER, "hold": 30})
+        replies.append(caller.recv())
+    assert [r["type"] for r in replies] == ["held", "held", "error"]
+    assert replies[2]["limit"] == "held-for-peer"
