@@ -204,6 +204,28 @@ class Settings:
         "VOLLI_HOLD_BYTES", 262144, _int,
         "Bytes of held offers and candidates one connection may have at once "
         "(rate-limited, limit held-bytes).", 1024)
+    vapid_private_key: str = _setting(
+        "VOLLI_VAPID_PRIVATE_KEY", "", str,
+        "VAPID private key (base64url P-256, from python -m volli.push generate-keys) that "
+        "signs Web Push wake-ups; empty turns Web Push off (push-disabled).")
+    vapid_subject: str = _setting(
+        "VOLLI_VAPID_SUBJECT", "mailto:admin@localhost", str,
+        "The VAPID sub claim: a mailto: or https: contact for push services.")
+    push_services: str = _setting(
+        "VOLLI_PUSH_SERVICES",
+        "https://fcm.googleapis.com,https://updates.push.services.mozilla.com,"
+        "https://web.push.apple.com,https://*.notify.windows.com", str,
+        "Comma-separated origins push subscriptions may point at (a *. host matches its "
+        "subdomains); the server sends requests there only.")
+    push_max_per_user: int = _setting(
+        "VOLLI_PUSH_MAX_PER_USER", 5, _int,
+        "Push subscriptions kept per user ID (the oldest goes beyond it).", 1)
+    push_concurrency: int = _setting(
+        "VOLLI_PUSH_CONCURRENCY", 20, _int,
+        "Pushes in flight per worker; beyond it a push is dropped and counted (overflow).",
+        1)
+    push_timeout: float = _setting(
+        "VOLLI_PUSH_TIMEOUT", 5.0, _float, "Seconds one push may take.", 0.1)
     ip_max_connections: int = _setting(
         "VOLLI_IP_MAX_CONNECTIONS", 100, _int,
         "Open WebSockets per client IP and worker (HTTP 429 beyond); 0 = no limit.", 0)
@@ -340,6 +362,12 @@ def load(environ: Mapping[str, str], overrides: Mapping[str, Any] | None = None)
     for path in (settings.tls_certfile, settings.tls_keyfile):
         if path and not os.path.isfile(path):
             problems.append(f"TLS file {path!r} does not exist")
+    if settings.vapid_private_key:
+        from .push import key_problem
+
+        problem = key_problem(settings.vapid_private_key)
+        if problem:
+            problems.append(f"VOLLI_VAPID_PRIVATE_KEY: {problem}")
     if problems:
         raise ConfigError("invalid Volli configuration:\n  " + "\n  ".join(problems))
     return settings

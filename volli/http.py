@@ -46,6 +46,18 @@ def ready():
     return response
 
 
+@bp.get("/push/vapid-public-key")
+def vapid_public_key():
+    """The key browsers pass to pushManager.subscribe (applicationServerKey); 404 when
+    this server sends no pushes."""
+    key = get_runtime().hub.push.public_key
+    if key is None:
+        response = jsonify(error="push-disabled", message="no VAPID key configured")
+        response.status_code = 404
+        return response
+    return jsonify(publicKey=key)
+
+
 @bp.get("/metrics")
 def prometheus_metrics():
     """Prometheus text format, summed over every worker of this server."""

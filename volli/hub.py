@@ -22,7 +22,9 @@ from .protocol import (
     presence_message, rate_limited_message, registered_message, session_replaced_message,
     undelivered_message, unwatched_message, watch_limit_message, watching_message,
     delivered_message, expired_message, held_message, hold_limit_message, with_held_for,
+    PushSubscribe, PushUnsubscribe, push_subscribed_message, push_unsubscribed_message,
 )
+from .push import PushSender, origin_allowed
 from .backends.base import Held
 from .holding import Holding
 from .watching import Watching
@@ -52,6 +54,8 @@ class Hub:
         self.metrics = metrics if metrics is not None else Metrics()
         self.watching = Watching(settings.presence_debounce)
         self.holding = Holding()
+        # Web Push wake-ups: the sender does its own I/O in greenlets, started per worker.
+        self.push = PushSender(settings, self._push_gone, self.metrics.push)
         self.backend = make_backend(self)
         # Each handler gets the session, the message and when its frame was received.
         self._handlers: dict[type, Callable[[Session, Message, float], None]] = {
@@ -63,6 +67,8 @@ class Hub:
             IceServers: self._ice_servers,
             Watch: self._watch,
             Unwatch: self._unwatch,
+            PushSubscribe: self._push_subscribe,
+            PushUnsubscribe: self._push_unsubscribe,
         }
         self._turn_uris = [u.strip() for u in settings.turn_uris.split(",") if u.strip()]
         # Only turn:/turns: URIs carry credentials (the policy and the issue rate apply).
@@ -329,6 +335,7 @@ class Hub:
             self.holding.add(session, to, received_at + seconds, size)
             self.metrics.held("held")
             session.send(encode(held_message(to, seconds, message.request_id)))
+            self._wake(to, sender, seconds)
             return True
         if message.kind == "ice-candidate" and self.holding.holds(session, to):
             text = encode_relay(_without_held_for(message), sender)
@@ -343,6 +350,44 @@ class Hub:
                 self.holding.grow(session, to, len(text))
                 return True
         return False
+
+    def _wake(self, callee: str, caller: str, seconds: int) -> None:
+        """Push to the callee's subscriptions that an offer waits for it."""
+        if not self.push.enabled:
+            return
+        try:
+            subscriptions = self.backend.push_subscriptions(callee)
+        except BackendUnavailable:
+            log.warning("could not read the push subscriptions of %r", callee)
+            return
+        if subscriptions:
+            self.push.incoming_call(callee, caller, seconds, subscriptions)
+
+    def _push_gone(self, user_id: str, endpoint: str) -> None:
+        try:
+            self.backend.push_unsubscribe(user_id, endpoint)
+        except BackendUnavailable:
+            log.warning("could not remove a gone push subscription of %r", user_id)
+
+    def _push_subscribe(self, session: Session, message: PushSubscribe,
+                        received_at: float) -> None:
+        user_id = _require_bound(session)
+        if not self.push.enabled:
+            raise ProtocolError(ErrorCode.PUSH_DISABLED,
+                                "this server sends no pushes (no VAPID key configured)")
+        endpoint = message.subscription["endpoint"]
+        if not origin_allowed(endpoint, self.settings.push_services):
+            raise ProtocolError(ErrorCode.INVALID_MESSAGE,
+                                "'endpoint' is not at a push service this server sends to")
+        self.backend.push_subscribe(user_id, message.subscription,
+                                    self.settings.push_max_per_user)
+        session.send(encode(push_subscribed_message(message.request_id)))
+
+    def _push_unsubscribe(self, session: Session, message: PushUnsubscribe,
+                          received_at: float) -> None:
+        user_id = _require_bound(session)
+        self.backend.push_unsubscribe(user_id, message.endpoint)
+        session.send(encode(push_unsubscribed_message(message.request_id)))
 
     def _hold_refused(self, session: Session, limit: str, maximum: int, message: Relay) -> bool:
         self.metrics.error(ErrorCode.RATE_LIMITED)
@@ -422,6 +467,15 @@ def _without_held_for(message: Relay) -> Relay:
     body = {k: v for k, v in message.body.items() if k.casefold() != "heldfor"}
     return Relay(message.kind, message.to, message.sender, body, message.request_id,
                  encode(body), message.hold)
+
+
+def _require_bound(session: Session) -> str:
+    """Push subscriptions belong to a bound ID: a signed session's."""
+    user_id = _require_registered(session)
+    if not session.signed:
+        raise ProtocolError(ErrorCode.SIGNATURE_REQUIRED, "push subscriptions belong to a "
+                            "bound user ID: register with a signature")
+    return user_id
 
 
 def _require_registered(session: Session) -> str:

@@ -41,6 +41,8 @@ PRESENCE_EVENTS = Counter("volli_presence_events",
                           "presence messages sent to watchers, by state.", ["online"])
 HELD_OFFERS = Counter("volli_held_offers", "Offers held for offline callees, by outcome "
                       "(held, delivered, expired).", ["outcome"])
+PUSHES = Counter("volli_pushes", "Web Push wake-ups, by outcome (sent, gone: the "
+                 "subscription was removed, failed, overflow: not sent).", ["outcome"])
 WATCHED_USERS = Gauge("volli_watched_users", "User IDs watched by connections of this server.",
                       multiprocess_mode="livesum")
 LOOP_FAILURES = Counter("volli_loop_failures",
@@ -137,6 +139,10 @@ class Metrics:
     def held(self, outcome: str) -> None:
         self.totals[f"held-{outcome}"] += 1
         self._child(HELD_OFFERS, outcome).inc()
+
+    def push(self, outcome: str) -> None:
+        self.totals[f"push-{outcome}"] += 1
+        self._child(PUSHES, outcome).inc()
 
     def watched_users(self, delta: int) -> None:
         self._gauges[WATCHED_USERS] += delta

@@ -25,6 +25,7 @@ def start_worker_tasks(app: Flask, is_alive: Callable[[], bool]) -> None:
     """Start this worker's background loops, each supervised (see supervise.py)."""
     runtime: Runtime = app.extensions["volli"]
     runtime.backend.start(gevent.spawn)
+    runtime.hub.push.start()
     loops = {"stats": stats_loop, "keepalive": keepalive_loop, "metrics": metrics_loop,
              "presence": presence_loop}
     for name, loop in loops.items():

@@ -255,6 +255,20 @@ class Backend(abc.ABC):
         """A closed caller's offers go. Never blocks or raises."""
 
     @abc.abstractmethod
+    def push_subscribe(self, user_id: str, subscription: dict, keep: int) -> None:
+        """Keep a Web Push subscription of ``user_id`` (a bound ID) for as long as its
+        binding; at most ``keep`` per ID, the oldest going first. The same endpoint again
+        replaces it."""
+
+    @abc.abstractmethod
+    def push_unsubscribe(self, user_id: str, endpoint: str) -> bool:
+        """Forget one subscription; False if there was none."""
+
+    @abc.abstractmethod
+    def push_subscriptions(self, user_id: str) -> list[dict]:
+        """``user_id``'s subscriptions, as ``push_subscribe`` got them."""
+
+    @abc.abstractmethod
     def deliver(self, user_id: str, text: str, origin: str | None = None) -> bool:
         """Queue text for user_id's connection; False if it is offline or cannot take it."""
 

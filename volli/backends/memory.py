@@ -38,6 +38,8 @@ class MemoryBackend(Backend):
         self._clock = clock
         self._full_logged_at = float("-inf")
         self._held = MemoryHeld(clock)
+        # userId -> endpoint -> (subscription, forgotten at), oldest first; only bound IDs
+        self._push: dict[str, collections.OrderedDict[str, tuple[dict, float]]] = {}
 
     def attach(self, session: Session) -> None:
         self._local.attach(session)
@@ -78,6 +80,7 @@ class MemoryBackend(Backend):
         return True
 
     def unbind(self, user_id: str) -> bool:
+        self._push.pop(user_id, None)  # they belong to the binding
         had = self._bindings.pop(user_id, None) is not None
         holder = self._local.holder(user_id)
         if holder is not None:
@@ -114,6 +117,31 @@ class MemoryBackend(Backend):
     def cancel_held(self, caller: str, session_id: str, callees: list[str]) -> None:
         for callee in callees:
             self._held.drop(callee, caller, session_id)
+
+    def push_subscribe(self, user_id: str, subscription: dict, keep: int) -> None:
+        subs = self._push.setdefault(user_id, collections.OrderedDict())
+        subs.pop(subscription["endpoint"], None)
+        subs[subscription["endpoint"]] = (subscription, self._clock() + self._retention)
+        while len(subs) > keep:
+            subs.popitem(last=False)
+
+    def push_unsubscribe(self, user_id: str, endpoint: str) -> bool:
+        subs = self._push.get(user_id, {})
+        gone = subs.pop(endpoint, None) is not None
+        if not subs:
+            self._push.pop(user_id, None)
+        return gone
+
+    def push_subscriptions(self, user_id: str) -> list[dict]:
+        now = self._clock()
+        subs = self._push.get(user_id, {})
+        for endpoint in [e for e, (_, until) in subs.items() if until <= now]:
+            del subs[endpoint]
+        # An ID no longer bound to a key has none (its binding expired or was evicted).
+        if self._bound_key(user_id) is None:
+            self._push.pop(user_id, None)
+            return []
+        return [sub for sub, _ in subs.values()]
 
     def deliver(self, user_id: str, text: str, origin: str | None = None) -> bool:
         return self._local.deliver(user_id, text, origin)

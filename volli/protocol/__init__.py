@@ -8,6 +8,7 @@ from .messages import (
     presence_message, rate_limited_message, registered_message, session_replaced_message,
     undelivered_message, unwatched_message, watch_limit_message, watching_message,
     held_message, delivered_message, expired_message, with_held_for, hold_limit_message,
+    PushSubscribe, PushUnsubscribe, push_subscribed_message, push_unsubscribed_message,
 )
 
 __all__ = [
@@ -18,5 +19,6 @@ __all__ = [
     "registered_message", "session_replaced_message", "undelivered_message",
     "Watch", "Unwatch", "watching_message", "unwatched_message", "presence_message",
     "watch_limit_message", "held_message", "delivered_message", "expired_message",
-    "with_held_for", "hold_limit_message",
+    "with_held_for", "hold_limit_message", "PushSubscribe", "PushUnsubscribe",
+    "push_subscribed_message", "push_unsubscribed_message",
 ]

@@ -29,6 +29,7 @@ class ErrorCode(enum.StrEnum):
     PEER_OFFLINE = "peer-offline"
     PEER_BUSY = "peer-busy"
     UNAVAILABLE = "unavailable"
+    PUSH_DISABLED = "push-disabled"
     INTERNAL_ERROR = "internal-error"
 
 

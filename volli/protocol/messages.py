@@ -8,6 +8,7 @@ turned into frame text by ``encode``.
 
 from __future__ import annotations
 
+import base64
 import dataclasses
 import json
 import re
@@ -98,7 +99,22 @@ class Unwatch:
     request_id: RequestId = None
 
 
-Message = Union[Register, Discover, Relay, Ping, RotateKey, IceServers, Watch, Unwatch]
+@dataclasses.dataclass(slots=True)
+class PushSubscribe:
+    """A browser's ``PushSubscription.toJSON()``: {endpoint, keys: {p256dh, auth}}."""
+
+    subscription: dict[str, Any]
+    request_id: RequestId = None
+
+
+@dataclasses.dataclass(slots=True)
+class PushUnsubscribe:
+    endpoint: str
+    request_id: RequestId = None
+
+
+Message = Union[Register, Discover, Relay, Ping, RotateKey, IceServers, Watch, Unwatch,
+                PushSubscribe, PushUnsubscribe]
 
 
 def parse(text: str | bytes) -> Message:
@@ -132,6 +148,10 @@ def parse(text: str | bytes) -> Message:
             return Watch(_user_ids(data), request_id)
         if kind == "unwatch":
             return Unwatch(_user_ids(data), request_id)
+        if kind == "push-subscribe":
+            return PushSubscribe(_push_subscription(data.get("subscription")), request_id)
+        if kind == "push-unsubscribe":
+            return PushUnsubscribe(_endpoint(data.get("endpoint")), request_id)
         raise ProtocolError(ErrorCode.UNKNOWN_TYPE, f"unknown message type {kind[:64]!r}")
     except ProtocolError as exc:
         exc.request_id = request_id
@@ -178,6 +198,44 @@ def _user_ids(data: dict[str, Any]) -> list[str]:
         if problem:
             raise ProtocolError(ErrorCode.INVALID_USER_ID, f"'userIds'[{n}] {problem}")
     return list(dict.fromkeys(value))
+
+
+ENDPOINT_MAX = 2048
+
+
+def _endpoint(value: Any) -> str:
+    if (not isinstance(value, str) or len(value) > ENDPOINT_MAX
+            or not value.startswith(("https://", "http://")) or not value.isprintable()
+            or " " in value):
+        raise ProtocolError(ErrorCode.INVALID_MESSAGE, "'endpoint' must be an http(s) URL of "
+                            f"at most {ENDPOINT_MAX} characters")
+    return value
+
+
+def _push_subscription(value: Any) -> dict[str, Any]:
+    """The subscription, checked: its endpoint, a P-256 point (65 bytes) and a 16-byte
+    authentication secret, base64url as browsers write them."""
+    if not isinstance(value, dict) or not isinstance(value.get("keys"), dict):
+        raise ProtocolError(ErrorCode.INVALID_MESSAGE, "'subscription' must be a "
+                            "PushSubscription's JSON: {endpoint, keys: {p256dh, auth}}")
+    keys = {}
+    for name, size in (("p256dh", 65), ("auth", 16)):
+        text = value["keys"].get(name)
+        raw = _base64url(text)
+        if raw is None or len(raw) != size or (name == "p256dh" and raw[0] != 4):
+            raise ProtocolError(ErrorCode.INVALID_MESSAGE,
+                                f"'keys.{name}' must be {size} bytes of base64url")
+        keys[name] = text
+    return {"endpoint": _endpoint(value.get("endpoint")), "keys": keys}
+
+
+def _base64url(text: Any) -> bytes | None:
+    if not isinstance(text, str) or len(text) > 128 or not _BASE64ISH.fullmatch(text):
+        return None
+    try:
+        return base64.urlsafe_b64decode(text.rstrip("=") + "=" * (-len(text.rstrip("=")) % 4))
+    except ValueError:
+        return None
 
 
 def _public_key(data: dict[str, Any], field: str) -> str:
@@ -358,6 +416,14 @@ def expired_message(to: str) -> dict[str, Any]:
 def with_held_for(frame: str, held_for_ms: int) -> str:
     """A held frame as the callee gets it: with ``heldFor`` (ms) appended."""
     return f'{frame[:-1]},"heldFor":{int(held_for_ms)}}}'
+
+
+def push_subscribed_message(request_id: RequestId = None) -> dict[str, Any]:
+    return _with_request_id({"type": "push-subscribed"}, request_id)
+
+
+def push_unsubscribed_message(request_id: RequestId = None) -> dict[str, Any]:
+    return _with_request_id({"type": "push-unsubscribed"}, request_id)
 
 
 def cap_message(limit: str, maximum: int, text: str,

@@ -70,6 +70,7 @@ function updateButtons() {
   $("sign").disabled = !!sig || $("sign").dataset.unsupported === "1";
   $("disconnect").disabled = !sig;
   $("call").disabled = !registered;
+  $("push").disabled = !registered || !sig?.keyPair || !("serviceWorker" in navigator);
   $("hangup").disabled = !call;
   const open = !!call?.connected && call.dc?.readyState === "open";
   $("chat-input").disabled = !open;
@@ -237,6 +238,34 @@ function wire(s) {
   s.on("offer", mine(onOffer));
   s.on("answer", mine(onAnswer));
   s.on("ice-candidate", mine(onCandidate));
+}
+
+// ---- Web Push: calls while this page is closed --------------------------------------------
+
+/** The demo's service worker (it shows incoming calls pushed by the server). */
+const worker = "serviceWorker" in navigator
+  ? navigator.serviceWorker.register("/demo-sw.js").catch((err) => {
+    log(`service worker not registered: ${err.message}`, "err");
+    return null;
+  })
+  : Promise.resolve(null);
+
+async function enablePush() {
+  const s = sig;
+  try {
+    const registration = await worker;
+    if (!registration) throw new Error("no service worker");
+    if (Notification.permission !== "granted" &&
+        await Notification.requestPermission() !== "granted") {
+      throw new Error("notifications are not allowed");
+    }
+    await s.subscribePush(registration);
+    $("push-note").textContent = "On: a call while this page is closed shows a notification";
+    log("Web Push on: the server will wake this browser for calls");
+  } catch (err) {
+    $("push-note").textContent = `Web Push unavailable: ${err.code ?? ""} ${err.message}`;
+    log(`Web Push failed: ${err.code ?? ""} ${err.message}`, "err");
+  }
 }
 
 // ---- the contact's presence -------------------------------------------------------------
@@ -545,6 +574,7 @@ if (params.get("peer")) $("peer-id").value = params.get("peer");
 $("connect-form").addEventListener("submit", connect);
 $("disconnect").addEventListener("click", disconnect);
 $("call-form").addEventListener("submit", startCall);
+$("push").addEventListener("click", enablePush);
 let typing = null;
 $("peer-id").addEventListener("input", () => {
   clearTimeout(typing);

@@ -33,7 +33,8 @@ const RETRYABLE_REGISTER_ERRORS = new Set(["user-id-taken", "unavailable", "rate
  */
 const REPLY_FOR = Object.freeze({ register: "registered", discover: "discover-response",
   ping: "pong", "rotate-key": "key-rotated", "ice-servers": "ice-servers",
-  watch: "watching", unwatch: "unwatched" });
+  watch: "watching", unwatch: "unwatched", "push-subscribe": "push-subscribed",
+  "push-unsubscribe": "push-unsubscribed" });
 const REPLY_TYPES = new Set([...Object.values(REPLY_FOR), "error"]);
 
 const REGISTER_CONTEXT = "volli/register/v1";
@@ -72,6 +73,18 @@ function subtle() {
       "WebCrypto is unavailable: signing needs a secure context (https or localhost)");
   }
   return globalThis.crypto.subtle;
+}
+
+/** `http(s)://host` of a `ws(s)://host/path` signaling URL. */
+function httpBase(url) {
+  const u = new URL(url, globalThis.location?.href);
+  u.protocol = u.protocol === "wss:" ? "https:" : "http:";
+  return `${u.protocol}//${u.host}`;
+}
+
+function fromBase64url(text) {
+  const b64 = text.replace(/-/g, "+").replace(/_/g, "/") + "=".repeat((4 - text.length % 4) % 4);
+  return Uint8Array.from(atob(b64), (c) => c.charCodeAt(0));
 }
 
 function base64(bytes) {
@@ -276,6 +289,44 @@ export class VolliSignaling extends EventTarget {
       this.presence.delete(id);
     }
     await this.request({ type: "unwatch", userIds });
+  }
+
+  /**
+   * Let the server wake this browser with Web Push when an offer is held for this user
+   * (docs/protocol.md section 5d). Needs a signed registration, a server with a VAPID key,
+   * and a service worker `registration` whose `push` handler shows the call (the demo's:
+   * /demo-sw.js). Asks for notification permission if needed. Resolves with the
+   * PushSubscription; rejects with `push-disabled`, `unsupported` or the server's code.
+   * @param {ServiceWorkerRegistration} registration
+   * @returns {Promise<PushSubscription>}
+   */
+  async subscribePush(registration) {
+    if (!registration?.pushManager) throw new VolliError("unsupported", "no Push API here");
+    const response = await fetch(new URL("/push/vapid-public-key", httpBase(this.url)));
+    if (!response.ok) throw new VolliError("push-disabled", "this server sends no pushes");
+    const { publicKey } = await response.json();
+    const subscription = await registration.pushManager.getSubscription() ??
+      await registration.pushManager.subscribe({
+        userVisibleOnly: true, applicationServerKey: fromBase64url(publicKey) });
+    await this.pushSubscribe(subscription.toJSON());
+    return subscription;
+  }
+
+  /**
+   * Send a `push-subscribe` with a `PushSubscription.toJSON()` (what `subscribePush`
+   * does once it has one). Resolves with `push-subscribed`.
+   * @param {object} subscription
+   */
+  pushSubscribe(subscription) {
+    return this.request({ type: "push-subscribe", subscription });
+  }
+
+  /**
+   * Stop pushes to `endpoint` (a PushSubscription's). Resolves with `push-unsubscribed`.
+   * @param {string} endpoint
+   */
+  pushUnsubscribe(endpoint) {
+    return this.request({ type: "push-unsubscribe", endpoint });
   }
 
   /**

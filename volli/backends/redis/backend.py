@@ -148,6 +148,15 @@ class RedisBackend(Backend):
     def cancel_held(self, caller: str, session_id: str, callees: list[str]) -> None:
         self.held.cancel(caller, session_id, callees)
 
+    def push_subscribe(self, user_id: str, subscription: dict, keep: int) -> None:
+        self.presence.push_subscribe(user_id, subscription, keep)
+
+    def push_unsubscribe(self, user_id: str, endpoint: str) -> bool:
+        return self.presence.push_unsubscribe(user_id, endpoint)
+
+    def push_subscriptions(self, user_id: str) -> list[dict]:
+        return self.presence.push_subscriptions(user_id)
+
     def deliver(self, user_id: str, text: str, origin: str | None = None) -> bool:
         if self.local.holds(user_id):
             return self.local.deliver(user_id, text, origin)

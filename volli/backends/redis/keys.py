@@ -63,6 +63,10 @@ class Keys:
         """A sorted set: the nodes watching user_id's presence (score: until when, ms)."""
         return f"{self._in(self.group(user_id))}watch:{user_id}"
 
+    def push(self, user_id: str) -> str:
+        """A hash: user_id's Web Push subscriptions, endpoint -> {sub, at} (JSON)."""
+        return f"{self._in(self.group(user_id))}push:{user_id}"
+
     def held_meta(self, user_id: str) -> str:
         """A hash: callers of offers held for user_id -> {session, at, exp, n} (JSON)."""
         return f"{self._in(self.group(user_id))}held-meta:{user_id}"

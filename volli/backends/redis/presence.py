@@ -11,6 +11,7 @@ and scripts.py for the rules.
 from __future__ import annotations
 
 import collections
+import json
 import logging
 import secrets
 from typing import Callable
@@ -85,6 +86,7 @@ class PresenceStore:
         self._release = script(client, scripts.RELEASE, cluster)
         self._unbind = script(client, scripts.UNBIND, cluster)
         self._renew = script(client, scripts.RENEW, cluster)
+        self._push_subscribe = script(client, scripts.PUSH_SUBSCRIBE, cluster)
         self._spawn = None  # set once started: releases then run in a greenlet
         self._releasing: list[tuple[str, str, Released]] = []  # (userId, session, then)
         # Releases that failed, tried again later; past a TTL they are moot (expired).
@@ -184,6 +186,8 @@ class PresenceStore:
         group = self._keys.group(user_id)
         had, *holder = self._call("unbind", self._unbind, self._keys.user(user_id),
                                   [user_id, self._keys.channel_prefix(group), wire.header(b"P")])
+        with guarded(self._events, "unbind"):  # push subscriptions belong to the binding
+            self._redis.delete(self._keys.push(user_id))
         if holder:
             node, session_id = holder[0].decode(), holder[1].decode()
             if node == self.node:
@@ -191,6 +195,26 @@ class PresenceStore:
             else:
                 self._notify(node, self._keys.group(user_id), wire.Replace(session_id))
         return bool(had) or bool(holder)
+
+    def push_subscribe(self, user_id: str, subscription: dict, keep: int) -> None:
+        self._call("push", self._push_subscribe, [self._keys.push(user_id)],
+                   [subscription["endpoint"], json.dumps(subscription), keep,
+                    self.retention_ms])
+
+    def push_unsubscribe(self, user_id: str, endpoint: str) -> bool:
+        with guarded(self._events, "push"):
+            return bool(self._redis.hdel(self._keys.push(user_id), endpoint))
+
+    def push_subscriptions(self, user_id: str) -> list[dict]:
+        """Only while the ID is bound: its subscriptions go with its binding."""
+        with guarded(self._events, "push"):
+            pipe = self._redis.pipeline(transaction=False)
+            pipe.hget(self._keys.binding(user_id), "bound")
+            pipe.hvals(self._keys.push(user_id))
+            bound, subs = pipe.execute()
+        if bound != b"1":
+            return []
+        return [json.loads(json.loads(entry)["sub"]) for entry in subs]
 
     def lookup(self, user_id: str) -> Presence:
         with guarded(self._events, "lookup"):

@@ -357,6 +357,28 @@ redis.call('HDEL', KEYS[2], ARGV[1])
 return 1
 """
 
+# A Web Push subscription of a bound ID: KEYS push hash; ARGV endpoint, the subscription
+# (JSON), how many to keep, retention ms. The oldest go beyond the cap; the hash lives as
+# long as a binding.
+PUSH_SUBSCRIBE = _NOW + """
+redis.call('HSET', KEYS[1], ARGV[1], cjson.encode({sub = ARGV[2], at = now}))
+local all = redis.call('HGETALL', KEYS[1])
+local count = #all / 2
+while count > tonumber(ARGV[3]) do
+  local oldest, at = nil, nil
+  for i = 1, #all, 2 do
+    local e = cjson.decode(all[i + 1])
+    if redis.call('HEXISTS', KEYS[1], all[i]) == 1 and (not at or e.at < at) then
+      oldest, at = all[i], e.at
+    end
+  end
+  redis.call('HDEL', KEYS[1], oldest)
+  count = count - 1
+end
+redis.call('PEXPIRE', KEYS[1], ARGV[4])
+return 1
+"""
+
 CLAIM_CODES = {1: Claim.OK, 2: Claim.TAKEN_OVER, 0: Claim.TAKEN, -1: Claim.BOUND,
                -2: Claim.KEY_MISMATCH, -3: Claim.FULL}
 EPOCH_CHANGED, RECOVERING = -4, -5
