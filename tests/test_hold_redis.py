@@ -5,12 +5,15 @@ the offer was held."""
 
 from __future__ import annotations
 
+import os
+import signal
 import time
 
 import pytest
 import redis as redis_client
 
 from conftest import DEPLOYMENTS, Client
+from workers import worker_pids
 
 CALLEE = "callee@volli.app"
 OFFER = {"type": "offer", "sdp": "v=0 held"}
@@ -108,3 +111,23 @@ def test_per_callee_limit_is_shared_by_every_server(nodes, open_client):
         replies.append(caller.recv())
     assert [r["type"] for r in replies] == ["held", "held", "error"]
     assert replies[2]["limit"] == "held-for-peer"
+
+
+def test_a_killed_callers_offer_is_not_delivered(nodes, open_client):
+    """The caller's worker dies (no close, so no cancel): once its heartbeat has stopped,
+    the callee who registers gets nothing from it, and another caller's offer still."""
+    ttl = 2.0
+    a, b = nodes(workers=1, VOLLI_PRESENCE_TTL=str(ttl)), nodes(workers=1,
+                                                               VOLLI_PRESENCE_TTL=str(ttl))
+    doomed, alive = open_client(a), open_client(b)
+    doomed.register("doomed@volli.app")
+    alive.register("alive@volli.app")
+    for caller in (doomed, alive):
+        caller.send({"type": "offer", "to": CALLEE, "offer": OFFER, "hold": 30})
+        assert caller.recv()["type"] == "held"
+    worker = worker_pids(a)[0]
+    os.kill(worker, signal.SIGKILL)
+    time.sleep(ttl / 2 + 0.5)  # its alive key has expired
+    got = register_callee(open_client(b))
+    assert [(m["type"], m["from"]) for m in got] == [("offer", "alive@volli.app")]
+    assert alive.recv(timeout=5) == {"type": "delivered", "to": CALLEE}

@@ -118,3 +118,21 @@ def test_without_a_vapid_key_push_is_off(make_server, open_client):
     with pytest.raises(urllib.error.HTTPError) as caught:
         urllib.request.urlopen(f"http://127.0.0.1:{srv.port}/push/vapid-public-key")
     assert caught.value.code == 404
+
+
+def test_a_subscription_made_on_one_server_is_pushed_from_another(nodes, open_client):
+    """2 servers x 2 workers sharing Redis: the callee subscribes on one, the offer is held
+    on the other, which sends the push."""
+    private, public = generate_keys()
+    service = PushService(public, SUBJECT)
+    try:
+        env = {"VOLLI_VAPID_PRIVATE_KEY": private, "VOLLI_VAPID_SUBJECT": SUBJECT,
+               "VOLLI_PUSH_SERVICES": service.url}
+        a, b = nodes(**env), nodes(**env)
+        bob = signed(open_client, a, "bob@volli.app")
+        assert subscribe(bob, service.subscription("phone").json)["type"] == "push-subscribed"
+        bob.close()
+        hold_for(open_client, b, "alice@volli.app", "bob@volli.app")
+        assert service.wait(1)[0]["payload"]["from"] == "alice@volli.app"
+    finally:
+        service.close()

@@ -69,7 +69,7 @@ class RedisBackend(Backend):
                              cluster)
         self.watchers = Watchers(self.keys, self.node, events, client, self.presence.ttl_ms,
                                  cluster)
-        self.held = HeldStore(self.keys, events, client, cluster)
+        self.held = HeldStore(self.keys, self.node, events, client, cluster)
         self.heartbeat = Heartbeat(settings, self.keys, self.node, self.local, events, client,
                                    self.presence, self.watchers, self.router.expire_routes,
                                    cluster)

@@ -24,8 +24,9 @@ _CANDIDATE = {1: Held.OK, 0: Held.NONE, -1: Held.FULL}
 
 
 class HeldStore:
-    def __init__(self, keys: Keys, events: BackendEvents, client, cluster: bool) -> None:
-        self._keys, self._events, self._redis = keys, events, client
+    def __init__(self, keys: Keys, node: str, events: BackendEvents, client,
+                 cluster: bool) -> None:
+        self._keys, self._node, self._events, self._redis = keys, node, events, client
         self._hold = script(client, scripts.HOLD, cluster)
         self._candidate = script(client, scripts.HOLD_CANDIDATE, cluster)
         self._take = script(client, scripts.TAKE_HELD, cluster)
@@ -43,7 +44,7 @@ class HeldStore:
         with guarded(self._events, "hold"):
             reply = self._hold(keys=[*self._keys_of(callee), self._keys.presence(callee)],
                                args=[session.user_id, session.id, frame, int(seconds * 1000),
-                                     per_callee])
+                                     per_callee, self._node])
         return _HOLD[int(reply)]
 
     def hold_candidate(self, session: Session, callee: str, frame: str,
@@ -55,7 +56,8 @@ class HeldStore:
 
     def take(self, callee: str) -> list[HeldOffer]:
         with guarded(self._events, "hold"):
-            replies = self._take(keys=self._keys_of(callee), args=[])
+            replies = self._take(keys=self._keys_of(callee),
+                                 args=[self._keys.alive_prefix(self._keys.group(callee))])
         offers = [(int(at), HeldOffer(caller.decode(), tuple(frames.decode().split("\n")),
                                       int(held_for)))
                   for caller, at, held_for, frames in replies]

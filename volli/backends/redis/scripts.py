@@ -297,7 +297,8 @@ return out
 # HOLD); times on Redis's clock. An expired offer stays until its caller's node drops it
 # (it then tells the caller `expired`) or, if that node died, until the keys expire a
 # minute after their last offer. HOLD: ARGV caller, session, frame, ms, max callers per
-# callee -> 1 held, 0 the callee is online, -1 full (of offers not expired).
+# callee, the caller's node -> 1 held, 0 the callee is online, -1 full (of offers not
+# expired).
 HOLD = _NOW + """
 local s = redis.call('HGET', KEYS[3], 'session')
 if s and s ~= '' then return 0 end
@@ -307,7 +308,7 @@ for i = 1, #metas, 2 do
   if metas[i] ~= ARGV[1] and cjson.decode(metas[i + 1]).exp > now then n = n + 1 end
 end
 if n >= tonumber(ARGV[5]) then return -1 end
-redis.call('HSET', KEYS[1], ARGV[1], cjson.encode({s = ARGV[2], at = now,
+redis.call('HSET', KEYS[1], ARGV[1], cjson.encode({s = ARGV[2], at = now, node = ARGV[6],
                                                    exp = now + tonumber(ARGV[4]), n = 1}))
 redis.call('HSET', KEYS[2], ARGV[1], ARGV[3])
 local keep = tonumber(ARGV[4]) + 60000
@@ -332,13 +333,18 @@ return 1
 """
 
 # The callee registered: every offer held for it and not expired, {caller, at, held for
-# ms, frames} each, taken (expired ones stay for their callers' nodes to drop).
+# ms, frames} each, taken (expired ones stay for their callers' nodes to drop). An offer
+# whose caller's node died (its alive key, ARGV[1] prefix, is gone) goes undelivered: its
+# caller left without a close that could cancel it.
 TAKE_HELD = _NOW + """
 local metas = redis.call('HGETALL', KEYS[1])
 local out = {}
 for i = 1, #metas, 2 do
   local m = cjson.decode(metas[i + 1])
-  if m.exp > now then
+  if m.exp > now and redis.call('EXISTS', ARGV[1] .. m.node) == 0 then
+    redis.call('HDEL', KEYS[1], metas[i])
+    redis.call('HDEL', KEYS[2], metas[i])
+  elseif m.exp > now then
     out[#out + 1] = {metas[i], m.at, now - m.at, redis.call('HGET', KEYS[2], metas[i])}
     redis.call('HDEL', KEYS[1], metas[i])
     redis.call('HDEL', KEYS[2], metas[i])
