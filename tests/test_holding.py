@@ -107,10 +107,13 @@ def test_an_offer_to_an_online_callee_is_relayed_as_it_is(hub):
 
 def test_the_server_stamps_held_for(hub, clock):
     alice = join(hub, "alice")
-    offer(hub, alice, "bob", hold=30, heldFor=999999, HELDFOR=1)
+    for key in ("heldFor", "HELDFOR"):  # the server's key: a caller may not write it
+        offer(hub, alice, "bob", hold=30, **{key: 999999})
+        assert alice.last()["code"] == "invalid-message"
+    offer(hub, alice, "bob", hold=30)
     clock.now += 1
     bob = join(hub, "bob")
-    assert bob.sent[2]["heldFor"] == 1000 and "HELDFOR" not in bob.sent[2]
+    assert bob.sent[2]["heldFor"] == 1000
 
 
 def test_the_limits_of_holding(hub, clock):

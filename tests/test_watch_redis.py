@@ -182,3 +182,18 @@ def test_watchers_learn_the_truth_after_redis_restarted_empty(nodes, open_client
         target.close()
         time.sleep(0.2)
     assert next_presence(watcher, 8) == (TARGET, True)
+
+
+def test_a_presence_gone_without_a_release_is_announced_offline(nodes, open_client, redis):
+    """A release that failed leaves the presence to expire by its TTL while its node goes on
+    beating: no script runs, yet watchers must not believe the user online for ever."""
+    env = {"VOLLI_PRESENCE_TTL": "2", "VOLLI_PRESENCE_DEBOUNCE": "0"}
+    a, b = nodes(workers=1, **env), nodes(workers=1, **env)
+    watcher, target = open_client(a), open_client(b)
+    watcher.register("watcher@volli.app")
+    target.register(TARGET)
+    assert watcher.call({"type": "watch", "userIds": [TARGET]})["presence"][0]["online"]
+    store = redis_client.Redis.from_url(redis.url)
+    store.delete(f"{nodes.prefix}presence:{TARGET}")  # as if it had expired
+    target.close()  # its release then finds nothing to delete, and announces nothing
+    assert next_presence(watcher, 5) == (TARGET, False)

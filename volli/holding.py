@@ -43,6 +43,7 @@ class Holding:
         self._sessions[session.id] = session
         self._holds.setdefault(session.id, {})[callee] = _Hold(expires, size)
         heapq.heappush(self._due, (expires, session.id, callee))
+        self._compact()
 
     def grow(self, session: Session, callee: str, size: int) -> None:
         """A candidate held with the offer."""
@@ -59,7 +60,19 @@ class Holding:
     def drop(self, session: Session) -> list[str]:
         """A closed caller: the callees it held offers for (to cancel)."""
         self._sessions.pop(session.id, None)
-        return list(self._holds.pop(session.id, {}))
+        callees = list(self._holds.pop(session.id, {}))
+        self._compact()
+        return callees
+
+    def _compact(self) -> None:
+        """Entries of replaced offers and closed callers are skipped when due; past twice
+        the live holds they are dropped now, so replacing an offer in a loop costs nothing
+        kept."""
+        live = sum(len(holds) for holds in self._holds.values())
+        if len(self._due) > 2 * live + 16:
+            self._due = [(h.expires, sid, callee) for sid, holds in self._holds.items()
+                         for callee, h in holds.items()]
+            heapq.heapify(self._due)
 
     def due(self, now: float) -> list[tuple[Session, str]]:
         """Holds whose time is up: (caller, callee), each once; the caller keeps none."""

@@ -261,14 +261,28 @@ class Hub:
             log.warning("could not read the offers held for user=%s; they expire", user_id)
             return
         for offer in held:
+            queued = 0
             for frame in offer.frames:
-                session.send(with_held_for(frame, offer.held_for_ms), offer.caller)
-            self.metrics.held("delivered")
-            try:
-                self.backend.deliver(offer.caller, encode(delivered_message(user_id)))
-            except BackendUnavailable:
-                log.warning("could not tell %r that its offer to %r was delivered",
-                            offer.caller, user_id)
+                try:
+                    if not session.send(with_held_for(frame, offer.held_for_ms), offer.caller):
+                        break
+                except ProtocolError:  # peer-busy: its queue cannot take more now
+                    break
+                queued += 1
+            notices = []
+            if queued:  # at least the offer: the callee can answer, and ask for more
+                self.metrics.held("delivered")
+                notices.append(encode(delivered_message(user_id)))
+            if queued < len(offer.frames):
+                self.metrics.undelivered(len(offer.frames) - queued)
+                notices.append(encode(undelivered_message(
+                    user_id, len(offer.frames) - queued, busy=True)))
+            for notice in notices:
+                try:
+                    self.backend.deliver(offer.caller, notice)
+                except BackendUnavailable:
+                    log.warning("could not tell %r what became of its offer to %r",
+                                offer.caller, user_id)
 
     def _rotate_key(self, session: Session, message: RotateKey, received_at: float) -> None:
         user_id = _require_registered(session)
@@ -318,7 +332,7 @@ class Hub:
         held (True), refused with an error (True), or not for holding (False)."""
         settings, to = self.settings, message.to
         if message.kind == "offer" and message.hold and settings.hold_max:
-            text = encode_relay(_without_held_for(message), sender)
+            text = encode_relay(message, sender)
             size = len(text)
             if self.holding.count(session, but=to) >= settings.hold_per_caller:
                 return self._hold_refused(session, "held-offers", settings.hold_per_caller,
@@ -335,10 +349,11 @@ class Hub:
             self.holding.add(session, to, received_at + seconds, size)
             self.metrics.held("held")
             session.send(encode(held_message(to, seconds, message.request_id)))
-            self._wake(to, sender, seconds)
+            if outcome is Held.OK:  # a replacement (renegotiation) wakes nobody again
+                self._wake(to, sender, seconds)
             return True
         if message.kind == "ice-candidate" and self.holding.holds(session, to):
-            text = encode_relay(_without_held_for(message), sender)
+            text = encode_relay(message, sender)
             if self.holding.size(session) + len(text) > settings.hold_bytes:
                 return self._hold_refused(session, "held-bytes", settings.hold_bytes, message)
             outcome = self.backend.hold_candidate(session, to, text,
@@ -457,16 +472,6 @@ class Hub:
 
     def _ping(self, session: Session, message: Ping, received_at: float) -> None:
         session.send(encode(pong_message(message.request_id)))
-
-
-def _without_held_for(message: Relay) -> Relay:
-    """``heldFor`` is stamped by the server: one the sender wrote (or a key a
-    case-insensitive parser would read as it) goes."""
-    if not any(key.casefold() == "heldfor" for key in message.body):
-        return message
-    body = {k: v for k, v in message.body.items() if k.casefold() != "heldfor"}
-    return Relay(message.kind, message.to, message.sender, body, message.request_id,
-                 encode(body), message.hold)
 
 
 def _require_bound(session: Session) -> str:

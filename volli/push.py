@@ -127,12 +127,17 @@ def origin_allowed(endpoint: str, services: str) -> bool:
     ``*.`` host matching its subdomains): only there does the server send requests."""
     from urllib.parse import urlsplit
 
+    from urllib3.util import parse_url
+
     try:
-        parts = urlsplit(endpoint)
+        parts, sent = urlsplit(endpoint), parse_url(endpoint)  # ours, and the sender's
         port = parts.port
     except ValueError:
         return False
     host = (parts.hostname or "").lower()
+    if (parts.username is not None or sent.auth is not None or (sent.host or "") != host
+            or sent.port != port or sent.scheme != parts.scheme):
+        return False  # the two parsers disagree on where it goes: refused
     for service in (s.strip().lower() for s in services.split(",") if s.strip()):
         scheme, _, rest = service.partition("://")
         want_host, _, want_port = rest.partition(":")

@@ -62,6 +62,7 @@ class Held(enum.Enum):
     """Outcome of holding an offer (or a candidate with it) for an offline callee."""
 
     OK = "ok"
+    REPLACED = "replaced"  # held, in place of this caller's offer still held
     ONLINE = "online"  # the callee registered meanwhile: relay it instead
     FULL = "full"  # the callee has as many held offers as allowed, or the offer its candidates
     NONE = "none"  # no offer of this session is held for the callee (delivered, expired)

@@ -39,8 +39,9 @@ class MemoryHeld:
             if not records:
                 del self._held[callee]
             return Held.FULL
+        previous = records.get(session.user_id)
         records[session.user_id] = _Record(session.id, [frame], now, now + seconds)
-        return Held.OK
+        return Held.REPLACED if previous is not None and previous.expires > now else Held.OK
 
     def hold_candidate(self, session: Session, callee: str, frame: str,
                        max_frames: int) -> Held:

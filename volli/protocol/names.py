@@ -56,14 +56,17 @@ def _characters_problem(value: str) -> str | None:
     return None
 
 
-# Keys the server routes by. A receiver's JSON parser may match keys without regard to
-# case (Go's encoding/json, cJSON) or stop at a NUL (C strings): no other top-level key
-# may look like one of these to it.
+# Keys the server routes by, or stamps (heldFor, on offers held for an offline callee). A
+# receiver's JSON parser may match keys without regard to case (Go's encoding/json, cJSON)
+# or stop at a NUL (C strings): no other top-level key may look like one of these to it.
 ROUTING_KEYS = frozenset(("type", "to", "from"))
+STAMPED_KEYS = frozenset(("heldfor",))
 
 
 def key_problem(key: str) -> str | None:
     """Why a relayed message may not carry the top-level ``key``, or None."""
+    if key.casefold() in STAMPED_KEYS:
+        return f"key {key[:16]!r} is set by the server"
     if key in ROUTING_KEYS:
         return None
     if key.casefold() in ROUTING_KEYS:

@@ -19,7 +19,7 @@ from .keys import Keys
 
 log = logging.getLogger("volli.redis")
 
-_HOLD = {1: Held.OK, 0: Held.ONLINE, -1: Held.FULL}
+_HOLD = {1: Held.OK, 2: Held.REPLACED, 0: Held.ONLINE, -1: Held.FULL}
 _CANDIDATE = {1: Held.OK, 0: Held.NONE, -1: Held.FULL}
 
 

@@ -274,12 +274,15 @@ if b[2] == '1' then bound = b[1] end
 return {h[1] or '', online, h[3] or '', bound}
 """
 
-# The heartbeat's renewal of this node's watches, for a batch of one group: KEYS watchers;
-# ARGV node, ttl ms, alive-key prefix, then the node each user was last seen on ('' none).
-# Per key: 1 that node's heartbeat goes on, 0 it stopped (look the user up), -1 none.
+# The heartbeat's renewal of this node's watches, for a batch of one group: KEYS each
+# user's watchers and presence, in pairs; ARGV node, ttl ms, alive-key prefix, then the
+# node each user was last seen on ('' none). Per user: 1 it is there (a live session's
+# presence, that node's heartbeat going on), 0 it is not (look the user up: its node
+# stopped, or its presence expired without a release), -1 no node to check.
 RENEW_WATCH = _NOW + """
 local out = {}
-for i, key in ipairs(KEYS) do
+for i = 1, #KEYS / 2 do
+  local key, presence = KEYS[2 * i - 1], KEYS[2 * i]
   redis.call('ZREMRANGEBYSCORE', key, '-inf', now)
   redis.call('ZADD', key, now + ARGV[2], ARGV[1])
   redis.call('PEXPIRE', key, ARGV[2])
@@ -287,7 +290,12 @@ for i, key in ipairs(KEYS) do
   if holder == '' then
     out[i] = -1
   else
-    out[i] = redis.call('EXISTS', ARGV[3] .. holder)
+    local s = redis.call('HGET', presence, 'session')
+    if s and s ~= '' and redis.call('EXISTS', ARGV[3] .. holder) == 1 then
+      out[i] = 1
+    else
+      out[i] = 0
+    end
   end
 end
 return out
@@ -298,14 +306,16 @@ return out
 # (it then tells the caller `expired`) or, if that node died, until the keys expire a
 # minute after their last offer. HOLD: ARGV caller, session, frame, ms, max callers per
 # callee, the caller's node -> 1 held, 0 the callee is online, -1 full (of offers not
-# expired).
+# expired), 2 held in place of this caller's offer not expired.
 HOLD = _NOW + """
 local s = redis.call('HGET', KEYS[3], 'session')
 if s and s ~= '' then return 0 end
 local metas = redis.call('HGETALL', KEYS[1])
-local n = 0
+local n, replaced = 0, 1
 for i = 1, #metas, 2 do
-  if metas[i] ~= ARGV[1] and cjson.decode(metas[i + 1]).exp > now then n = n + 1 end
+  if cjson.decode(metas[i + 1]).exp > now then
+    if metas[i] ~= ARGV[1] then n = n + 1 else replaced = 2 end
+  end
 end
 if n >= tonumber(ARGV[5]) then return -1 end
 redis.call('HSET', KEYS[1], ARGV[1], cjson.encode({s = ARGV[2], at = now, node = ARGV[6],
@@ -315,7 +325,7 @@ local keep = tonumber(ARGV[4]) + 60000
 for i = 1, 2 do
   if redis.call('PTTL', KEYS[i]) < keep then redis.call('PEXPIRE', KEYS[i], keep) end
 end
-return 1
+return replaced
 """
 
 # A candidate with the caller's held offer: ARGV caller, session, frame, max frames ->
@@ -341,7 +351,7 @@ local metas = redis.call('HGETALL', KEYS[1])
 local out = {}
 for i = 1, #metas, 2 do
   local m = cjson.decode(metas[i + 1])
-  if m.exp > now and redis.call('EXISTS', ARGV[1] .. m.node) == 0 then
+  if m.exp > now and m.node and redis.call('EXISTS', ARGV[1] .. m.node) == 0 then
     redis.call('HDEL', KEYS[1], metas[i])
     redis.call('HDEL', KEYS[2], metas[i])
   elseif m.exp > now then

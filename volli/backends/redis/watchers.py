@@ -9,8 +9,9 @@ happened, and the cost of a change is one publish per watching node.
 
 Some changes run no script, and the heartbeat finds them: a node that died or stalled
 (its users' presences stay until their TTL ends; the heartbeat sees that node's alive key
-gone, or back, and looks those users up), and changes this node missed (its listener was
-away, or the store lost its state: every watched user is looked up again).
+gone, or back, and looks those users up), a presence that expired without a release (a
+release that failed), and changes this node missed (its listener was away, or the store
+lost its state: every watched user is looked up again).
 """
 
 from __future__ import annotations
@@ -82,7 +83,9 @@ class Watchers:
         sent = []
         for group, users in by_group.items():
             for batch in batches(users):
-                self._renew(keys=[self._keys.watchers(user_id) for user_id, _ in batch],
+                self._renew(keys=[key for user_id, _ in batch
+                                  for key in (self._keys.watchers(user_id),
+                                              self._keys.presence(user_id))],
                             args=[self.node, self._ttl_ms, self._keys.alive_prefix(group),
                                   *(holder for _, (holder, _) in batch)], client=pipe)
                 sent.append(batch)
