@@ -1,5 +1,5 @@
-"""Offers held for an offline callee across workers and hosts: 2 gunicorn servers on a
-real redis-server (and the cluster and Sentinel for the cross-server test). The held
+"""Offers held for an offline callee across workers and hosts: 2 gunicorn servers x 2
+workers on a real redis-server (and the cluster and Sentinel for the cross-server test). The held
 offer lives in Redis: the callee may come back anywhere, even on a server started after
 the offer was held."""
 
@@ -13,7 +13,7 @@ import pytest
 import redis as redis_client
 
 from conftest import Client
-from workers import worker_pids
+from workers import worker_of
 
 CALLEE = "callee@volli.app"
 OFFER = {"type": "offer", "sdp": "v=0 held"}
@@ -60,7 +60,7 @@ def test_a_held_offer_reaches_the_callee_on_another_server(nodes, open_client):
 
 
 def test_held_offers_outlive_the_server_the_callee_comes_back_to(nodes, open_client, redis):
-    a = nodes(workers=1)
+    a = nodes()
     caller = open_client(a)
     caller.register("caller@volli.app")
     hold_offer(caller)
@@ -74,7 +74,7 @@ def test_held_offers_outlive_the_server_the_callee_comes_back_to(nodes, open_cli
 
 
 def test_expiry_and_cancellation(nodes, open_client, redis):
-    a, b = nodes(workers=1), nodes(workers=1)
+    a, b = nodes(), nodes()
     caller = open_client(a)
     caller.register("caller@volli.app")
     hold_offer(caller, seconds=2)
@@ -101,8 +101,7 @@ def test_expiry_and_cancellation(nodes, open_client, redis):
 
 
 def test_per_callee_limit_is_shared_by_every_server(nodes, open_client):
-    a, b = nodes(workers=1, VOLLI_HOLD_PER_CALLEE="2"), nodes(workers=1,
-                                                               VOLLI_HOLD_PER_CALLEE="2")
+    a, b = nodes(VOLLI_HOLD_PER_CALLEE="2"), nodes(VOLLI_HOLD_PER_CALLEE="2")
     replies = []
     for n, srv in enumerate((a, b, a)):
         caller = open_client(srv)
@@ -117,16 +116,18 @@ def test_a_killed_callers_offer_is_not_delivered(nodes, open_client):
     """The caller's worker dies (no close, so no cancel): once its heartbeat has stopped,
     the callee who registers gets nothing from it, and another caller's offer still."""
     ttl = 2.0
-    a, b = nodes(workers=1, VOLLI_PRESENCE_TTL=str(ttl)), nodes(workers=1,
-                                                               VOLLI_PRESENCE_TTL=str(ttl))
+    a, b = nodes(VOLLI_PRESENCE_TTL=str(ttl)), nodes(VOLLI_PRESENCE_TTL=str(ttl))
     doomed, alive = open_client(a), open_client(b)
     doomed.register("doomed@volli.app")
     alive.register("alive@volli.app")
     for caller in (doomed, alive):
         caller.send({"type": "offer", "to": CALLEE, "offer": OFFER, "hold": 30})
         assert caller.recv()["type"] == "held"
-    worker = worker_pids(a)[0]
-    os.kill(worker, signal.SIGKILL)
+    deadline = time.monotonic() + 5
+    while "doomed@volli.app" not in worker_of([a]):  # its registration's log line
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    os.kill(worker_of([a])["doomed@volli.app"], signal.SIGKILL)
     time.sleep(ttl / 2 + 0.5)  # its alive key has expired
     got = register_callee(open_client(b))
     assert [(m["type"], m["from"]) for m in got] == [("offer", "alive@volli.app")]
