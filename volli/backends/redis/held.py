@@ -1,7 +1,8 @@
 """Offers held for offline callees, in Redis (the rule: volli/backends/held.py): two
-hashes per callee in its group, ``held-meta:<callee>`` (caller -> JSON {s: session, at,
-exp, n: frames}) and ``held:<callee>`` (caller -> its frames, one per line: a relayed frame
-is compact JSON, with no raw newline), each expiring with the last offer it holds. The
+hashes per callee in its group, ``held-meta:<callee>`` (caller -> JSON {s: session, node,
+at, exp, n: frames}) and ``held:<callee>`` (caller -> its frames, one per line: a relayed
+frame is compact JSON, with no raw newline), each expiring a minute after the last offer
+it holds. The
 scripts (scripts.py) hold, add a candidate, take all and drop one atomically, on Redis's
 clock; the hold script also checks the callee's presence, so an offer is never held for
 a callee who registered meanwhile (its registration takes what was held before)."""

@@ -68,7 +68,7 @@ class Keys:
         return f"{self._in(self.group(user_id))}push:{user_id}"
 
     def held_meta(self, user_id: str) -> str:
-        """A hash: callers of offers held for user_id -> {session, at, exp, n} (JSON)."""
+        """A hash: callers of offers held for user_id -> {s, node, at, exp, n} (JSON)."""
         return f"{self._in(self.group(user_id))}held-meta:{user_id}"
 
     def held(self, user_id: str) -> str:
