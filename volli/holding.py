@@ -24,6 +24,7 @@ class Holding:
         self._holds: dict[str, dict[str, _Hold]] = {}  # session id -> callee -> hold
         self._sessions: dict[str, Session] = {}
         self._due: list[tuple[float, str, str]] = []  # (expires, session id, callee), a heap
+        self._live = 0  # holds in self._holds: compaction checks it on each change, not a sum
 
     def count(self, session: Session, but: str | None = None) -> int:
         """Offers ``session`` holds, not counting one for ``but``."""
@@ -41,7 +42,9 @@ class Holding:
     def add(self, session: Session, callee: str, expires: float, size: int) -> None:
         """A held offer (a new one for the same callee replaces the last)."""
         self._sessions[session.id] = session
-        self._holds.setdefault(session.id, {})[callee] = _Hold(expires, size)
+        holds = self._holds.setdefault(session.id, {})
+        self._live += callee not in holds
+        holds[callee] = _Hold(expires, size)
         heapq.heappush(self._due, (expires, session.id, callee))
         self._compact()
 
@@ -52,7 +55,7 @@ class Holding:
     def remove(self, session: Session, callee: str) -> None:
         holds = self._holds.get(session.id)
         if holds is not None:
-            holds.pop(callee, None)
+            self._live -= holds.pop(callee, None) is not None
             if not holds:
                 del self._holds[session.id]
                 del self._sessions[session.id]
@@ -61,15 +64,16 @@ class Holding:
         """A closed caller: the callees it held offers for (to cancel)."""
         self._sessions.pop(session.id, None)
         callees = list(self._holds.pop(session.id, {}))
-        self._compact()
+        if callees:  # most connections hold nothing: their close costs nothing here
+            self._live -= len(callees)
+            self._compact()
         return callees
 
     def _compact(self) -> None:
         """Entries of replaced offers and closed callers are skipped when due; past twice
         the live holds they are dropped now, so replacing an offer in a loop costs nothing
         kept."""
-        live = sum(len(holds) for holds in self._holds.values())
-        if len(self._due) > 2 * live + 16:
+        if len(self._due) > 2 * self._live + 16:
             self._due = [(h.expires, sid, callee) for sid, holds in self._holds.items()
                          for callee, h in holds.items()]
             heapq.heapify(self._due)

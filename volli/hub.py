@@ -405,11 +405,15 @@ class Hub:
         session.send(encode(push_unsubscribed_message(message.request_id)))
 
     def _hold_refused(self, session: Session, limit: str, maximum: int, message: Relay) -> bool:
+        self._cap_refused(session, limit, hold_limit_message(limit, maximum, message.to,
+                                                             message.request_id))
+        return True
+
+    def _cap_refused(self, session: Session, limit: str, reply: dict) -> None:
+        """A request past a cap (not a rate): counted, and answered ``reply``."""
         self.metrics.error(ErrorCode.RATE_LIMITED)
         self.metrics.refused(limit)
-        session.send(encode(hold_limit_message(limit, maximum, message.to,
-                                               message.request_id)))
-        return True
+        session.send(encode(reply))
 
     def _watch(self, session: Session, message: Watch, received_at: float) -> None:
         _require_registered(session)
@@ -419,10 +423,8 @@ class Hub:
             return
         if (self.watching.count(session) + self.watching.count_new(session, message.user_ids)
                 > self.settings.watch_max):
-            self.metrics.error(ErrorCode.RATE_LIMITED)
-            self.metrics.refused("watched-ids")
-            session.send(encode(watch_limit_message(self.settings.watch_max,
-                                                    message.request_id)))
+            self._cap_refused(session, "watched-ids", watch_limit_message(
+                self.settings.watch_max, message.request_id))
             return
         # Watched before the backend is asked: a change it reports while its lookup is
         # under way is not missed.
