@@ -90,7 +90,7 @@ def test_plaintext_peers_still_work_and_always_refuses_them(volli_server, uid):
             # ... a strict client refuses to send in clear, and sends nothing.
             with pytest.raises(VolliError) as refused:
                 await strict.send_offer(plain_id, OFFER)
-            assert refused.value.code == "not-sealed"
+            assert refused.value.code == "no-encryption-key"
             # ... and refuses what arrives in clear, without delivering it.
             await plain.send_offer(strict_id, OFFER)
             got = await strict.recv(timeout=5)

@@ -273,8 +273,8 @@ class VolliClient:
                 key = peer.encryption_key
             if key is None:
                 if self.seal == "always":
-                    raise VolliError("not-sealed", f"{to!r} has no verified encryption key: "
-                                     "nothing was sent (seal='always')")
+                    raise VolliError("no-encryption-key", f"{to!r} has no verified "
+                                     "encryption key: nothing was sent (seal='always')")
                 await self.send({"type": kind, "to": to, _RELAY_FIELD[kind]: payload,
                                  **extra})
                 return
@@ -361,7 +361,7 @@ class VolliClient:
         pinned = self.pinned_keys.get(user_id)
         peer = PeerKeys(user_id, None, None, None)
         if pinned is not None and reply.get("verified") and public_key != pinned:
-            peer.problem = "pinned-key-mismatch"
+            peer.problem = "pinned-key"
         elif pinned is not None or reply.get("verified"):
             peer.public_key = pinned or public_key
             text, signature = reply.get("encryptionKey"), reply.get("encryptionKeySignature")
@@ -371,10 +371,10 @@ class VolliClient:
                         encryption_key_payload(user_id, text), base64.b64decode(signature))
                     peer.encryption_key = base64.b64decode(text)
                 except (BadSignatureError, ValueError, TypeError):
-                    peer.problem = "bad-key-signature"
+                    peer.problem = "bad-encryption-key-signature"
         if peer.problem:
             log.warning("not sealing to %r: %s", user_id, peer.problem)
-            self._dispatch.put_nowait({"type": "sealed-error", "reason": peer.problem,
+            self._dispatch.put_nowait({"type": "key-mismatch", "reason": peer.problem,
                                        "userId": user_id})
         if len(self._peers) >= _PEERS_KEPT:
             self._peers.pop(next(iter(self._peers)))
@@ -425,7 +425,7 @@ class PeerKeys:
     """A discovered user: ``public_key`` the identity key trusted for it (pinned, or
     discovered with ``verified``), ``encryption_key`` its raw X25519 key once the
     signature by that identity key verified, ``problem`` why not
-    ("bad-key-signature", "pinned-key-mismatch")."""
+    ("bad-encryption-key-signature", "pinned-key")."""
 
     user_id: str
     public_key: str | None
