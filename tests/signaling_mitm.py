@@ -12,7 +12,8 @@ of what a malicious server (or anyone on its path) can do to sealed signaling.
         connect a client to proxy.url ...
         proxy.frames                        # [(direction, text as received, text forwarded)]
 
-Hooks take the text of one frame and return the text to forward, or None to drop it;
+Hooks take the text of one frame and return the text to forward, None to drop it, or a
+list of texts to send instead (a replay: the same text twice);
 `to_client` sees server -> client frames, `to_server` client -> server frames. Binary
 frames pass unchanged. Every client connection gets its own upstream connection (the
 client's `Origin` is passed on). The proxy runs an asyncio loop (python-websockets) in a
@@ -31,13 +32,13 @@ from websockets.asyncio.client import connect
 from websockets.asyncio.server import serve
 from websockets.exceptions import ConnectionClosed
 
-Hook = Callable[[str], "str | None"]
+Hook = Callable[[str], "str | list[str] | None"]
 
 
-def rewrite_json(fn: Callable[[dict[str, Any]], "dict[str, Any] | None"]) -> Hook:
-    """A hook from a function of the decoded message (a dict it may change in place);
-    frames that are not JSON objects pass unchanged."""
-    def hook(text: str) -> str | None:
+def rewrite_json(fn: Callable[[dict[str, Any]], Any]) -> Hook:
+    """A hook from a function of the decoded message (a dict it may change in place)
+    returning a dict, None (drop) or a list of dicts; non-objects pass unchanged."""
+    def hook(text: str) -> str | list[str] | None:
         try:
             msg = json.loads(text)
         except ValueError:
@@ -45,6 +46,8 @@ def rewrite_json(fn: Callable[[dict[str, Any]], "dict[str, Any] | None"]) -> Hoo
         if not isinstance(msg, dict):
             return text
         out = fn(msg)
+        if isinstance(out, list):
+            return [json.dumps(m) for m in out]
         return None if out is None else json.dumps(out)
     return hook
 
@@ -55,7 +58,8 @@ class Mitm:
         self.upstream_url = upstream_url
         self.to_client = to_client
         self.to_server = to_server
-        # ("to-client" | "to-server", text received, text forwarded or None if dropped)
+        # ("to-client" | "to-server", text received, text forwarded or None if dropped);
+        # a frame the hook turned into several appears once per text sent
         self.frames: list[tuple[str, str, str | None]] = []
         self.port = 0
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -134,10 +138,12 @@ class Mitm:
                 if isinstance(frame, str):
                     hook = getattr(self, hook_name)
                     out = hook(frame) if hook else frame
-                    self.frames.append((direction, frame, out))
-                    if out is None:
-                        continue
-                    frame = out
+                    texts = (out or [None]) if isinstance(out, list) else [out]
+                    for text in texts:
+                        self.frames.append((direction, frame, text))
+                        if text is not None:
+                            await sink.send(text)
+                    continue
                 await sink.send(frame)
         except ConnectionClosed:
             pass

@@ -802,7 +802,9 @@ export class VolliSignaling extends EventTarget {
     if (this._sealing()) {
       try {
         peer = await this._peerInfo(to, type === "offer"); // an offer starts afresh
-      } catch { /* no discover: as if the peer had no key */ }
+      } catch { // the discover failed: what was known before, if anything
+        peer = this._peers.get(to) ?? null;
+      }
     }
     let out = message;
     if (peer?.encryptionKey) {
