@@ -363,3 +363,58 @@ def test_a_relabelled_or_replayed_sealed_relay_is_refused(plain_server, open_pag
                          ("sealed-error", "replayed", None),         # c2 again
                          ("ice-candidate", True, None)], alice       # c3
         assert sum(1 for m in proxy.sent("to-client") if "sealed" in m) == 6
+
+
+HOLD = """
+async ({url}) => {
+  const m = await import("/volli-signaling.js");
+  const deadline = (promise, what) => Promise.race([promise, new Promise((_, reject) =>
+    setTimeout(() => reject(new Error(`timed out: ${what}`)), 10000))]);
+  // Bob registers once (his keys are bound and published), then leaves.
+  const bobKeys = {keyPair: await m.generateKeyPair(),
+                   encryptionKeyPair: await m.generateEncryptionKeyPair()};
+  const first = new m.VolliSignaling(url, {userId: "hold-bob@x", ...bobKeys, pingInterval: 0});
+  await first.connect();
+  first.close();
+  await new Promise((resolve) => setTimeout(resolve, 300));
+  const alice = new m.VolliSignaling(url, {userId: "hold-alice@x", pingInterval: 0,
+                                           keyPair: await m.generateKeyPair(), seal: "always"});
+  await alice.connect();
+  const events = [];
+  for (const type of ["held", "delivered", "sent", "sealed-error", "error"]) {
+    alice.on(type, (e) => events.push([type, e.sealed ?? e.reason ?? e.code ?? null]));
+  }
+  const held = new Promise((resolve) => alice.on("held", resolve));
+  alice.sendOffer("hold-bob@x", {type: "offer", sdp: "v=0 held"}, {hold: 20});
+  alice.sendCandidate("hold-bob@x", {candidate: "candidate:held", sdpMid: "0"});
+  await deadline(held, "held");
+  // Bob comes back with the same keys: the held offer and candidate open.
+  const bob = new m.VolliSignaling(url, {userId: "hold-bob@x", ...bobKeys, pingInterval: 0});
+  const got = [];
+  const both = new Promise((resolve) => {
+    bob.on("offer", (e) => { got.push(["offer", e.sealed, e.offer.sdp, e.heldFor >= 0]); });
+    bob.on("ice-candidate", (e) => {
+      got.push(["ice-candidate", e.sealed, e.candidate.candidate, e.heldFor >= 0]);
+      resolve();
+    });
+    bob.on("sealed-error", (e) => { got.push(["sealed-error", e.reason]); resolve(); });
+  });
+  await bob.connect();
+  await deadline(both, "held relays");
+  await deadline(new Promise((resolve) => setTimeout(resolve, 300)), "settle");
+  alice.close(); bob.close();
+  return {events, got};
+}
+"""
+
+
+def test_a_sealed_offer_is_held_for_an_offline_callee(plain_server, open_page):
+    page = open_page(f"http://127.0.0.1:{plain_server.port}/health", "hold")
+    frames = capture(page)
+    r = page.evaluate(HOLD, {"url": plain_server.url})
+    assert r["got"] == [["offer", True, "v=0 held", True],
+                        ["ice-candidate", True, "candidate:held", True]], r
+    # (the candidate may be sealed and sent before or after `held` comes back)
+    assert sorted(map(tuple, r["events"])) == [("delivered", None), ("held", None),
+                                               ("sent", True), ("sent", True)], r["events"]
+    assert not in_clear(frames)
