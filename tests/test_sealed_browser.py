@@ -24,7 +24,8 @@ from playwright.sync_api import Page, expect
 
 from conftest import Server
 from signaling_mitm import Mitm, rewrite_json
-from test_browser import WAIT_MS, browser, connect, open_page, page_log  # noqa: F401
+from test_browser import (WAIT_MS, browser, connect, open_page,  # noqa: F401 (fixtures)
+                          page_log, screenshot)
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -208,6 +209,7 @@ def test_the_demo_seals_and_says_so(plain_server, open_page):
     for name in ("alice", "bob"):
         assert not in_clear(frames[name]), (name, in_clear(frames[name])[:2])
     assert "(sealed)" in page_log(bob) and "(sealed)" in page_log(alice)
+    screenshot(bob, "demo-sealed-bob.png")
 
 
 # ---- a malicious server (the man in the middle) ----------------------------------------

@@ -388,7 +388,7 @@ function showSealing(c) {
   let state, text;
   if (c.sealingProblem) {
     state = "problem";
-    text = `⚠ Not sealed: ${c.sealingProblem}`;
+    text = `Not sealed: ${c.sealingProblem}`;
   } else if (clear) {
     state = "clear";
     text = !sig?.keyPair
@@ -397,7 +397,7 @@ function showSealing(c) {
         "the server can read the SDP and candidates";
   } else if (sealed) {
     state = "sealed";
-    text = `🔒 Sealed end to end (${sent.sealed} sent, ${got.sealed} received): ` +
+    text = `Sealed end to end (${sent.sealed} sent, ${got.sealed} received): ` +
       "the server cannot read the offer, answer or candidates";
   } else {
     state = "none";
@@ -504,7 +504,7 @@ function askToAnswer(msg) {
   }
   incoming = { peer: msg.from, offer: msg, queued: [] }; // a repeated offer replaces the last
   $("incoming-from").textContent = msg.from;
-  $("incoming-sealed").textContent = msg.sealed ? "🔒 sealed" : "not sealed";
+  $("incoming-sealed").textContent = msg.sealed ? "sealed end to end" : "not sealed";
   $("incoming-sealed").dataset.state = msg.sealed ? "sealed" : "clear";
   $("incoming").hidden = false;
 }
