@@ -5,6 +5,8 @@ Run from the repo root:  python bench/refcompare.py                          (23
                          python bench/refcompare.py --ref-a 238f7aa --ref-b main
                          python bench/refcompare.py --quick                  (about a minute)
                          python bench/refcompare.py --ref-a HEAD --ref-b HEAD   (noise floor)
+                         python bench/refcompare.py --ref-a HEAD --ref-b HEAD \
+                             --protocol-b volli-sealed      (sealed relays against plaintext)
 
 Each ref is exported with git archive (bench/machine.py's export_tree: volli/, wsgi.py,
 gunicorn.conf.py) into the log directory, so every server runs exactly one commit while the
@@ -20,7 +22,10 @@ backend, permissive rate limits) and measured with relay.py's own phases (run_re
    rate (the same load for both refs).
 
 Offers are relay.py's ({"type":"offer","to":...,"offer":{"type":"offer","sdp":...,"t":...}}),
-checked at start to be compact JSON (what browsers' JSON.stringify writes). Reports per ref
+checked at start to be compact JSON (what browsers' JSON.stringify writes). With
+--protocol-a/--protocol-b volli-sealed, that ref's clients send sealed offers instead
+({"type":"offer","to":...,"sealed":{"enc":...,"ct":...},"meta":{"t":...}}, docs/protocol.md
+5e) of the same frame size: the server's cost of a sealed relay against a plaintext one. Reports per ref
 the median over rounds, the ratio B/A of the medians and the per-round ratios (their
 spread), the load generator's CPU and the bottleneck of every window (so a client-bound run
 shows), and writes JSON to bench/results/<UTC>-refcompare.json. Every loop is bounded; servers
@@ -62,12 +67,12 @@ except ImportError:  # pragma: no cover - orjson is a Volli dependency
 WORKTREE = "WORKTREE"  # --ref-a/--ref-b value: the working tree as it is, not a commit
 
 
-def check_compact(sdp_size: int) -> dict[str, Any]:
+def check_compact(sdp_size: int, protocol: str = "volli") -> dict[str, Any]:
     """The offer frames relay.py's clients send (both the lean and the websockets client take
     them from Protocol.offer_parts) must be compact JSON: what JSON.stringify writes, and
     what a server that keeps compact text as it is (and re-encodes any other) sees from a
     browser. Raises if not."""
-    prefix, suffix = PROTOCOLS["volli"].offer_parts("peer-1", make_sdp(sdp_size))
+    prefix, suffix = PROTOCOLS[protocol].offer_parts("peer-1", make_sdp(sdp_size))
     frame = prefix + str(time.monotonic_ns()) + suffix
     compact = json.dumps(json.loads(frame), separators=(",", ":"), ensure_ascii=False)
     ok = frame == compact
@@ -99,11 +104,13 @@ def fmt(v: Any, spec: str) -> str:
 
 
 def run_one(label: str, config: ServerConfig, commit: str, clients: Clients, lean: Clients,
-            args, log_dir: Path) -> dict[str, Any]:
+            args, log_dir: Path, protocol: str = "volli") -> dict[str, Any]:
     """One server at one ref (``config.tree``): start, warm up, throughput, latency, stop."""
     tree = config.tree
     server = Server("volli", log_dir, config)
-    result: dict[str, Any] = {"ref": label, "commit": commit, "command": server.command_line(),
+    server.protocol = protocol
+    result: dict[str, Any] = {"ref": label, "commit": commit, "protocol": protocol,
+                              "command": server.command_line(),
                               "cwd": str(tree), "log": str(server.log_path),
                               "env": {k: v for k, v in sorted(server.env.items())
                                       if k.startswith("VOLLI_") or k == "WEB_CONCURRENCY"}}
@@ -190,7 +197,8 @@ def summarize(runs: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
 
 def table(summary: dict[str, Any], refs: dict[str, dict[str, str]]) -> str:
     a, b = refs["A"], refs["B"]
-    rows = [f"| figure | A: {a['ref']} ({a['commit'][:9]}) | B: {b['ref']} ({b['commit'][:9]}) "
+    rows = [f"| figure | A: {a['ref']} ({a['commit'][:9]}, {a.get('protocol', 'volli')}) | "
+            f"B: {b['ref']} ({b['commit'][:9]}, {b.get('protocol', 'volli')}) "
             f"| ratio B/A (of medians) | median of per-round B/A | the same, clean rounds "
             f"only | per-round B/A (min .. max) | A per round | B per round |",
             "|---|---:|---:|---:|---:|---:|---|---|---|"]
@@ -218,6 +226,11 @@ def main(argv: list[str] | None = None) -> int:
                          f"working tree as it is")
     ap.add_argument("--ref-b", default="HEAD",
                     help=f"the candidate (numerator): a git ref, or {WORKTREE}")
+    for key in ("a", "b"):
+        ap.add_argument(f"--protocol-{key}", default="volli",
+                        choices=[p for p in PROTOCOLS if p.startswith("volli")],
+                        help=f"what ref {key.upper()}'s clients send: plaintext offers "
+                             "(volli) or sealed ones of the same frame size (volli-sealed)")
     ap.add_argument("--rounds", type=int, default=3,
                     help="rounds; the order alternates (A,B then B,A); medians are reported")
     add_relay_options(ap)
@@ -262,11 +275,15 @@ def main(argv: list[str] | None = None) -> int:
         commit = machine.export_tree(ref, trees[key])
         refs[key] = {"ref": ref, "commit": commit}
         print(f"{key}: {ref} = {commit} (exported to {trees[key]})", flush=True)
-    if refs["A"]["commit"] == refs["B"]["commit"]:
+    if refs["A"]["commit"] == refs["B"]["commit"] and args.protocol_a == args.protocol_b:
         notes.append("A and B are the same commit: the ratio shows the run's noise floor")
-    compact = check_compact(args.sdp_size)
-    print(f"offers: {compact['frame_bytes']} bytes, compact JSON (as JSON.stringify writes "
-          f"it): {compact['compact_json']}", flush=True)
+    protocols = {"A": args.protocol_a, "B": args.protocol_b}
+    checks = {key: check_compact(args.sdp_size, protocol) for key, protocol in protocols.items()}
+    compact = checks["A"]
+    for key, check in checks.items():
+        refs[key]["protocol"] = protocols[key]
+        print(f"{key} offers ({protocols[key]}): {check['frame_bytes']} bytes, compact JSON "
+              f"(as JSON.stringify writes it): {check['compact_json']}", flush=True)
     opts = {"deflate": False, "sdp_size": args.sdp_size, "window": args.window,
             "rate": args.rate, "procs": args.procs, "max_messages": args.max_messages,
             "connect_concurrency": args.connect_concurrency, "drain_grace": args.drain_grace,
@@ -292,7 +309,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"--- round {rnd + 1}/{args.rounds}: {' then '.join(order)}", flush=True)
             for key in order:
                 r = run_one(key, ServerConfig(tree=trees[key], nofile=nofile), refs[key]["commit"],
-                            clients, lean, args, log_dir)
+                            clients, lean, args, log_dir, protocols[key])
                 r["round"] = rnd + 1
                 r["position"] = order.index(key)
                 runs[key].append(r)
@@ -351,7 +368,7 @@ def main(argv: list[str] | None = None) -> int:
     machine.save_results(args, "refcompare", lambda: {
         **machine.describe(), "refs": refs, "args": vars(args), "elapsed_seconds": elapsed,
         "notes": notes, "volli_tree_before": tree_before, "volli_tree_after": tree_after,
-        "offer_check": compact, "summary": summary, "table_markdown": md, "results": runs,
+        "offer_check": checks, "summary": summary, "table_markdown": md, "results": runs,
         "problems": problems, "noise": noise})
     if interrupted:
         return 130

@@ -19,6 +19,7 @@ from aiortc import (RTCConfiguration, RTCDataChannel, RTCIceCandidate, RTCPeerCo
 from nacl.signing import SigningKey
 
 from conftest import Server
+from volli.protocol import sealing
 from volli.client import (VolliClient, VolliError, candidate_from_dict, candidate_to_dict,
                           description_from_dict, description_to_dict)
 
@@ -113,9 +114,12 @@ def test_client_requests_and_errors(volli_server):
             assert await carol.ping() < 5
             assert await carol.ice_servers() == []
             assert await carol.discover("nobody@requests") == {
-                "userId": "nobody@requests", "online": False, "publicKey": None}
+                "userId": "nobody@requests", "online": False, "publicKey": None,
+                "verified": False, "encryptionKey": None}
             assert await carol.discover("carol@requests") == {
-                "userId": "carol@requests", "online": True, "publicKey": carol.public_key}
+                "userId": "carol@requests", "online": True, "publicKey": carol.public_key,
+                "verified": True, "encryptionKey": sealing.b64(
+                    carol.encryption_key.public_key().public_bytes_raw())}
             # Refusals raise VolliError with the server's code: a signed ID is bound to its
             # key, an unsigned one held by a live connection is taken.
             with pytest.raises(VolliError) as info:
@@ -186,7 +190,8 @@ def test_aiortc_data_channel_through_volli(volli_server, loopback_ice):
             await alice.connect()
             await bob.connect()
             assert await alice.discover(callee_id) == {
-                "userId": callee_id, "online": True, "publicKey": "Ym9iLXB1YmxpYy1rZXk="}
+                "userId": callee_id, "online": True, "publicKey": "Ym9iLXB1YmxpYy1rZXk=",
+                "verified": False, "encryptionKey": None}
             assert (await bob.discover(caller_id))["publicKey"] == alice.public_key
 
             # Callee: answer offers (candidates inside the SDP, as aiortc does), take

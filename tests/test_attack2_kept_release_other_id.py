@@ -33,6 +33,7 @@ class FakeSession:
         self.id = secrets.token_hex(8)
         self.user_id = self.public_key = None
         self.signed = False
+        self.encryption_key = None
         self.remote_addr = "127.0.0.1"
         self.nonce = ""
         self.closed = False

@@ -19,6 +19,7 @@ class RecordingSession:
         self.user_id = None
         self.public_key = None
         self.signed = False
+        self.encryption_key = None
         self.nonce = ""
         self.remote_addr = "192.0.2.1"
         self.sent: list[dict] = []
@@ -145,7 +146,7 @@ def test_unsigned_users_leave_nothing_behind(hub):
 
 
 class UnreachableStore(MemoryBackend):
-    def claim(self, session, user_id, public_key, signed):
+    def claim(self, session, user_id, public_key, signed, encryption_key=None):
         raise BackendUnavailable("connection refused")
 
 

@@ -1,5 +1,6 @@
 """The protocol layer alone: no sockets, no server."""
 
+import base64
 import json
 
 import pytest
@@ -176,3 +177,30 @@ def test_nested_keys_and_non_compact_json_relay_as_checked():
     out = encode_relay(parse(text), "alice")
     assert out == ('{"type":"offer","to":"bob","offer":{"type":"offer","to":1,"From":2},'
                    '"n":100.0,"from":"alice"}')
+
+
+def test_a_sealed_relay_parses_with_its_flag_and_text_kept():
+    sealed = {"enc": base64.b64encode(bytes(32)).decode(),
+              "ct": base64.b64encode(bytes(40)).decode()}
+    text = json.dumps({"type": "ice-candidate", "to": "bob", "sealed": sealed},
+                      separators=(",", ":"))
+    relay = parse(text)
+    assert isinstance(relay, Relay) and relay.sealed and relay.text == text
+    assert not parse('{"type":"offer","to":"bob","offer":{}}').sealed
+
+
+def test_encryption_key_fields_parse_only_together_and_signed():
+    key = base64.b64encode(bytes(range(32))).decode()
+    base = {"type": "register", "userId": "bob", "publicKey": "AAAA", "signature": "AAAA"}
+    message = parse(json.dumps({**base, "encryptionKey": key,
+                                "encryptionKeySignature": "c2ln"}))
+    assert (message.encryption_key.key, message.encryption_key.signature) == (key, "c2ln")
+    assert parse(json.dumps(base)).encryption_key is None
+    unsigned = {k: v for k, v in base.items() if k != "signature"}
+    for bad in ({**base, "encryptionKey": key},
+                {**base, "encryptionKeySignature": "c2ln"},
+                {**unsigned, "encryptionKey": key, "encryptionKeySignature": "c2ln"},
+                {**base, "encryptionKey": key[:-1], "encryptionKeySignature": "c2ln"}):
+        with pytest.raises(ProtocolError) as refused:
+            parse(json.dumps(bad))
+        assert refused.value.code == ErrorCode.INVALID_MESSAGE

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import dataclasses
 import inspect
 import itertools
 import json
@@ -25,7 +26,12 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
-from volli.protocol.identity import register_payload, rotate_payload
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
+from nacl.exceptions import BadSignatureError
+from nacl.signing import VerifyKey
+
+from volli.protocol import hpke, sealing
+from volli.protocol.identity import encryption_key_payload, register_payload, rotate_payload
 
 if TYPE_CHECKING:
     from aiortc import RTCIceCandidate, RTCSessionDescription
@@ -36,6 +42,8 @@ Message = dict[str, Any]
 log = logging.getLogger(__name__)
 Handler = Callable[[Message], Awaitable[None] | None]
 _CLOSED = object()
+_RELAY_FIELD = {"offer": "offer", "answer": "answer", "ice-candidate": "candidate"}
+_SEAL_MODES = ("auto", "always", "never")
 # Only these can answer a request: a relayed message may carry its sender's own requestId.
 _REPLY_TYPES = frozenset({"registered", "discover-response", "pong", "ice-servers",
                           "key-rotated", "watching", "unwatched", "error"})
@@ -55,10 +63,21 @@ class VolliClient:
 
     def __init__(self, url: str, user_id: str, signing_key: SigningKey | None = None,
                  public_key: str | None = None, *, request_timeout: float = 10.0,
+                 encryption_key: X25519PrivateKey | None = None, seal: str = "auto",
+                 pinned_keys: dict[str, str] | None = None,
+                 sealed_max_age: float = sealing.MAX_AGE_MS / 1000,
+                 sealed_max_ahead: float = sealing.MAX_AHEAD_MS / 1000,
                  **connect_options: Any) -> None:
         """``signing_key`` signs the registration (and binds ``user_id`` to its key); without
-        it ``public_key`` (any base64 string) is registered unsigned. ``connect_options`` go
-        to ``websockets.asyncio.client.connect`` (e.g. ``open_timeout``, ``proxy``)."""
+        it ``public_key`` (any base64 string) is registered unsigned. With a signing key the
+        client publishes ``encryption_key`` (generated if not given) and seals relays
+        (docs/client-python.md, Sealed signaling); ``seal`` is "auto", "always" or "never",
+        ``pinned_keys`` maps user IDs to the identity keys to trust for them.
+        ``connect_options`` go to ``websockets.asyncio.client.connect``."""
+        if seal not in _SEAL_MODES:
+            raise ValueError(f"seal must be one of {_SEAL_MODES}")
+        if seal == "always" and signing_key is None:
+            raise ValueError("seal='always' needs a signing_key: seals are signed")
         if signing_key is not None:
             derived = base64.b64encode(bytes(signing_key.verify_key)).decode()
             if public_key is not None and public_key != derived:
@@ -78,6 +97,15 @@ class VolliClient:
         self._inbox: asyncio.Queue[Any] = asyncio.Queue()
         self._dispatch: asyncio.Queue[Any] = asyncio.Queue()
         self._tasks: list[asyncio.Task[None]] = []
+        self.seal = seal
+        self.encryption_key = None
+        if signing_key is not None and seal != "never":
+            self.encryption_key = encryption_key or X25519PrivateKey.generate()
+        self.pinned_keys = dict(pinned_keys or {})
+        self._sealed_window = (int(sealed_max_age * 1000), int(sealed_max_ahead * 1000))
+        self._replays = sealing.ReplayGuard(sum(self._sealed_window))
+        self._peers: dict[str, PeerKeys] = {}  # discovered keys, by user ID
+        self._relay_lock = asyncio.Lock()  # sealed sends may discover first: keeps order
 
     async def connect(self) -> Message:
         """Open the WebSocket, read ``hello`` and register; returns the ``registered`` reply.
@@ -99,6 +127,7 @@ class VolliClient:
                                 "publicKey": self.public_key}
             if self.signing_key is not None:
                 message["signature"] = self._sign(register_payload(self.nonce, self.user_id))
+                message.update(self._published(self.user_id, self._sign))
             reply = await self.request(message)
         except BaseException:
             await self.close()
@@ -151,9 +180,19 @@ class VolliClient:
         return reply
 
     async def discover(self, user_id: str) -> Message:
-        """``{"userId", "online", "publicKey"}`` for ``user_id``."""
+        """``{"userId", "online", "publicKey", "verified", "encryptionKey"}`` for ``user_id``;
+        ``encryptionKey`` only once its signature by the trusted identity key verified (see
+        :meth:`peer_keys`)."""
         reply = await self.request({"type": "discover", "userId": user_id})
-        return {k: reply.get(k) for k in ("userId", "online", "publicKey")}
+        peer = self._note_peer(reply)
+        return {"userId": reply.get("userId"), "online": reply.get("online"),
+                "publicKey": reply.get("publicKey"), "verified": reply.get("verified"),
+                "encryptionKey": peer.encryption_key_text}
+
+    def peer_keys(self, user_id: str) -> PeerKeys | None:
+        """What the last ``discover`` of ``user_id`` established: its trusted identity key,
+        its encryption key (None: none, or its signature failed) and ``problem``."""
+        return self._peers.get(user_id)
 
     async def watch(self, *user_ids: str) -> dict[str, bool]:
         """Subscribe to the presence of ``user_ids``; returns ``{userId: online}`` now.
@@ -181,8 +220,10 @@ class VolliClient:
             raise VolliError("signature-required", "register with a signing_key first")
         new_public = base64.b64encode(bytes(new_key.verify_key)).decode()
         signature = self._sign(rotate_payload(self.nonce, self.user_id, new_public))
-        reply = await self.request({"type": "rotate-key", "newPublicKey": new_public,
-                                    "signature": signature})
+        reply = await self.request({
+            "type": "rotate-key", "newPublicKey": new_public, "signature": signature,
+            # re-signed by the new key (the server drops one signed by the old key)
+            **self._published(self.user_id, lambda data: _sign_with(new_key, data))})
         self.signing_key, self.public_key, self.nonce = new_key, new_public, reply["nonce"]
         return reply
 
@@ -201,21 +242,45 @@ class VolliClient:
 
     async def send_offer(self, to: str, offer: Message | RTCSessionDescription,
                          **extra: Any) -> None:
-        """Relay an offer (dict or RTCSessionDescription); ``extra`` fields pass through."""
-        await self.send({"type": "offer", "to": to, "offer": description_to_dict(offer), **extra})
+        """Relay an offer (dict or RTCSessionDescription), sealed when it can be;
+        ``extra`` fields pass through."""
+        await self._relay("offer", to, description_to_dict(offer), extra)
 
     async def send_answer(self, to: str, answer: Message | RTCSessionDescription,
                           **extra: Any) -> None:
-        """Relay an answer (dict or RTCSessionDescription)."""
-        await self.send({"type": "answer", "to": to, "answer": description_to_dict(answer),
-                         **extra})
+        """Relay an answer (dict or RTCSessionDescription), sealed when it can be."""
+        await self._relay("answer", to, description_to_dict(answer), extra)
 
     async def send_candidate(self, to: str, candidate: Message | RTCIceCandidate | None,
                              **extra: Any) -> None:
-        """Send one ICE candidate; ``None`` signals end of candidates."""
+        """Send one ICE candidate, sealed when it can be; ``None`` signals end of
+        candidates."""
         if candidate is not None and not isinstance(candidate, dict):
             candidate = candidate_to_dict(candidate)
-        await self.send({"type": "ice-candidate", "to": to, "candidate": candidate, **extra})
+        await self._relay("ice-candidate", to, candidate, extra)
+
+    async def _relay(self, kind: str, to: str, payload: Any, extra: Message) -> None:
+        """Seal when this client signs and ``to`` published a verified encryption key;
+        with ``seal="always"`` never send in clear. An offer (a call's first message)
+        looks the key up afresh: the peer may have registered since with a new one."""
+        async with self._relay_lock:
+            key = None
+            if self.seal != "never" and self.signing_key is not None:
+                peer = self._peers.get(to)
+                if peer is None or kind == "offer":
+                    await self.discover(to)
+                    peer = self._peers[to]
+                key = peer.encryption_key
+            if key is None:
+                if self.seal == "always":
+                    raise VolliError("not-sealed", f"{to!r} has no verified encryption key: "
+                                     "nothing was sent (seal='always')")
+                await self.send({"type": kind, "to": to, _RELAY_FIELD[kind]: payload,
+                                 **extra})
+                return
+            sealed = sealing.seal(kind, self.user_id, to, payload, key, self.signing_key,
+                                  _now_ms())
+            await self.send({"type": kind, "to": to, "sealed": sealed, **extra})
 
     # Incoming messages.
 
@@ -259,6 +324,8 @@ class VolliClient:
 
     async def _run_handlers(self) -> None:
         while (message := await self._dispatch.get()) is not _CLOSED:
+            if message.get("type") in _RELAY_FIELD:
+                message = await self._opened(message)
             handler = self._handlers.get(message.get("type"))
             if handler is None:
                 self._inbox.put_nowait(message)
@@ -278,7 +345,110 @@ class VolliClient:
 
     def _sign(self, payload: bytes) -> str:
         assert self.signing_key is not None
-        return base64.b64encode(self.signing_key.sign(payload).signature).decode()
+        return _sign_with(self.signing_key, payload)
+
+    def _published(self, user_id: str, sign: Callable[[bytes], str]) -> Message:
+        """The encryptionKey fields of a register or rotate-key, signed with ``sign``."""
+        if self.encryption_key is None:
+            return {}
+        key = sealing.b64(hpke.public_bytes(self.encryption_key))
+        return {"encryptionKey": key,
+                "encryptionKeySignature": sign(encryption_key_payload(user_id, key))}
+
+    def _note_peer(self, reply: Message) -> PeerKeys:
+        """Keep what a discover-response establishes about its user (see PeerKeys)."""
+        user_id, public_key = reply.get("userId"), reply.get("publicKey")
+        pinned = self.pinned_keys.get(user_id)
+        peer = PeerKeys(user_id, None, None, None)
+        if pinned is not None and reply.get("verified") and public_key != pinned:
+            peer.problem = "pinned-key-mismatch"
+        elif pinned is not None or reply.get("verified"):
+            peer.public_key = pinned or public_key
+            text, signature = reply.get("encryptionKey"), reply.get("encryptionKeySignature")
+            if text and peer.public_key == public_key:
+                try:
+                    VerifyKey(base64.b64decode(peer.public_key)).verify(
+                        encryption_key_payload(user_id, text), base64.b64decode(signature))
+                    peer.encryption_key = base64.b64decode(text)
+                except (BadSignatureError, ValueError, TypeError):
+                    peer.problem = "bad-key-signature"
+        if peer.problem:
+            log.warning("not sealing to %r: %s", user_id, peer.problem)
+            self._dispatch.put_nowait({"type": "sealed-error", "reason": peer.problem,
+                                       "userId": user_id})
+        if len(self._peers) >= _PEERS_KEPT:
+            self._peers.pop(next(iter(self._peers)))
+        self._peers[user_id] = peer
+        return peer
+
+    async def _opened(self, message: Message) -> Message:
+        """A relay as the application gets it: a sealed one opened (or a ``sealed-error``
+        in its place), a plaintext one marked ``sealed: False``."""
+        kind, sender = message["type"], message.get("from")
+        if "sealed" not in message:
+            if self.seal == "always":
+                return _sealed_error("not-sealed", message)
+            return {**message, "sealed": False}
+        if self.encryption_key is None:
+            return _sealed_error("does-not-open", message)
+        for attempt in range(2):  # a cached identity key may be stale: discover once more
+            peer = self._peers.get(sender)
+            if attempt or peer is None or peer.public_key is None:
+                try:
+                    await self.discover(sender)
+                except (VolliError, ConnectionError, asyncio.TimeoutError):
+                    return _sealed_error("unknown-sender", message)
+                peer = self._peers[sender]
+            if peer.public_key is None:
+                return _sealed_error("unknown-sender", message)
+            try:
+                payload, _ = sealing.open_(
+                    kind, sender, self.user_id, message["sealed"], self.encryption_key,
+                    base64.b64decode(peer.public_key), _now_ms(),
+                    max_age=self._sealed_window[0], max_ahead=self._sealed_window[1])
+                self._replays.check(message["sealed"]["enc"], _now_ms())
+            except sealing.SealedError as exc:
+                if exc.reason == "bad-signature" and not attempt:
+                    continue
+                return _sealed_error(exc.reason, message)
+            opened = {k: v for k, v in message.items() if k != "sealed"}
+            opened.update({_RELAY_FIELD[kind]: payload, "sealed": True})
+            return opened
+        raise AssertionError("unreachable")
+
+
+_PEERS_KEPT = 4096  # discovered users whose keys are kept (the oldest go first)
+
+
+@dataclasses.dataclass(slots=True)
+class PeerKeys:
+    """A discovered user: ``public_key`` the identity key trusted for it (pinned, or
+    discovered with ``verified``), ``encryption_key`` its raw X25519 key once the
+    signature by that identity key verified, ``problem`` why not
+    ("bad-key-signature", "pinned-key-mismatch")."""
+
+    user_id: str
+    public_key: str | None
+    encryption_key: bytes | None
+    problem: str | None
+
+    @property
+    def encryption_key_text(self) -> str | None:
+        return None if self.encryption_key is None else sealing.b64(self.encryption_key)
+
+
+def _sealed_error(reason: str, message: Message) -> Message:
+    """In place of a relay that must not be delivered (never its plaintext)."""
+    return {"type": "sealed-error", "reason": reason, "from": message.get("from"),
+            "messageType": message.get("type")}
+
+
+def _sign_with(key: SigningKey, payload: bytes) -> str:
+    return base64.b64encode(key.sign(payload).signature).decode()
+
+
+def _now_ms() -> int:
+    return int(time.time() * 1000)
 
 
 # aiortc conversions (aiortc is imported only when a dict is turned into an aiortc object).

@@ -156,6 +156,10 @@ class Settings:
     require_signature: bool = _setting(
         "VOLLI_REQUIRE_SIGNATURE", False, _parse_bool,
         "Refuse unsigned registrations (signature-required); off keeps seed clients working.")
+    require_sealed: bool = _setting(
+        "VOLLI_REQUIRE_SEALED", False, _parse_bool,
+        "Refuse plaintext offer, answer and ice-candidate relays (sealed-required): the "
+        "server then never sees SDP or candidates.")
     rate_messages: float = _setting(
         "VOLLI_RATE_MESSAGES", 50.0, _float,
         "Messages per second one connection may send, sustained (token bucket).", 0.1)

@@ -10,7 +10,9 @@ import time
 from typing import Callable, Mapping
 
 from . import turn
-from .backends import Backend, BackendEvents, BackendUnavailable, Claim, Session
+from .backends import (
+    Backend, BackendEvents, BackendUnavailable, Claim, EncryptionKey, Presence, Session,
+)
 from .backends.base import Released, nothing
 from .config import Settings
 from .limits import ConnectionLimits
@@ -233,7 +235,8 @@ class Hub:
         elif self.settings.require_signature:
             raise ProtocolError(ErrorCode.SIGNATURE_REQUIRED,
                                 "this server accepts only signed registrations")
-        outcome = self.backend.claim(session, message.user_id, public_key, signed)
+        outcome = self.backend.claim(session, message.user_id, public_key, signed,
+                                     _encryption_key(message, public_key, message.user_id))
         if outcome is Claim.CLOSED:  # nobody to answer
             return
         if outcome in _CLAIM_ERRORS:
@@ -292,7 +295,8 @@ class Hub:
         identity.verify(session.public_key, message.signature,
                         identity.rotate_payload(session.nonce, user_id, message.new_public_key))
         new_key = identity.canonical_key(message.new_public_key, "newPublicKey")
-        if not self.backend.rebind(session, new_key):
+        if not self.backend.rebind(session, new_key,
+                                   _encryption_key(message, new_key, user_id)):
             raise ProtocolError(ErrorCode.BAD_SIGNATURE,
                                 f"the key bound to {user_id!r} changed meanwhile")
         session.nonce = identity.new_nonce()
@@ -309,13 +313,16 @@ class Hub:
         presence = self.backend.lookup(message.user_id)
         session.send(encode(discover_response_message(
             message.user_id, presence.online, presence.public_key, presence.verified,
-            message.request_id)))
+            message.request_id, _published(presence))))
 
     def _relay(self, session: Session, message: Relay, received_at: float) -> None:
         sender = _require_registered(session)
         if message.sender is not None and message.sender != sender:
             raise ProtocolError(ErrorCode.FORBIDDEN_SENDER,
                                 f"'from' must be your own userId {sender!r}")
+        if self.settings.require_sealed and not message.sealed:
+            raise ProtocolError(ErrorCode.SEALED_REQUIRED, f"this server relays only sealed "
+                                f"messages: put the {message.kind}'s payload in 'sealed'")
         if not self._check(session, "fan-out",
                            self._limits[session.id].targets.allow(message.to, received_at),
                            message.request_id):
@@ -441,7 +448,8 @@ class Hub:
         # A user watched here already: what its watchers were told (an offline still
         # within its debounce is not told yet).
         session.send(encode(watching_message(
-            [(p.user_id, bool(self.watching.told(p.user_id)), p.verified) for p in presences],
+            [(p.user_id, bool(self.watching.told(p.user_id)), p.verified, _published(p))
+             for p in presences],
             message.request_id)))
 
     def _unwatch(self, session: Session, message: Unwatch, received_at: float) -> None:
@@ -474,6 +482,23 @@ class Hub:
 
     def _ping(self, session: Session, message: Ping, received_at: float) -> None:
         session.send(encode(pong_message(message.request_id)))
+
+
+def _encryption_key(message: Register | RotateKey, public_key: str,
+                    user_id: str) -> EncryptionKey | None:
+    """The encryption key ``message`` publishes, its signature by ``public_key`` checked."""
+    fields = message.encryption_key
+    if fields is None:
+        return None
+    identity.verify(public_key, fields.signature,
+                    identity.encryption_key_payload(user_id, fields.key),
+                    "encryptionKeySignature does not verify for this key and userId")
+    return EncryptionKey(fields.key, fields.signature)
+
+
+def _published(presence: Presence) -> tuple[str, str] | None:
+    key = presence.encryption_key
+    return (key.key, key.signature) if key is not None and presence.verified else None
 
 
 def _require_bound(session: Session) -> str:

@@ -262,6 +262,7 @@ class Server:
         ``workers`` and the Redis key ``prefix`` (the port is appended) override its own."""
         spec = SCENARIOS[scenario]
         self.scenario = scenario
+        self.protocol = "volli"  # what the load generators speak to it (protocol.PROTOCOLS)
         self.name = name or scenario
         self.app = spec["app"]
         self.nworkers = workers or spec["workers"]
@@ -323,7 +324,8 @@ class Server:
 
     @property
     def target(self) -> Target:
-        return ("volli", self.url)  # the baseline speaks Volli's protocol
+        # The baseline speaks Volli's protocol; "volli-sealed" sends sealed offers.
+        return (self.protocol, self.url)
 
     def command_line(self) -> str:
         extra = [f"{k}={self.env[k]}" for k in ("WEB_CONCURRENCY", "VOLLI_REDIS_URL",

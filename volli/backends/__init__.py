@@ -1,6 +1,8 @@
 """Presence and routing backends behind one interface (``base.Backend``)."""
 
-from .base import Backend, BackendEvents, BackendUnavailable, Claim, Presence, Session
+from .base import (
+    Backend, BackendEvents, BackendUnavailable, Claim, EncryptionKey, Presence, Session,
+)
 from .memory import MemoryBackend
 
 
@@ -13,5 +15,5 @@ def create_backend(settings, events: BackendEvents) -> Backend:
     return MemoryBackend(settings.max_bindings, settings.binding_retention, events=events)
 
 
-__all__ = ["Backend", "BackendEvents", "BackendUnavailable", "Claim", "MemoryBackend",
-           "Presence", "Session", "create_backend"]
+__all__ = ["Backend", "BackendEvents", "BackendUnavailable", "Claim", "EncryptionKey",
+           "MemoryBackend", "Presence", "Session", "create_backend"]

@@ -86,6 +86,7 @@ class Session(Protocol):
     user_id: str | None
     public_key: str | None
     signed: bool  # registered with a verified signature
+    encryption_key: EncryptionKey | None  # published with its signed registration
     remote_addr: str  # the client's IP, for logs
     nonce: str  # the current one-time nonce for signed requests
 
@@ -144,11 +145,22 @@ NO_EVENTS = NoEvents()
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
+class EncryptionKey:
+    """An X25519 key a signed user published for sealed relays, with the signature by its
+    identity key (checked by the hub; clients check it again)."""
+
+    key: str
+    signature: str
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
 class Presence:
     user_id: str
     online: bool
     public_key: str | None
     verified: bool = False  # public_key is bound to user_id by a signed registration
+    # The binding's published encryption key (only with verified).
+    encryption_key: EncryptionKey | None = None
 
 
 class Backend(abc.ABC):
@@ -198,15 +210,19 @@ class Backend(abc.ABC):
         blocks: closes that come together share their round trips."""
 
     @abc.abstractmethod
-    def claim(self, session: Session, user_id: str, public_key: str, signed: bool) -> Claim:
+    def claim(self, session: Session, user_id: str, public_key: str, signed: bool,
+              encryption_key: EncryptionKey | None = None) -> Claim:
         """Give user_id to session under the rule of ``Claim``; on OK or TAKEN_OVER the
-        session's user_id, public_key and signed are set, and a live local session that
-        held user_id is replaced. A session that closed meanwhile gets CLOSED and holds
-        nothing."""
+        session's user_id, public_key, signed and encryption_key are set, and a live local
+        session that held user_id is replaced. A signed claim stores ``encryption_key``
+        with the binding (None removes one). A session that closed meanwhile gets CLOSED
+        and holds nothing."""
 
     @abc.abstractmethod
-    def rebind(self, session: Session, new_public_key: str) -> bool:
-        """Bind session's (bound) userId to a new key if its binding is still the session's
+    def rebind(self, session: Session, new_public_key: str,
+               encryption_key: EncryptionKey | None = None) -> bool:
+        """Bind session's (bound) userId to a new key, with ``encryption_key`` (signed by
+        the new key) in place of the old one, if its binding is still the session's
         current key; False if it changed meanwhile."""
 
     @abc.abstractmethod

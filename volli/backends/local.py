@@ -3,7 +3,7 @@ every backend keeps in memory. Under gevent nothing here yields, so each method 
 
 from __future__ import annotations
 
-from .base import BackendEvents, Presence, Session
+from .base import BackendEvents, EncryptionKey, Presence, Session
 
 
 class LocalSessions:
@@ -23,12 +23,14 @@ class LocalSessions:
         del self._users[session.user_id]
         return True
 
-    def hold(self, session: Session, user_id: str, public_key: str, signed: bool) -> None:
+    def hold(self, session: Session, user_id: str, public_key: str, signed: bool,
+             encryption_key: EncryptionKey | None) -> None:
         """A claimed userId: a live session that held it here is replaced, never left
         holding it too."""
         previous = self._users.get(user_id)
         self._users[user_id] = session
         session.user_id, session.public_key, session.signed = user_id, public_key, signed
+        session.encryption_key = encryption_key if signed else None
         if previous is not None and previous is not session and not previous.closed:
             self._events.replace(previous)
 
@@ -40,7 +42,8 @@ class LocalSessions:
         session = self._users.get(user_id)
         if session is None:
             return None
-        return Presence(user_id, True, session.public_key, session.signed)
+        return Presence(user_id, True, session.public_key, session.signed,
+                        session.encryption_key)
 
     def holds(self, user_id: str) -> bool:
         return user_id in self._users

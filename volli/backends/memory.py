@@ -8,8 +8,8 @@ import time
 from typing import Callable
 
 from .base import (
-    NO_EVENTS, Backend, BackendEvents, Claim, Held, HeldOffer, Presence, Released, Session,
-    nothing,
+    NO_EVENTS, Backend, BackendEvents, Claim, EncryptionKey, Held, HeldOffer, Presence,
+    Released, Session, nothing,
 )
 from .held import MemoryHeld
 from .local import LocalSessions
@@ -30,9 +30,10 @@ class MemoryBackend(Backend):
                  events: BackendEvents = NO_EVENTS) -> None:
         super().__init__(events)
         self._local = LocalSessions(events)
-        # userId -> (bound key, forgotten at), least recently used first
-        self._bindings: collections.OrderedDict[str, tuple[str, float]] = \
-            collections.OrderedDict()
+        # userId -> (bound key, forgotten at, published encryption key), least recently
+        # used first
+        self._bindings: collections.OrderedDict[
+            str, tuple[str, float, EncryptionKey | None]] = collections.OrderedDict()
         self._max_bindings = max_bindings
         self._retention = retention
         self._clock = clock
@@ -46,12 +47,14 @@ class MemoryBackend(Backend):
 
     def detach(self, session: Session, then: Released = nothing) -> None:
         if self._local.forget(session):
-            if session.signed and session.user_id in self._bindings:
-                self._bind(session.user_id, self._bindings[session.user_id][0])
+            entry = self._bindings.get(session.user_id) if session.signed else None
+            if entry is not None:
+                self._bind(session.user_id, entry[0], entry[2])
             self._events.presence_changed(session.user_id, False)
         then()
 
-    def claim(self, session: Session, user_id: str, public_key: str, signed: bool) -> Claim:
+    def claim(self, session: Session, user_id: str, public_key: str, signed: bool,
+              encryption_key: EncryptionKey | None = None) -> Claim:
         key = self._bound_key(user_id)
         if key is not None and not signed:
             return Claim.BOUND
@@ -66,17 +69,19 @@ class MemoryBackend(Backend):
                 return Claim.TAKEN
             outcome = Claim.TAKEN_OVER
         if signed:
-            self._bind(user_id, public_key)
-        self._local.hold(session, user_id, public_key, signed)  # replaces a taken-over holder
+            self._bind(user_id, public_key, encryption_key)
+        # replaces a taken-over holder
+        self._local.hold(session, user_id, public_key, signed, encryption_key)
         self._events.presence_changed(user_id, True)
         return outcome
 
-    def rebind(self, session: Session, new_public_key: str) -> bool:
+    def rebind(self, session: Session, new_public_key: str,
+               encryption_key: EncryptionKey | None = None) -> bool:
         if (not session.signed or self._local.holder(session.user_id) is not session
                 or self._bound_key(session.user_id) != session.public_key):
             return False
-        self._bind(session.user_id, new_public_key)
-        session.public_key = new_public_key
+        self._bind(session.user_id, new_public_key, encryption_key)
+        session.public_key, session.encryption_key = new_public_key, encryption_key
         return True
 
     def unbind(self, user_id: str) -> bool:
@@ -92,7 +97,8 @@ class MemoryBackend(Backend):
         if local is not None:
             return local
         key = self._bound_key(user_id)
-        return Presence(user_id, False, key, key is not None)
+        return Presence(user_id, False, key, key is not None,
+                        self._bindings[user_id][2] if key is not None else None)
 
     def watch(self, user_ids: list[str]) -> list[Presence]:
         return [self.lookup(user_id) for user_id in user_ids]  # changes come from here
@@ -164,15 +170,17 @@ class MemoryBackend(Backend):
         if entry[1] <= self._clock():
             holder = self._local.holder(user_id)
             if holder is not None and holder.signed:  # in use: never expires
-                self._bind(user_id, entry[0])
+                self._bind(user_id, entry[0], entry[2])
             else:
                 del self._bindings[user_id]
                 return None
         return entry[0]
 
-    def _bind(self, user_id: str, public_key: str) -> None:
+    def _bind(self, user_id: str, public_key: str,
+              encryption_key: EncryptionKey | None) -> None:
         """Bind (or touch) ``user_id``: it becomes the most recently used."""
-        self._bindings[user_id] = (public_key, self._clock() + self._retention)
+        self._bindings[user_id] = (public_key, self._clock() + self._retention,
+                                   encryption_key)
         self._bindings.move_to_end(user_id)
 
     def _full(self) -> bool:
@@ -181,12 +189,12 @@ class MemoryBackend(Backend):
         expires: it is touched instead."""
         now = self._clock()
         for _ in range(len(self._bindings)):
-            oldest, (key, until) = next(iter(self._bindings.items()))
+            oldest, (key, until, encryption_key) = next(iter(self._bindings.items()))
             if until > now:
                 break
             holder = self._local.holder(oldest)
             if holder is not None and holder.signed:
-                self._bind(oldest, key)
+                self._bind(oldest, key, encryption_key)
             else:
                 del self._bindings[oldest]
         if len(self._bindings) < self._max_bindings:

@@ -30,6 +30,7 @@ class ErrorCode(enum.StrEnum):
     PEER_BUSY = "peer-busy"
     UNAVAILABLE = "unavailable"
     PUSH_DISABLED = "push-disabled"
+    SEALED_REQUIRED = "sealed-required"
     INTERNAL_ERROR = "internal-error"
 
 

@@ -19,6 +19,7 @@ from .errors import ErrorCode, ProtocolError
 
 REGISTER_CONTEXT = "volli/register/v1"
 ROTATE_CONTEXT = "volli/rotate-key/v1"
+ENCRYPTION_KEY_CONTEXT = "volli/encryption-key/v1"
 NONCE_BYTES = 18  # 24 characters of base64url
 
 
@@ -36,6 +37,11 @@ def rotate_payload(nonce: str, user_id: str, new_public_key: str) -> bytes:
     return f"{ROTATE_CONTEXT}\n{nonce}\n{user_id}\n{new_public_key}".encode()
 
 
+def encryption_key_payload(user_id: str, encryption_key: str) -> bytes:
+    """The bytes the identity key signs to publish ``encryption_key`` for sealed relays."""
+    return f"{ENCRYPTION_KEY_CONTEXT}\n{user_id}\n{encryption_key}".encode()
+
+
 def canonical_key(public_key: str, field: str = "publicKey") -> str:
     """The one spelling of a raw 32-byte Ed25519 key given in standard or URL-safe base64,
     padded or not: standard base64 with padding. Bound keys are stored and compared in
@@ -48,16 +54,16 @@ def canonical_key(public_key: str, field: str = "publicKey") -> str:
     return base64.b64encode(raw).decode()
 
 
-def verify(public_key: str, signature: str, payload: bytes) -> None:
-    """Raise ProtocolError(bad-signature) unless ``signature`` is valid for ``payload``.
-    ``public_key`` is in any spelling ``canonical_key`` accepts."""
+def verify(public_key: str, signature: str, payload: bytes,
+           failure: str = "signature does not verify for this key, nonce and userId") -> None:
+    """Raise ProtocolError(bad-signature, ``failure``) unless ``signature`` is valid for
+    ``payload``. ``public_key`` is in any spelling ``canonical_key`` accepts."""
     key = VerifyKey(base64.b64decode(canonical_key(public_key)))
     raw = _b64decode(signature, "signature")
     try:
         key.verify(payload, raw)
     except (BadSignatureError, ValueError):
-        raise ProtocolError(ErrorCode.BAD_SIGNATURE,
-                            "signature does not verify for this key, nonce and userId") from None
+        raise ProtocolError(ErrorCode.BAD_SIGNATURE, failure) from None
 
 
 def _b64decode(text: str, field: str) -> bytes:

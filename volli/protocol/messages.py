@@ -9,6 +9,7 @@ turned into frame text by ``encode``.
 from __future__ import annotations
 
 import base64
+import binascii
 import dataclasses
 import json
 import re
@@ -39,11 +40,20 @@ RELAY_PAYLOAD = {"offer": "offer", "answer": "answer", "ice-candidate": "candida
 
 
 @dataclasses.dataclass(slots=True)
+class EncryptionKeyFields:
+    """``encryptionKey`` (canonical base64 of a raw X25519 key) and its signature."""
+
+    key: str
+    signature: str
+
+
+@dataclasses.dataclass(slots=True)
 class Register:
     user_id: str
     public_key: str
     request_id: RequestId = None
     signature: str | None = None
+    encryption_key: EncryptionKeyFields | None = None
 
 
 @dataclasses.dataclass(slots=True)
@@ -51,6 +61,7 @@ class RotateKey:
     new_public_key: str
     signature: str
     request_id: RequestId = None
+    encryption_key: EncryptionKeyFields | None = None
 
 
 @dataclasses.dataclass(slots=True)
@@ -71,6 +82,7 @@ class Relay:
     request_id: RequestId = None
     text: str = ""
     hold: int | None = None  # an offer's seconds to wait for an offline callee
+    sealed: bool = False  # the payload is in ``sealed`` (encrypted to the receiver)
 
 
 @dataclasses.dataclass(slots=True)
@@ -131,11 +143,12 @@ def parse(text: str | bytes) -> Message:
         if not isinstance(kind, str):
             raise ProtocolError(ErrorCode.INVALID_MESSAGE, "'type' must be a string")
         if kind == "register":
+            signature = _signature(data, required=False)
             return Register(_user_id(data, "userId"), _public_key(data, "publicKey"), request_id,
-                            _signature(data, required=False))
+                            signature, _encryption_key(data, signature is not None))
         if kind == "rotate-key":
             return RotateKey(_public_key(data, "newPublicKey"), _signature(data, required=True),
-                             request_id)
+                             request_id, _encryption_key(data, True))
         if kind == "discover":
             return Discover(_user_id(data, "userId"), request_id)
         if kind in RELAY_PAYLOAD:
@@ -271,11 +284,15 @@ def _relay(kind: str, data: dict[str, Any], request_id: RequestId, text: str | b
     if sender is not None and not isinstance(sender, str):
         raise ProtocolError(ErrorCode.INVALID_MESSAGE, "'from' must be a string when present")
     field = RELAY_PAYLOAD[kind]
-    if field not in data:
-        raise ProtocolError(ErrorCode.INVALID_MESSAGE, f"'{kind}' needs a '{field}' field")
-    payload = data[field]
+    sealed = "sealed" in data
+    if sealed == (field in data):
+        raise ProtocolError(ErrorCode.INVALID_MESSAGE,
+                            f"'{kind}' needs either a '{field}' or a 'sealed' field")
+    payload = data["sealed"] if sealed else data[field]
+    if sealed:
+        _check_sealed(payload)
     # An ICE candidate of null marks the end of candidates and must relay too.
-    if not (isinstance(payload, dict) or (payload is None and kind == "ice-candidate")):
+    elif not (isinstance(payload, dict) or (payload is None and kind == "ice-candidate")):
         expected = "an object or null" if kind == "ice-candidate" else "an object"
         raise ProtocolError(ErrorCode.INVALID_MESSAGE, f"'{field}' must be {expected}")
     if not data.keys() <= _PLAIN_KEYS:
@@ -289,11 +306,60 @@ def _relay(kind: str, data: dict[str, Any], request_id: RequestId, text: str | b
         if not isinstance(hold, int) or isinstance(hold, bool) or not 1 <= hold <= HOLD_MAX:
             raise ProtocolError(ErrorCode.INVALID_MESSAGE,
                                 f"'hold' must be an integer number of seconds, 1 to {HOLD_MAX}")
-    return Relay(kind, to, sender, data, request_id, _canonical(data, text), hold)
+    return Relay(kind, to, sender, data, request_id, _canonical(data, text), hold, sealed)
 
 
 # Top-level keys of a relay that need no look for look-alikes.
-_PLAIN_KEYS = frozenset(("type", "to", "from", "requestId", "offer", "answer", "candidate"))
+_PLAIN_KEYS = frozenset(("type", "to", "from", "requestId", "offer", "answer", "candidate",
+                         "sealed", "hold"))
+
+SEALED_ENC_BYTES = 32  # an X25519 public key: HPKE's encapsulated key
+SEALED_CT_MIN = 16  # the AES-GCM tag alone
+
+
+def _check_sealed(sealed: Any) -> None:
+    """The outer shape of a sealed payload (docs/protocol.md 5e); its content is the
+    receiver's to open."""
+    if not isinstance(sealed, dict) or sealed.keys() != {"enc", "ct"}:
+        raise ProtocolError(ErrorCode.INVALID_MESSAGE,
+                            "'sealed' must be an object with exactly 'enc' and 'ct'")
+    enc, ct = _strict_base64(sealed["enc"]), _strict_base64(sealed["ct"])
+    if enc is None or len(enc) != SEALED_ENC_BYTES:
+        raise ProtocolError(ErrorCode.INVALID_MESSAGE,
+                            f"'sealed.enc' must be {SEALED_ENC_BYTES} bytes in standard base64")
+    if ct is None or len(ct) < SEALED_CT_MIN:
+        raise ProtocolError(ErrorCode.INVALID_MESSAGE, "'sealed.ct' must be at least "
+                            f"{SEALED_CT_MIN} bytes in standard base64")
+
+
+def _strict_base64(text: Any) -> bytes | None:
+    """Standard base64 with padding, nothing else, or None."""
+    if not isinstance(text, str) or not text.isascii():
+        return None
+    try:
+        return binascii.a2b_base64(text, strict_mode=True)
+    except binascii.Error:
+        return None
+
+
+ENCRYPTION_KEY_LENGTH = 44  # 32 bytes in padded standard base64
+
+
+def _encryption_key(data: dict[str, Any], signed: bool) -> EncryptionKeyFields | None:
+    """``encryptionKey`` with ``encryptionKeySignature``: both or neither, and only where an
+    identity key signs (a signed register, rotate-key)."""
+    key, signature = data.get("encryptionKey"), data.get("encryptionKeySignature")
+    if key is None and signature is None:
+        return None
+    if not signed:
+        raise ProtocolError(ErrorCode.INVALID_MESSAGE, "'encryptionKey' needs a signed "
+                            "registration: its signature is by the identity key")
+    raw = _strict_base64(key) if isinstance(key, str) else None
+    if raw is None or len(raw) != 32 or len(key) != ENCRYPTION_KEY_LENGTH:
+        raise ProtocolError(ErrorCode.INVALID_MESSAGE, "'encryptionKey' must be a raw 32-byte "
+                            "X25519 key in standard base64 with padding")
+    return EncryptionKeyFields(key, _base64_field(data, "encryptionKeySignature",
+                                                  SIGNATURE_MAX))
 
 
 def _canonical(data: dict[str, Any], text: str | bytes) -> str:
@@ -380,20 +446,32 @@ def rate_limited_message(limit: str, retry_after: float,
 
 
 def discover_response_message(user_id: str, online: bool, public_key: str | None,
-                              verified: bool = False,
-                              request_id: RequestId = None) -> dict[str, Any]:
-    """``verified``: ``public_key`` is bound to ``user_id`` by a signed registration."""
-    return _with_request_id({"type": "discover-response", "userId": user_id,
-                             "online": online, "publicKey": public_key,
-                             "verified": verified}, request_id)
+                              verified: bool = False, request_id: RequestId = None,
+                              encryption_key: tuple[str, str] | None = None
+                              ) -> dict[str, Any]:
+    """``verified``: ``public_key`` is bound to ``user_id`` by a signed registration;
+    ``encryption_key``: (key, signature) the binding published."""
+    return _with_request_id(_with_encryption_key(
+        {"type": "discover-response", "userId": user_id, "online": online,
+         "publicKey": public_key, "verified": verified}, encryption_key), request_id)
 
 
-def watching_message(presences: list[tuple[str, bool, bool]],
+def _with_encryption_key(entry: dict[str, Any],
+                         encryption_key: tuple[str, str] | None) -> dict[str, Any]:
+    """A user's entry with its published encryption key, if it has one."""
+    if encryption_key is not None:
+        entry["encryptionKey"], entry["encryptionKeySignature"] = encryption_key
+    return entry
+
+
+def watching_message(presences: list[tuple[str, bool, bool, tuple[str, str] | None]],
                      request_id: RequestId = None) -> dict[str, Any]:
-    """``presences``: (userId, online, verified) of each watched user, in request order."""
+    """``presences``: (userId, online, verified, encryption key and its signature or None)
+    of each watched user, in request order."""
     return _with_request_id({"type": "watching", "presence": [
-        {"userId": user_id, "online": online, "verified": verified}
-        for user_id, online, verified in presences]}, request_id)
+        _with_encryption_key({"userId": user_id, "online": online, "verified": verified},
+                             encryption)
+        for user_id, online, verified, encryption in presences]}, request_id)
 
 
 def unwatched_message(user_ids: list[str], request_id: RequestId = None) -> dict[str, Any]:

@@ -79,6 +79,7 @@ class Connection:
         self.user_id: str | None = None
         self.public_key: str | None = None
         self.signed = False
+        self.encryption_key = None  # an EncryptionKey published with a signed registration
         self.nonce = ""
         self.remote_addr = remote_addr
         self._sock = sock  # detached: a non-blocking _socket.socket; TLS: gevent's SSLSocket

@@ -18,9 +18,8 @@ import threading
 import redis
 
 from ..base import (
-    NO_EVENTS, Backend, BackendEvents, Claim, Held, HeldOffer, Presence, Released, Session,
-    Spawn,
-    local_refusal, nothing,
+    NO_EVENTS, Backend, BackendEvents, Claim, EncryptionKey, Held, HeldOffer, Presence,
+    Released, Session, Spawn, local_refusal, nothing,
 )
 from ..local import LocalSessions
 from . import wire
@@ -108,16 +107,18 @@ class RedisBackend(Backend):
     def detach(self, session: Session, then: Released = nothing) -> None:
         self.presence.detach(session, then)
 
-    def claim(self, session: Session, user_id: str, public_key: str, signed: bool) -> Claim:
+    def claim(self, session: Session, user_id: str, public_key: str, signed: bool,
+              encryption_key: EncryptionKey | None = None) -> Claim:
         # A live user of this worker is known here even when the store has forgotten it
         # (restarted empty): the same rule answers without it.
         refusal = local_refusal(self.local.holder(user_id), session, public_key, signed)
         if refusal is not None:
             return refusal
-        return self.presence.claim(session, user_id, public_key, signed)
+        return self.presence.claim(session, user_id, public_key, signed, encryption_key)
 
-    def rebind(self, session: Session, new_public_key: str) -> bool:
-        return self.presence.rebind(session, new_public_key)
+    def rebind(self, session: Session, new_public_key: str,
+               encryption_key: EncryptionKey | None = None) -> bool:
+        return self.presence.rebind(session, new_public_key, encryption_key)
 
     def unbind(self, user_id: str) -> bool:
         return self.presence.unbind(user_id)

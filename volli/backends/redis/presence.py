@@ -18,7 +18,9 @@ from typing import Callable
 
 import redis
 
-from ..base import BackendEvents, BackendUnavailable, Claim, Presence, Released, Session, nothing
+from ..base import (
+    BackendEvents, BackendUnavailable, Claim, EncryptionKey, Presence, Released, Session, nothing,
+)
 from ..local import LocalSessions
 from . import scripts, wire
 from .clients import guarded, script
@@ -104,7 +106,8 @@ class PresenceStore:
 
     # -- claim ------------------------------------------------------------------------
 
-    def claim(self, session: Session, user_id: str, public_key: str, signed: bool) -> Claim:
+    def claim(self, session: Session, user_id: str, public_key: str, signed: bool,
+              encryption_key: EncryptionKey | None = None) -> Claim:
         """The claim script for a userId no live local session holds (base.local_refusal)."""
         # Releases queued or under way go first: a user reconnecting here must not find
         # its old session. One kept for this session (its last claim failed) is moot: this
@@ -114,7 +117,7 @@ class PresenceStore:
         try:
             reply = self._call("claim", self._claim, self._keys.claim(user_id),
                                self._claim_args(session, user_id, public_key, signed,
-                                                refresh=False))
+                                                encryption_key, refresh=False))
         except BackendUnavailable:
             # The script may have run before the reply was lost: give back what it may
             # have given (compare-and-delete; queued before this session's next claim).
@@ -143,7 +146,8 @@ class PresenceStore:
             # A later claim of this ID was answered here first: this one lost the race.
             self._events.replace(session)
             return Claim.CLOSED
-        self._local.hold(session, user_id, public_key, signed)  # the binding lives in Redis
+        # the binding lives in Redis
+        self._local.hold(session, user_id, public_key, signed, encryption_key)
         self._seqs[user_id] = seq
         return outcome
 
@@ -159,12 +163,13 @@ class PresenceStore:
         return bool(kept)
 
     def _claim_args(self, session: Session, user_id: str, public_key: str, signed: bool,
-                    refresh: bool):
+                    encryption_key: EncryptionKey | None, refresh: bool):
         group = self._keys.group(user_id)
         return [self.node, session.id, public_key, self.ttl_ms, "1" if signed else "0",
                 "1" if refresh else "0", self.retention_ms, self._max_bindings, user_id,
                 self.epochs.get(group), secrets.token_hex(8), self._keys.channel_prefix(group),
-                wire.header(b"R"), wire.header(b"R", 0), wire.header(b"P")]
+                wire.header(b"R"), wire.header(b"R", 0), wire.header(b"P"),
+                *_encryption_args(encryption_key)]
 
     def _restart_seqs(self, group: int) -> None:
         """A new epoch's claim counter begins again."""
@@ -174,12 +179,14 @@ class PresenceStore:
 
     # -- the other changes ------------------------------------------------------------
 
-    def rebind(self, session: Session, new_public_key: str) -> bool:
+    def rebind(self, session: Session, new_public_key: str,
+               encryption_key: EncryptionKey | None = None) -> bool:
         keys = [self._keys.binding(session.user_id), self._keys.presence(session.user_id)]
         if not self._call("rebind", self._rebind, keys,
-                          [session.public_key, new_public_key, session.id]):
+                          [session.public_key, new_public_key, session.id,
+                           *_encryption_args(encryption_key)]):
             return False
-        session.public_key = new_public_key
+        session.public_key, session.encryption_key = new_public_key, encryption_key
         return True
 
     def unbind(self, user_id: str) -> bool:
@@ -220,13 +227,11 @@ class PresenceStore:
         with guarded(self._events, "lookup"):
             pipe = self._redis.pipeline(transaction=False)
             pipe.hmget(self._keys.presence(user_id), "publicKey", "session")
-            pipe.hmget(self._keys.binding(user_id), "publicKey", "bound")
-            (live, session), (bound, flag) = pipe.execute()
-        if flag != b"1":
-            bound = None
-        if live is not None and session:  # an empty session: unbound, its holder going
-            return Presence(user_id, True, live.decode(), live == bound)
-        return Presence(user_id, False, bound and bound.decode(), bound is not None)
+            pipe.hmget(self._keys.binding(user_id), "publicKey", "bound", "encKey", "encSig")
+            (live, session), (bound, flag, enc_key, enc_sig) = pipe.execute()
+        return presence(user_id, live.decode() if live is not None and session else None,
+                        (bound or b"").decode() if flag == b"1" else "",
+                        (enc_key or b"").decode(), (enc_sig or b"").decode())
 
     # -- releases ---------------------------------------------------------------------
 
@@ -341,7 +346,7 @@ class PresenceStore:
             pipe = self._redis.pipeline(transaction=False)
             for user_id, session in batch:
                 args = self._claim_args(session, user_id, session.public_key, session.signed,
-                                        refresh=True)
+                                        session.encryption_key, refresh=True)
                 self._claim(keys=self._keys.claim(user_id), args=args, client=pipe)
             for (user_id, session), reply in zip(batch, pipe.execute()):
                 code, group = int(reply[0]), self._keys.group(user_id)
@@ -358,6 +363,23 @@ class PresenceStore:
                 else:
                     lost.append(session)
         return lost
+
+
+def presence(user_id: str, live: str | None, bound: str, enc_key: str,
+             enc_sig: str) -> Presence:
+    """A presence as read from Redis: ``live`` the key of a live holder (None: offline),
+    ``bound`` the binding's key ('' none) with its encryption key ('' none)."""
+    encryption = EncryptionKey(enc_key, enc_sig) if bound and enc_key else None
+    if live is not None:  # verified: the live key is the bound one
+        return Presence(user_id, True, live, live == bound,
+                        encryption if live == bound else None)
+    return Presence(user_id, False, bound or None, bool(bound), encryption)
+
+
+def _encryption_args(encryption_key: EncryptionKey | None) -> list[str]:
+    if encryption_key is None:
+        return ["", ""]
+    return [encryption_key.key, encryption_key.signature]
 
 
 class _NoLock:

@@ -107,9 +107,10 @@ return {e[1], redis.call('HGET', KEYS[1], 'ttl')}
 # session, publicKey, ttl ms, signed "1"/"0", refresh "1"/"0" (the heartbeat announcing a
 # live user again: never takes over, allowed while recovering, never refused by the cap),
 # binding retention ms, max bindings, userId, the node's epoch, a new epoch id, channel
-# prefix, the takeover message's header (versioned, legacy), the presence change's header.
+# prefix, the takeover message's header (versioned, legacy), the presence change's header,
+# the published encryption key and its signature ('' none).
 # The user's watchers are told it is online. Only a signed claim writes
-# the binding (with the retention as its TTL). A binding hash without bound=1 is a
+# the binding (with the retention as its TTL) and its encryption key. A binding hash without bound=1 is a
 # leftover of an older version and goes. A takeover tells the old holder's node (its
 # channel) in the same script. A successful claim gets the next number of the epoch's
 # claim counter (`seq`): replies can arrive out of the order the claims ran in, and of
@@ -145,6 +146,11 @@ redis.call('PEXPIRE', KEYS[1], ARGV[4])
 local seq = redis.call('HINCRBY', KEYS[5], 'seq', 1)
 if signed then
   redis.call('HSET', KEYS[2], 'publicKey', ARGV[3], 'bound', '1')
+  if (ARGV[16] or '') ~= '' then
+    redis.call('HSET', KEYS[2], 'encKey', ARGV[16], 'encSig', ARGV[17])
+  else
+    redis.call('HDEL', KEYS[2], 'encKey', 'encSig')
+  end
   redis.call('PEXPIRE', KEYS[2], ARGV[7])
   redis.call('ZADD', KEYS[3], now + ARGV[7], ARGV[9])
 end
@@ -177,12 +183,18 @@ return out
 """
 
 # Key rotation, only by the session the presence names (one just replaced cannot bind a
-# key under the new holder): KEYS binding, presence; ARGV old key, new key, session.
+# key under the new holder): KEYS binding, presence; ARGV old key, new key, session, the
+# encryption key signed by the new key and its signature ('' none: the old one goes).
 REBIND = """
 if redis.call('HGET', KEYS[2], 'session') ~= ARGV[3] then return 0 end
 local b = redis.call('HMGET', KEYS[1], 'publicKey', 'bound')
 if b[2] ~= '1' or b[1] ~= ARGV[1] then return 0 end
 redis.call('HSET', KEYS[1], 'publicKey', ARGV[2])
+if ARGV[4] ~= '' then
+  redis.call('HSET', KEYS[1], 'encKey', ARGV[4], 'encSig', ARGV[5])
+else
+  redis.call('HDEL', KEYS[1], 'encKey', 'encSig')
+end
 redis.call('HSET', KEYS[2], 'publicKey', ARGV[2])
 return 1
 """
@@ -258,20 +270,20 @@ return {n, node}
 # A node starts watching a user, or renews its watch, and reads the user's presence: KEYS
 # watchers, presence, binding; ARGV node, ttl ms, alive-key prefix. Returns {holder node
 # or '', whether it is online (1: it names a live session of a node whose heartbeat goes
-# on), live key or '', bound key or ''}.
+# on), live key or '', bound key or '', its encryption key or '', that key's signature
+# or ''}.
 WATCH = _NOW + """
 redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)  -- nodes that stopped watching
 redis.call('ZADD', KEYS[1], now + ARGV[2], ARGV[1])
 redis.call('PEXPIRE', KEYS[1], ARGV[2])
 local h = redis.call('HMGET', KEYS[2], 'node', 'session', 'publicKey')
-local b = redis.call('HMGET', KEYS[3], 'publicKey', 'bound')
+local b = redis.call('HMGET', KEYS[3], 'publicKey', 'bound', 'encKey', 'encSig')
 local online = 0
 if h[1] and h[2] and h[2] ~= '' and redis.call('EXISTS', ARGV[3] .. h[1]) == 1 then
   online = 1
 end
-local bound = ''
-if b[2] == '1' then bound = b[1] end
-return {h[1] or '', online, h[3] or '', bound}
+if b[2] ~= '1' then return {h[1] or '', online, h[3] or '', '', '', ''} end
+return {h[1] or '', online, h[3] or '', b[1], b[3] or '', b[4] or ''}
 """
 
 # The heartbeat's renewal of this node's watches, for a batch of one group: KEYS each

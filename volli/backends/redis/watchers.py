@@ -20,7 +20,7 @@ from ..base import BackendEvents, Presence
 from . import scripts, wire
 from .clients import guarded, script
 from .keys import Keys
-from .presence import batches
+from .presence import batches, presence
 
 
 class Watchers:
@@ -109,15 +109,13 @@ class Watchers:
                             client=pipe)
             replies = pipe.execute()
         presences = []
-        for user_id, (holder, online, live, bound) in zip(user_ids, replies):
-            online, live, bound = bool(online), live.decode(), bound.decode()
+        for user_id, (holder, online, live, bound, *encryption) in zip(user_ids, replies):
+            online, live = bool(online), live.decode()
             # Still watched, and no change heard since the lookup began (that one is newer).
             if user_id in self._holders and self._heard.get(user_id, 0) == heard[user_id]:
                 self._holders[user_id] = (holder.decode(), online)
                 if report:
                     self._events.presence_changed(user_id, online)
-            if online:
-                presences.append(Presence(user_id, True, live, live == bound))
-            else:
-                presences.append(Presence(user_id, False, bound or None, bool(bound)))
+            presences.append(presence(user_id, live if online else None, bound.decode(),
+                                      *(value.decode() for value in encryption)))
         return presences
