@@ -3,7 +3,9 @@
 // Negotiation follows the "perfect negotiation" pattern, so adding the camera mid-call
 // renegotiates from either side; the caller's data channel starts the first offer.
 // A new caller is answered only after the user clicks Accept (see askToAnswer).
-import { VolliSignaling, generateKeyPair } from "/volli-signaling.js";
+// Signaling is sealed (docs/protocol.md 5e) whenever both sides register signed: the server
+// relays the offer, answer and candidates without being able to read them.
+import { VolliSignaling, generateKeyPair, generateEncryptionKeyPair } from "/volli-signaling.js";
 
 const $ = (id) => document.getElementById(id);
 
@@ -102,14 +104,20 @@ function keyStore(mode, action) {
   });
 }
 
-async function identityKey() {
-  let keyPair = await keyStore("readonly", (s) => s.get("identity")).catch(() => undefined);
+async function storedKey(name, generate) {
+  let keyPair = await keyStore("readonly", (s) => s.get(name)).catch(() => undefined);
   if (!keyPair) {
-    keyPair = await generateKeyPair(); // private key not extractable; IndexedDB stores it as is
-    await keyStore("readwrite", (s) => s.put(keyPair, "identity")).catch(() => {});
+    keyPair = await generate(); // private key not extractable; IndexedDB stores it as is
+    await keyStore("readwrite", (s) => s.put(keyPair, name)).catch(() => {});
   }
   return keyPair;
 }
+
+/** The Ed25519 identity key (signed registration). */
+const identityKey = () => storedKey("identity", generateKeyPair);
+/** The X25519 key sealed messages are encrypted to. Kept too, so that an offer sealed to
+ * it and held by the server while this page was closed still opens after a reload. */
+const encryptionKey = () => storedKey("encryption", generateEncryptionKeyPair);
 
 async function checkSigning() {
   let why = "";
@@ -136,16 +144,17 @@ async function connect(event) {
   event.preventDefault();
   const userId = $("user-id").value.trim();
   if (!userId || sig) return;
-  let keyPair = null;
+  let keyPair = null, encryptionKeyPair = null;
   if ($("sign").checked) {
     try {
       keyPair = await identityKey();
+      encryptionKeyPair = await encryptionKey().catch(() => null); // null: the client makes one
     } catch (err) {
       setStatus("error", `No signing key: ${err.message}`);
       return;
     }
   }
-  const s = new VolliSignaling(null, { userId, keyPair });
+  const s = new VolliSignaling(null, { userId, keyPair, encryptionKeyPair, seal: "auto" });
   sig = s;
   wire(s);
   updateButtons();
@@ -235,6 +244,23 @@ function wire(s) {
   s.on("expired", mine(({ to }) => {
     if (call?.peer === to && !call.connected) endCall(`${to} did not come online in time`, "failed");
   }));
+  s.on("sent", mine(({ type, to, sealed }) => {
+    if (call?.peer === to) noteSealing(call, "out", type, sealed);
+  }));
+  s.on("sealed-error", mine(({ reason, from, to, type, message }) => {
+    log(`sealed ${type} ${from ? `from ${from}` : `to ${to}`} refused (${reason}): ${message}`, "err");
+    if (call && (call.peer === from || call.peer === to)) {
+      call.sealingProblem = `${reason} (${type})`;
+      showSealing(call);
+    }
+  }));
+  s.on("key-mismatch", mine(({ userId, reason, message }) => {
+    log(`key of ${userId} refused (${reason}): ${message}`, "err");
+    if (call?.peer === userId) {
+      call.sealingProblem = reason;
+      showSealing(call);
+    }
+  }));
   s.on("offer", mine(onOffer));
   s.on("answer", mine(onAnswer));
   s.on("ice-candidate", mine(onCandidate));
@@ -306,6 +332,8 @@ function newCall(peer, initiator) {
     // Perfect negotiation needs exactly one polite side: the one with the larger user ID.
     polite: sig.userId > peer,
     makingOffer: false, ignoreOffer: false, queued: [], connected: false, ended: false,
+    // Relays of this call, sealed or in clear, each way; a refused key or sealed message.
+    sealing: { in: { sealed: 0, clear: 0 }, out: { sealed: 0, clear: 0 } }, sealingProblem: null,
   };
   call = c;
   pc.onicecandidate = ({ candidate }) => {
@@ -341,6 +369,42 @@ function newCall(peer, initiator) {
   refresh(c);
   updateButtons();
   return c;
+}
+
+/** Count one relay of call `c` (`way` "in" or "out") and show whether signaling is sealed. */
+function noteSealing(c, way, type, sealed) {
+  c.sealing[way][sealed ? "sealed" : "clear"] += 1;
+  if (!sealed && c.sealing[way].clear === 1) {
+    log(`${type} ${way === "in" ? "from" : "to"} ${c.peer} went in clear: the server can read it`, "err");
+  }
+  showSealing(c);
+}
+
+function showSealing(c) {
+  if (call !== c) return;
+  const el = $("sealing");
+  const { in: got, out: sent } = c.sealing;
+  const clear = got.clear + sent.clear, sealed = got.sealed + sent.sealed;
+  let state, text;
+  if (c.sealingProblem) {
+    state = "problem";
+    text = `Not sealed: ${c.sealingProblem}`;
+  } else if (clear) {
+    state = "clear";
+    text = !sig?.keyPair
+      ? "Not sealed: you registered unsigned (the server can read the SDP and candidates)"
+      : `Not sealed: ${c.peer} has no verified encryption key (unsigned or an older client); ` +
+        "the server can read the SDP and candidates";
+  } else if (sealed) {
+    state = "sealed";
+    text = `Sealed end to end (${sent.sealed} sent, ${got.sealed} received): ` +
+      "the server cannot read the offer, answer or candidates";
+  } else {
+    state = "none";
+    text = "–";
+  }
+  el.dataset.state = state;
+  el.textContent = text;
 }
 
 function attachChannel(c, dc) {
@@ -408,9 +472,10 @@ function endCall(reason = "", state = "ended") {
   try { c.dc?.close(); } catch { /* closed */ }
   c.pc.close();
   $("remote-video").srcObject = null;
-  for (const id of ["peer-name", "signaling-state", "ice-state", "peer-state", "channel-state", "route"]) {
+  for (const id of ["peer-name", "signaling-state", "ice-state", "peer-state", "channel-state", "route", "sealing"]) {
     $(id).textContent = "–";
   }
+  $("sealing").dataset.state = "none";
   if (reason) {
     setCallStatus(state, reason);
     addMessage("system", "", reason);
@@ -439,6 +504,8 @@ function askToAnswer(msg) {
   }
   incoming = { peer: msg.from, offer: msg, queued: [] }; // a repeated offer replaces the last
   $("incoming-from").textContent = msg.from;
+  $("incoming-sealed").textContent = msg.sealed ? "sealed end to end" : "not sealed";
+  $("incoming-sealed").dataset.state = msg.sealed ? "sealed" : "clear";
   $("incoming").hidden = false;
 }
 
@@ -468,7 +535,8 @@ async function onOffer(msg) {
     askToAnswer(msg);
     return;
   }
-  log(`← offer from ${msg.from}`);
+  log(`← offer from ${msg.from}${msg.sealed ? " (sealed)" : ""}`);
+  noteSealing(c, "in", "offer", msg.sealed);
   const collision = c.makingOffer || c.pc.signalingState !== "stable";
   c.ignoreOffer = !c.polite && collision;
   if (c.ignoreOffer) {
@@ -491,7 +559,8 @@ async function onOffer(msg) {
 async function onAnswer(msg) {
   const c = call;
   if (!c || c.peer !== msg.from) return;
-  log(`← answer from ${msg.from}`);
+  log(`← answer from ${msg.from}${msg.sealed ? " (sealed)" : ""}`);
+  noteSealing(c, "in", "answer", msg.sealed);
   try {
     await c.pc.setRemoteDescription(msg.answer);
     await flushCandidates(c);
@@ -506,7 +575,9 @@ async function onCandidate(msg) {
     return;
   }
   const c = call;
-  if (!c || c.peer !== msg.from || msg.candidate == null) return; // null: end of candidates
+  if (!c || c.peer !== msg.from) return;
+  noteSealing(c, "in", "ice-candidate", msg.sealed);
+  if (msg.candidate == null) return; // null: end of candidates
   if (!c.pc.remoteDescription) {
     c.queued.push(msg.candidate); // arrived before the offer/answer was applied
     return;

@@ -138,6 +138,258 @@ function toJSON(value) {
   return value && typeof value.toJSON === "function" ? value.toJSON() : value;
 }
 
+// ---- sealed signaling (docs/protocol.md section 5e) ------------------------------------
+// HPKE (RFC 9180) base mode, single shot, one suite: DHKEM(X25519, HKDF-SHA256),
+// HKDF-SHA256, AES-128-GCM, on WebCrypto alone (X25519, HMAC-SHA256, AES-GCM). Then the
+// sealed envelope: `{body, ts, sig}` signed by the sender's Ed25519 identity key and
+// encrypted to the receiver's published X25519 key. Mirrors volli/protocol/hpke.py and
+// volli/protocol/sealing.py byte for byte (tests/test_sealed_js.py).
+
+const X25519 = { name: "X25519" };
+const ENCRYPTION_KEY_CONTEXT = "volli/encryption-key/v1";
+const SEALED_CONTEXT = "volli/sealed-payload/v1";
+const SEALED_INFO = "volli/sealed/v1";
+/** The payload field of each relay type, replaced by `sealed` when sealed. */
+const PAYLOAD_FIELD = Object.freeze({ offer: "offer", answer: "answer",
+  "ice-candidate": "candidate" });
+const utf8 = (text) => new TextEncoder().encode(text);
+
+function concat(...parts) {
+  const out = new Uint8Array(parts.reduce((n, p) => n + p.length, 0));
+  let at = 0;
+  for (const p of parts) { out.set(p, at); at += p.length; }
+  return out;
+}
+
+const HPKE_V1 = utf8("HPKE-v1");
+const KEM_SUITE = concat(utf8("KEM"), [0x00, 0x20]);
+const HPKE_SUITE = concat(utf8("HPKE"), [0x00, 0x20, 0x00, 0x01, 0x00, 0x01]);
+
+async function hmacSha256(key, data) {
+  // An empty salt is a zero key; WebCrypto refuses a zero-length HMAC key, and 32 zero
+  // bytes are the same HMAC-SHA256 key (keys are zero-padded to the 64-byte block).
+  const k = await subtle().importKey("raw", key.length ? key : new Uint8Array(32),
+    { name: "HMAC", hash: "SHA-256" }, false, ["sign"]);
+  return new Uint8Array(await subtle().sign("HMAC", k, data));
+}
+
+function labeledExtract(suite, salt, label, ikm) {
+  return hmacSha256(salt, concat(HPKE_V1, suite, utf8(label), ikm));
+}
+
+async function labeledExpand(suite, prk, label, info, length) {
+  const labeled = concat([length >> 8, length & 0xff], HPKE_V1, suite, utf8(label), info);
+  let out = new Uint8Array(0), block = new Uint8Array(0);
+  for (let i = 1; out.length < length; i++) {
+    block = await hmacSha256(prk, concat(block, labeled, [i]));
+    out = concat(out, block);
+  }
+  return out.slice(0, length);
+}
+
+async function hpkeKey(dh, enc, pkR, info) {
+  const eaePrk = await labeledExtract(KEM_SUITE, new Uint8Array(0), "eae_prk", dh);
+  const shared = await labeledExpand(KEM_SUITE, eaePrk, "shared_secret", concat(enc, pkR), 32);
+  const none = new Uint8Array(0);
+  const context = concat([0], await labeledExtract(HPKE_SUITE, none, "psk_id_hash", none),
+    await labeledExtract(HPKE_SUITE, none, "info_hash", info));
+  const secret = await labeledExtract(HPKE_SUITE, shared, "secret", none);
+  const key = await labeledExpand(HPKE_SUITE, secret, "key", context, 16);
+  const nonce = await labeledExpand(HPKE_SUITE, secret, "base_nonce", context, 12);
+  return { key: await subtle().importKey("raw", key, "AES-GCM", false, ["encrypt", "decrypt"]),
+    nonce }; // sequence number 0: the nonce is base_nonce itself
+}
+
+async function x25519(privateKey, publicRaw) {
+  const pub = await subtle().importKey("raw", publicRaw, X25519, true, []);
+  return new Uint8Array(await subtle().deriveBits({ name: "X25519", public: pub }, privateKey, 256));
+}
+
+const bytes = (v) => (typeof v === "string" ? utf8(v) : new Uint8Array(v));
+
+/**
+ * HPKE SealBase to the raw 32-byte X25519 key `pkR`: `{enc, ct}` (Uint8Arrays).
+ * `ephemeral` (a CryptoKeyPair) fixes the ephemeral key: test vectors only.
+ */
+export async function hpkeSeal(pkR, info, aad, plaintext, { ephemeral } = {}) {
+  const eph = ephemeral ?? await subtle().generateKey(X25519, false, ["deriveBits"]);
+  const enc = new Uint8Array(await subtle().exportKey("raw", eph.publicKey));
+  const dh = await x25519(eph.privateKey, bytes(pkR));
+  const { key, nonce } = await hpkeKey(dh, enc, bytes(pkR), bytes(info));
+  const ct = await subtle().encrypt({ name: "AES-GCM", iv: nonce, additionalData: bytes(aad) },
+    key, bytes(plaintext));
+  return { enc, ct: new Uint8Array(ct) };
+}
+
+/**
+ * HPKE OpenBase with the receiver's X25519 CryptoKeyPair: the plaintext (Uint8Array);
+ * throws SealedError `does-not-open` when it does not open (or `enc` is a bad point).
+ */
+export async function hpkeOpen(keyPair, enc, info, aad, ct) {
+  try {
+    const pkR = new Uint8Array(await subtle().exportKey("raw", keyPair.publicKey));
+    const dh = await x25519(keyPair.privateKey, bytes(enc));
+    const { key, nonce } = await hpkeKey(dh, bytes(enc), pkR, bytes(info));
+    return new Uint8Array(await subtle().decrypt(
+      { name: "AES-GCM", iv: nonce, additionalData: bytes(aad) }, key, bytes(ct)));
+  } catch (err) {
+    throw new SealedError("does-not-open", `not sealed to this key with this info and aad (${err.name})`);
+  }
+}
+
+/** A failed sealed message: `reason` (= `code`) is `malformed`, `does-not-open`,
+ * `bad-signature`, `stale`, `replayed`, `unknown-sender`, or on sending `no-encryption-key`. */
+export class SealedError extends VolliError {
+  constructor(reason, message) {
+    super(reason, message);
+    this.name = "SealedError";
+    this.reason = reason;
+  }
+}
+
+/**
+ * A new X25519 key pair for receiving sealed messages (its public key is the
+ * `encryptionKey` a signed registration publishes). Storable in IndexedDB as is.
+ * @param {{extractable?: boolean}} [options]
+ * @returns {Promise<CryptoKeyPair>}
+ */
+export function generateEncryptionKeyPair({ extractable = false } = {}) {
+  return subtle().generateKey(X25519, extractable, ["deriveBits"]);
+}
+
+/**
+ * The X25519 key pair of a raw 32-byte private key (the public key is taken from the JWK
+ * export, so the private key is extractable). For test vectors and keys kept elsewhere.
+ * @param {Uint8Array} raw
+ * @returns {Promise<CryptoKeyPair>}
+ */
+export async function importEncryptionKeyPair(raw) {
+  const pkcs8 = concat([0x30, 0x2e, 0x02, 0x01, 0x00, 0x30, 0x05, 0x06, 0x03, 0x2b, 0x65, 0x6e,
+    0x04, 0x22, 0x04, 0x20], bytes(raw));
+  const privateKey = await subtle().importKey("pkcs8", pkcs8, X25519, true, ["deriveBits"]);
+  const { x } = await subtle().exportKey("jwk", privateKey);
+  const publicKey = await subtle().importKey("raw", fromBase64url(x), X25519, true, []);
+  return { privateKey, publicKey };
+}
+
+/**
+ * The base64 Ed25519 signature that publishes an encryption key: over the UTF-8 bytes
+ * `volli/encryption-key/v1\n<userId>\n<encryptionKey>`.
+ */
+export function signEncryptionKey(privateKey, userId, encryptionKey) {
+  return sign(privateKey, `${ENCRYPTION_KEY_CONTEXT}\n${userId}\n${encryptionKey}`);
+}
+
+const STRICT_BASE64 = /^(?:[A-Za-z0-9+/]{4})*(?:[A-Za-z0-9+/]{2}==|[A-Za-z0-9+/]{3}=)?$/;
+
+/** Standard base64 with padding, or null. */
+function unbase64(text) {
+  if (typeof text !== "string" || !STRICT_BASE64.test(text)) return null;
+  return Uint8Array.from(atob(text), (c) => c.charCodeAt(0));
+}
+
+async function ed25519Verify(publicKey, signature, text) {
+  try {
+    const key = publicKey instanceof CryptoKey ? publicKey
+      : await subtle().importKey("raw", typeof publicKey === "string" ? unbase64(publicKey) : publicKey,
+        ED25519, false, ["verify"]);
+    return await subtle().verify(ED25519, key, signature, utf8(text));
+  } catch {
+    return false; // not a valid key or signature
+  }
+}
+
+const sealedAad = (type, from, to) => `${type}\n${from}\n${to}`;
+const sealedText = (type, from, to, ts, body) =>
+  `${SEALED_CONTEXT}\n${type}\n${from}\n${to}\n${ts}\n${body}`;
+
+/**
+ * The `sealed` field `{enc, ct}` of a relay of `type` from `from` to `to` carrying
+ * `payload`, for the receiver's raw X25519 `encryptionKey` (bytes or base64), signed with
+ * the sender's Ed25519 `signingKey`. `ts`: ms since the epoch (default now).
+ * `ephemeral` and `plaintext` (the exact text to seal) are for test vectors only.
+ */
+export async function sealPayload(type, from, to, payload, encryptionKey, signingKey,
+  { ts = Date.now(), ephemeral, plaintext } = {}) {
+  if (plaintext === undefined) {
+    const body = JSON.stringify(payload ?? null);
+    const sig = await sign(signingKey, sealedText(type, from, to, ts, body));
+    plaintext = JSON.stringify({ body, ts, sig });
+  }
+  const pkR = typeof encryptionKey === "string" ? unbase64(encryptionKey) : encryptionKey;
+  const { enc, ct } = await hpkeSeal(pkR, SEALED_INFO, sealedAad(type, from, to), plaintext,
+    { ephemeral });
+  return { enc: base64(enc), ct: base64(ct) };
+}
+
+/**
+ * Steps 1 and 2 of opening (without the signature): `{payload, body, ts, sig, enc}`, `enc`
+ * canonical base64 of the encapsulated key. Throws SealedError `malformed` or `does-not-open`.
+ */
+async function unseal(type, from, to, sealed, keyPair) {
+  const enc = unbase64(sealed?.enc), ct = unbase64(sealed?.ct);
+  if (typeof sealed !== "object" || enc === null || ct === null || enc.length !== 32 || ct.length < 16) {
+    throw new SealedError("malformed", "'sealed' needs base64 'enc' (32 bytes) and 'ct'");
+  }
+  if (!keyPair) throw new SealedError("does-not-open", "this client has no encryption key");
+  const plaintext = await hpkeOpen(keyPair, enc, SEALED_INFO, sealedAad(type, from, to), ct);
+  try {
+    const inner = JSON.parse(new TextDecoder("utf-8", { fatal: true }).decode(plaintext));
+    const sig = unbase64(inner?.sig);
+    if (typeof inner.body !== "string" || !Number.isSafeInteger(inner.ts) || !sig) throw new Error();
+    return { payload: JSON.parse(inner.body), body: inner.body, ts: inner.ts, sig, enc: base64(enc) };
+  } catch {
+    throw new SealedError("malformed", "the opened plaintext is not a sealed payload");
+  }
+}
+
+function checkWindow(ts, now, maxAge, maxAhead) {
+  if (!(now - maxAge <= ts && ts <= now + maxAhead)) {
+    throw new SealedError("stale", `sealed ${now - ts} ms ago, outside the replay window`);
+  }
+}
+
+/**
+ * The `enc` of every sealed message opened within the window (ms): a second one is a
+ * replay. Keyed on the decoded bytes. Bounded: past `capacity` the oldest is forgotten.
+ */
+export class ReplayGuard {
+  constructor(windowMs = 360_000, capacity = 10_000) {
+    this.window = windowMs;
+    this.capacity = capacity;
+    this._seen = new Map(); // canonical base64 enc -> when (ms)
+  }
+
+  check(enc, now = Date.now()) {
+    for (const [key, at] of this._seen) {
+      if (at >= now - this.window && this._seen.size < this.capacity) break;
+      this._seen.delete(key);
+    }
+    if (this._seen.has(enc)) throw new SealedError("replayed", "this sealed message was delivered before");
+    this._seen.set(enc, now);
+  }
+}
+
+/**
+ * Open a sealed relay as received (`from` as the server stamped it, `to` this client's
+ * ID) with this client's X25519 `keyPair`, checked against the sender's Ed25519
+ * `senderKey` (base64, raw bytes or CryptoKey). Returns `{payload, ts}`; throws
+ * SealedError. `replayGuard` (a ReplayGuard) also refuses a replay.
+ */
+export async function openSealed(type, from, to, sealed, keyPair, senderKey,
+  { now = Date.now(), maxAge = 300_000, maxAhead = 60_000, replayGuard } = {}) {
+  const inner = await unseal(type, from, to, sealed, keyPair);
+  if (!senderKey) throw new SealedError("unknown-sender", `no trusted identity key for ${from}`);
+  if (!await ed25519Verify(senderKey, inner.sig, sealedText(type, from, to, inner.ts, inner.body))) {
+    throw new SealedError("bad-signature", `not signed by ${from}'s identity key`);
+  }
+  checkWindow(inner.ts, now, maxAge, maxAhead);
+  replayGuard?.check(inner.enc, now);
+  return { payload: inner.payload, ts: inner.ts };
+}
+
+// ---- end of the sealed signaling section ------------------------------------------------
+
 /**
  * @typedef {object} VolliOptions
  * @property {string} userId the user ID to register (required)
@@ -150,6 +402,17 @@ function toJSON(value) {
  * @property {number} [requestTimeout=10] seconds before a request promise rejects (`timeout`)
  * @property {number} [reconnectDelay=0.5] first reconnect delay in seconds (doubled each try)
  * @property {number} [maxReconnectDelay=30] cap of the reconnect delay in seconds
+ * @property {CryptoKeyPair|false} [encryptionKeyPair] X25519 key pair whose public key a
+ *   signed registration publishes (sealed signaling); generated (not extractable) on the
+ *   first signed registration when absent; `false` publishes none
+ * @property {"auto"|"always"|"never"} [seal="auto"] `auto`: seal relays when this client
+ *   has a `keyPair` and the peer a verified encryption key, else send them in clear;
+ *   `always`: never send or accept a relay in clear; `never`: never seal
+ * @property {Object<string,string>} [pinnedKeys] userId -> base64 Ed25519 identity key
+ *   trusted for that user instead of what `discover` says
+ * @property {number} [sealMaxAge=300] seconds a sealed message may be old (raise with `hold`)
+ * @property {number} [sealMaxAhead=60] seconds a sealed message may be from the future
+ * @property {number} [replayMemory=10000] sealed messages remembered to refuse replays
  */
 
 /**
@@ -167,6 +430,13 @@ function toJSON(value) {
  * - `close` `{code, reason, willReconnect}`: the WebSocket closed
  * - `statechange` `{state}`: `.state` changed
  * - `message`: every message from the server, before any other handling
+ * - `sent` `{type, to, requestId, sealed}`: a relay went out (sealed or in clear)
+ * - `sealed-error` `{reason, from, type, message}`: a received sealed relay was refused
+ *   (never delivered); `{reason, to, type, requestId, message}`: a relay was not sent
+ *   (`seal: "always"` and no verified key for `to`)
+ * - `key-mismatch` `{userId, reason, publicKey, ...}`: `discover` gave an identity key
+ *   other than the pinned one (`pinned-key`), or an encryption key whose signature does
+ *   not verify (`bad-encryption-key-signature`); that key is not used
  */
 export class VolliSignaling extends EventTarget {
   /**
@@ -186,6 +456,24 @@ export class VolliSignaling extends EventTarget {
     this.requestTimeout = options.requestTimeout ?? 10;
     this.reconnectDelay = options.reconnectDelay ?? 0.5;
     this.maxReconnectDelay = options.maxReconnectDelay ?? 30;
+    this.seal = options.seal ?? "auto";
+    if (!["auto", "always", "never"].includes(this.seal)) {
+      throw new TypeError('options.seal must be "auto", "always" or "never"');
+    }
+    if (this.seal === "always" && !this.keyPair) {
+      throw new TypeError('seal: "always" needs a keyPair (sealed relays are signed)');
+    }
+    /** X25519 key pair for sealed relays (null until generated; false: none). */
+    this.encryptionKeyPair = options.encryptionKeyPair ?? null;
+    this.sealMaxAge = options.sealMaxAge ?? 300;
+    this.sealMaxAhead = options.sealMaxAhead ?? 60;
+    this._replay = new ReplayGuard((this.sealMaxAge + this.sealMaxAhead) * 1000,
+      options.replayMemory ?? 10_000);
+    this._pins = new Map(Object.entries(options.pinnedKeys ?? {}));
+    this._peers = new Map(); // userId -> {identityKey, encryptionKey} from discover (or a pin)
+    this._lookups = new Map(); // userId -> promise of a discover in flight
+    this._outbound = new Map(); // userId -> tail of its chain of relays being sealed
+    this._inbound = new Map(); // userId -> tail of its chain of relays being opened
     /** `idle`, `connecting`, `registered`, `reconnecting` or `closed`. */
     this.state = "idle";
     /** ICE servers from the last `ice-servers` message (RTCPeerConnection's shape). */
@@ -254,12 +542,37 @@ export class VolliSignaling extends EventTarget {
   }
 
   /**
-   * Look a user up. Resolves with the `discover-response` `{userId, online, publicKey}`.
+   * Look a user up. Resolves with the `discover-response` `{userId, online, publicKey,
+   * verified, encryptionKey, encryptionKeySignature}`. A verified identity key (or the
+   * pinned one) and an encryption key it signed are remembered for sealing.
    * @param {string} userId
    * @returns {Promise<object>}
    */
-  discover(userId) {
-    return this.request({ type: "discover", userId });
+  async discover(userId) {
+    const reply = await this.request({ type: "discover", userId });
+    await this._notePeer(reply);
+    return reply;
+  }
+
+  /**
+   * Trust `publicKey` (base64 Ed25519) as `userId`'s identity key, whatever `discover`
+   * says: a different discovered key is refused (`key-mismatch`). Null unpins.
+   * @param {string} userId
+   * @param {string|null} publicKey
+   */
+  pinKey(userId, publicKey) {
+    if (publicKey) this._pins.set(userId, publicKey);
+    else this._pins.delete(userId);
+    this._peers.delete(userId);
+  }
+
+  /**
+   * Whether a relay to `userId` would be sealed now (from what is known without a
+   * discover): this client signs and has a verified encryption key for `userId`.
+   * @param {string} userId
+   */
+  canSeal(userId) {
+    return this._sealing() && !!this._peers.get(userId)?.encryptionKey;
   }
 
   /**
@@ -360,7 +673,10 @@ export class VolliSignaling extends EventTarget {
     const newPublicKey = await exportPublicKey(newKeyPair.publicKey);
     const signature = await sign(this.keyPair.privateKey,
       `${ROTATE_CONTEXT}\n${this.nonce}\n${this.userId}\n${newPublicKey}`);
-    const reply = await this.request({ type: "rotate-key", newPublicKey, signature });
+    const message = { type: "rotate-key", newPublicKey, signature };
+    // The published encryption key, signed again by the new identity key.
+    Object.assign(message, await this._encryptionFields(newKeyPair));
+    const reply = await this.request(message);
     this.keyPair = newKeyPair;
     if (reply.nonce) this.nonce = reply.nonce;
     return reply;
@@ -454,8 +770,159 @@ export class VolliSignaling extends EventTarget {
     const requestId = this._nextId++;
     this._relays.set(requestId, { type, to });
     if (this._relays.size > 256) this._relays.delete(this._relays.keys().next().value);
-    this.send({ type, to, ...fields, requestId });
+    const message = { type, to, ...fields, requestId };
+    if (!this._sealing() && !this._outbound.has(to)) {
+      this.send(message);
+      this._emit("sent", { type, to, requestId, sealed: false });
+      return requestId;
+    }
+    // Sealing may need a discover first: relays to one peer keep their order in a chain.
+    this._chain(this._outbound, to, () => this._sendSealed(message));
     return requestId;
+  }
+
+  /** Whether relays are sealed when the peer allows it. */
+  _sealing() {
+    return this.seal !== "never" && !!this.keyPair;
+  }
+
+  /** Run `task` after the ones queued for `userId` in `chains`; the chain ends when idle. */
+  _chain(chains, userId, task) {
+    const tail = (chains.get(userId) ?? Promise.resolve()).then(task).catch((err) => {
+      this._emit("error", { code: err.code ?? "internal", message: String(err.message ?? err) });
+    });
+    chains.set(userId, tail);
+    tail.then(() => { if (chains.get(userId) === tail) chains.delete(userId); });
+  }
+
+  async _sendSealed(message) {
+    const { type, to, requestId } = message;
+    const field = PAYLOAD_FIELD[type];
+    let peer = null;
+    if (this._sealing()) {
+      try {
+        peer = await this._peerInfo(to, type === "offer"); // an offer starts afresh
+      } catch { // the discover failed: what was known before, if anything
+        peer = this._peers.get(to) ?? null;
+      }
+    }
+    let out = message;
+    if (peer?.encryptionKey) {
+      const { [field]: payload, ...rest } = message;
+      const sealed = await sealPayload(type, this.userId, to, payload, peer.encryptionKey,
+        this.keyPair.privateKey);
+      out = { ...rest, sealed };
+    } else if (this.seal === "always") {
+      this._emit("sealed-error", { reason: "no-encryption-key", to, type, requestId,
+        message: `${to} has no verified encryption key: not sent in clear (seal: "always")` });
+      return;
+    }
+    try {
+      this.send(out);
+    } catch (err) {
+      this._emit("error", { code: err.code, message: err.message, requestId, request: { type, to } });
+      return;
+    }
+    this._emit("sent", { type, to, requestId, sealed: out !== message });
+  }
+
+  /** What is known of `userId` for sealing; a discover when unknown (or `fresh`). */
+  async _peerInfo(userId, fresh = false) {
+    if (!fresh && this._peers.has(userId)) return this._peers.get(userId);
+    let lookup = this._lookups.get(userId);
+    if (!lookup) {
+      lookup = this.discover(userId).finally(() => this._lookups.delete(userId));
+      this._lookups.set(userId, lookup);
+    }
+    await lookup;
+    return this._peers.get(userId) ?? null;
+  }
+
+  /** Remember a `discover-response`'s keys, once checked (docs/protocol.md 5e). */
+  async _notePeer(reply) {
+    const userId = reply?.userId;
+    if (typeof userId !== "string") return;
+    const pinned = this._pins.get(userId) ?? null;
+    let identityKey = reply.verified === true && typeof reply.publicKey === "string"
+      ? reply.publicKey : null;
+    if (pinned) {
+      if (reply.publicKey && reply.publicKey !== pinned) {
+        this._emit("key-mismatch", { userId, reason: "pinned-key", publicKey: reply.publicKey,
+          pinnedKey: pinned, message: `the server gave ${userId} another identity key than the pinned one` });
+        this._peers.set(userId, { identityKey: pinned, encryptionKey: null });
+        return;
+      }
+      identityKey = pinned;
+    }
+    let encryptionKey = null;
+    if (identityKey && reply.encryptionKey != null) {
+      const raw = unbase64(reply.encryptionKey);
+      const signature = unbase64(reply.encryptionKeySignature);
+      if (raw?.length === 32 && signature && await ed25519Verify(identityKey, signature,
+        `${ENCRYPTION_KEY_CONTEXT}\n${userId}\n${reply.encryptionKey}`)) {
+        encryptionKey = raw;
+      } else {
+        this._emit("key-mismatch", { userId, reason: "bad-encryption-key-signature",
+          publicKey: identityKey, encryptionKey: reply.encryptionKey,
+          message: `${userId}'s encryption key is not signed by its identity key: not used` });
+      }
+    }
+    this._peers.set(userId, { identityKey, encryptionKey });
+  }
+
+  /** `encryptionKey` and `encryptionKeySignature` signed by `keyPair`, or nothing. */
+  async _encryptionFields(keyPair) {
+    if (!keyPair || this.encryptionKeyPair === false) return {};
+    this.encryptionKeyPair ??= await generateEncryptionKeyPair();
+    const encryptionKey = base64(await subtle().exportKey("raw", this.encryptionKeyPair.publicKey));
+    return { encryptionKey,
+      encryptionKeySignature: await signEncryptionKey(keyPair.privateKey, this.userId, encryptionKey) };
+  }
+
+  /** A relayed offer, answer or candidate: opened if sealed, delivered in order per sender. */
+  _inboundRelay(msg) {
+    const from = msg.from;
+    const sealed = msg.sealed != null;
+    if (!sealed && !this._inbound.has(from)) {
+      this._deliverPlain(msg);
+      return;
+    }
+    this._chain(this._inbound, from, () => (sealed ? this._openRelay(msg) : this._deliverPlain(msg)));
+  }
+
+  _deliverPlain(msg) {
+    if (this.seal === "always") {
+      this._emit("sealed-error", { reason: "not-sealed", from: msg.from, type: msg.type,
+        message: 'a relay in clear, refused (seal: "always")' });
+      return;
+    }
+    this._emit(msg.type, { ...msg, sealed: false });
+  }
+
+  async _openRelay(msg) {
+    const { type, from } = msg;
+    try {
+      const now = Date.now();
+      const inner = await unseal(type, from, this.userId, msg.sealed, this.encryptionKeyPair || null);
+      const text = sealedText(type, from, this.userId, inner.ts, inner.body);
+      // The sender's identity key: pinned, or discovered (verified); an offer asks afresh,
+      // and a signature that fails with a remembered key asks once more (a rotated key).
+      let peer = await this._peerInfo(from, type === "offer").catch(() => null);
+      let ok = !!peer?.identityKey && await ed25519Verify(peer.identityKey, inner.sig, text);
+      if (!ok && type !== "offer" && !this._pins.has(from)) {
+        peer = await this._peerInfo(from, true).catch(() => null);
+        ok = !!peer?.identityKey && await ed25519Verify(peer.identityKey, inner.sig, text);
+      }
+      if (!peer?.identityKey) throw new SealedError("unknown-sender", `no verified identity key for ${from}`);
+      if (!ok) throw new SealedError("bad-signature", `not signed by ${from}'s identity key`);
+      checkWindow(inner.ts, now, this.sealMaxAge * 1000, this.sealMaxAhead * 1000);
+      this._replay.check(inner.enc, now);
+      const { sealed, ...rest } = msg;
+      this._emit(type, { ...rest, [PAYLOAD_FIELD[type]]: inner.payload, sealed: true });
+    } catch (err) {
+      this._emit("sealed-error", { reason: err.reason ?? "malformed", from, type,
+        message: String(err.message ?? err) });
+    }
   }
 
   _open() {
@@ -498,7 +965,7 @@ export class VolliSignaling extends EventTarget {
       case "offer":
       case "answer":
       case "ice-candidate":
-        this._emit(msg.type, msg);
+        this._inboundRelay(msg);
         return;
       case "ice-servers":
         this.iceServers = msg.iceServers ?? [];
@@ -530,6 +997,7 @@ export class VolliSignaling extends EventTarget {
   _notePresence(userId, online) {
     if (this.presence.get(userId) === online) return;
     this.presence.set(userId, online);
+    this._peers.delete(userId); // it may come back with another encryption key
     this._emit("presence", { type: "presence", userId, online });
   }
 
@@ -573,6 +1041,7 @@ export class VolliSignaling extends EventTarget {
         message.publicKey = await exportPublicKey(this.keyPair.publicKey);
         message.signature = await signRegistration(this.keyPair.privateKey, this.nonce,
           this.userId);
+        Object.assign(message, await this._encryptionFields(this.keyPair));
       }
       if (ws !== this._ws) return;
       const reply = await this.request(message);
