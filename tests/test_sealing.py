@@ -90,11 +90,29 @@ def test_a_plaintext_that_is_not_an_envelope_is_malformed():
 
 def test_the_replay_guard_refuses_a_second_open_and_forgets_after_the_window():
     guard = sealing.ReplayGuard(window_ms=1000, capacity=3)
-    guard.check("a", now=0)
+    a, others = sealing.b64(b"a" * 32), [sealing.b64(bytes([n]) * 32) for n in range(5)]
+    guard.check(a, now=0)
     with pytest.raises(sealing.SealedError) as failed:
-        guard.check("a", now=500)
+        guard.check(a, now=500)
     assert failed.value.reason == "replayed"
-    guard.check("a", now=1501)  # outside the window: a stale ts is refused anyway
-    for n, enc in enumerate("bcdef"):
+    guard.check(a, now=1501)  # outside the window: a stale ts is refused anyway
+    for n, enc in enumerate(others):
         guard.check(enc, now=1600 + n)
     assert len(guard._seen) <= 3  # bounded
+
+
+def test_a_replay_in_another_base64_spelling_is_still_a_replay():
+    """32 bytes leave 2 unused bits in the last base64 character: the same enc has four
+    spellings, and a decoder takes them all."""
+    enc = EXAMPLE["sealed"]["enc"]
+    last = enc[-2]
+    alphabet = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/"
+    respelled = enc[:-2] + alphabet[alphabet.index(last) ^ 1] + "="
+    assert respelled != enc and base64.b64decode(respelled) == base64.b64decode(enc)
+    sealed = {**EXAMPLE["sealed"], "enc": respelled}
+    assert _open(sealed) == (EXAMPLE["payload"], TS)  # it opens: HPKE sees the same bytes
+    guard = sealing.ReplayGuard()
+    guard.check(EXAMPLE["sealed"]["enc"], TS)
+    with pytest.raises(sealing.SealedError) as failed:
+        guard.check(respelled, TS)
+    assert failed.value.reason == "replayed"

@@ -98,15 +98,20 @@ class ReplayGuard:
     def __init__(self, window_ms: int = MAX_AGE_MS + MAX_AHEAD_MS,
                  capacity: int = REPLAY_MEMORY) -> None:
         self.window, self.capacity = window_ms, capacity
-        self._seen: collections.OrderedDict[str, int] = collections.OrderedDict()
+        self._seen: collections.OrderedDict[bytes, int] = collections.OrderedDict()
 
     def check(self, enc: str, now: int) -> None:
+        """``enc`` as received: compared as bytes, since one value has several base64
+        spellings (the last character's unused bits) and a replay could use another."""
+        raw = _unb64(enc)
+        if raw is None:
+            raise SealedError("malformed", "'sealed.enc' is not base64")
         while self._seen and (next(iter(self._seen.values())) < now - self.window
                               or len(self._seen) >= self.capacity):
             self._seen.popitem(last=False)
-        if enc in self._seen:
+        if raw in self._seen:
             raise SealedError("replayed", "this sealed message was delivered before")
-        self._seen[enc] = now
+        self._seen[raw] = now
 
 
 def b64(raw: bytes) -> str:
