@@ -14,6 +14,7 @@ import threading
 
 import pytest
 from aiortc import RTCConfiguration, RTCDataChannel, RTCPeerConnection
+from nacl.signing import SigningKey
 from playwright.sync_api import expect
 
 from test_aiortc import OPTIONS, loopback_ice  # noqa: F401 (fixture)
@@ -27,9 +28,12 @@ pytestmark = pytest.mark.timeout(180)
 class AiortcPeer:
     """An aiortc peer registered at Volli that echoes every data-channel message."""
 
-    def __init__(self, url: str, user_id: str) -> None:
-        self.url, self.user_id = url, user_id
+    def __init__(self, url: str, user_id: str, signing_key: SigningKey | None = None) -> None:
+        """With ``signing_key`` it registers signed, and so seals (volli.client's default)."""
+        self.url, self.user_id, self.signing_key = url, user_id, signing_key
         self.received: list[str] = []
+        self.relays: list[tuple[str, bool | None]] = []  # (type, sealed) of each relay got
+        self.refused: list[dict] = []  # sealed-error and key-mismatch messages
         self.ready = threading.Event()
         self.connected = threading.Event()
         self.error: BaseException | None = None
@@ -59,7 +63,11 @@ class AiortcPeer:
     async def _run(self) -> None:
         self._loop, self._stop = asyncio.get_running_loop(), asyncio.Event()
         pc = RTCPeerConnection(RTCConfiguration(iceServers=[]))
-        client = VolliClient(self.url, self.user_id, public_key="YWlvcnRjLXBlZXI=", **OPTIONS)
+        if self.signing_key is None:
+            client = VolliClient(self.url, self.user_id, public_key="YWlvcnRjLXBlZXI=",
+                                 **OPTIONS)
+        else:
+            client = VolliClient(self.url, self.user_id, self.signing_key, **OPTIONS)
 
         def attach(channel: RTCDataChannel) -> None:
             @channel.on("open")
@@ -77,19 +85,24 @@ class AiortcPeer:
         pc.on("datachannel", attach)
 
         async def on_offer(message: dict) -> None:
+            self.relays.append(("offer", message.get("sealed")))
             await pc.setRemoteDescription(description_from_dict(message["offer"]))
             await pc.setLocalDescription(await pc.createAnswer())
             await client.send_answer(message["from"], pc.localDescription)
 
         async def on_answer(message: dict) -> None:
+            self.relays.append(("answer", message.get("sealed")))
             await pc.setRemoteDescription(description_from_dict(message["answer"]))
 
         async def on_candidate(message: dict) -> None:
+            self.relays.append(("ice-candidate", message.get("sealed")))
             await pc.addIceCandidate(candidate_from_dict(message["candidate"]))
 
         client.on("offer", on_offer)
         client.on("answer", on_answer)
         client.on("ice-candidate", on_candidate)
+        client.on("sealed-error", self.refused.append)
+        client.on("key-mismatch", self.refused.append)
         try:
             await client.connect()
             self.ready.set()
