@@ -191,7 +191,8 @@ def test_a_sealed_relay_is_passed_on_unread_and_opens_at_the_receiver(peers):
     {"sealed": {"enc": base64.b64encode(bytes(32)).decode().rstrip("="),
                 "ct": base64.b64encode(bytes(16)).decode()}},
     {"sealed": {"enc": base64.b64encode(bytes(32)).decode(),
-                "ct": "not base64!"}},
+                "ct": base64.b64encode(bytes(16)).decode() + "AAA"}},  # not a multiple of 4
+    {"sealed": {"enc": base64.b64encode(bytes(32)).decode(), "ct": ["AAAA"] * 6}},
     {"sealed": {"enc": base64.b64encode(bytes(32)).decode(),
                 "ct": base64.b64encode(bytes(16)).decode()}, "offer": {"sdp": "v=0"}},
 ])

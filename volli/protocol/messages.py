@@ -315,6 +315,7 @@ _PLAIN_KEYS = frozenset(("type", "to", "from", "requestId", "offer", "answer", "
 
 SEALED_ENC_BYTES = 32  # an X25519 public key: HPKE's encapsulated key
 SEALED_CT_MIN = 16  # the AES-GCM tag alone
+SEALED_CT_CHARS = 24  # SEALED_CT_MIN bytes in padded base64
 
 
 def _check_sealed(sealed: Any) -> None:
@@ -326,18 +327,20 @@ def _check_sealed(sealed: Any) -> None:
     if _base64_size(sealed["enc"]) != SEALED_ENC_BYTES:
         raise ProtocolError(ErrorCode.INVALID_MESSAGE,
                             f"'sealed.enc' must be {SEALED_ENC_BYTES} bytes in standard base64")
-    size = _base64_size(sealed["ct"])
-    if size is None or size < SEALED_CT_MIN:
-        raise ProtocolError(ErrorCode.INVALID_MESSAGE, "'sealed.ct' must be at least "
-                            f"{SEALED_CT_MIN} bytes in standard base64")
+    # Only the size of ct: its alphabet is the receiver's to check (it decodes it anyway),
+    # and checking it here cost 8% of a saturated worker's time.
+    ct = sealed["ct"]
+    if not isinstance(ct, str) or len(ct) < SEALED_CT_CHARS or len(ct) % 4:
+        raise ProtocolError(ErrorCode.INVALID_MESSAGE, "'sealed.ct' must be standard base64 "
+                            f"of at least {SEALED_CT_MIN} bytes")
 
 
 _BASE64_ALPHABET = (string.ascii_letters + string.digits + "+/").encode()
 
 
 def _base64_size(text: Any) -> int | None:
-    """How many bytes ``text`` holds if it is standard base64 with padding, else None.
-    Checked, not decoded: a third of the cost of decoding a sealed payload."""
+    """How many bytes ``text`` holds if it is standard base64 with padding, else None
+    (checked, not decoded)."""
     if not isinstance(text, str) or len(text) % 4 or not text.isascii():
         return None
     body = text.rstrip("=")
