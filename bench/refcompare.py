@@ -24,7 +24,7 @@ backend, permissive rate limits) and measured with relay.py's own phases (run_re
 Offers are relay.py's ({"type":"offer","to":...,"offer":{"type":"offer","sdp":...,"t":...}}),
 checked at start to be compact JSON (what browsers' JSON.stringify writes). With
 --protocol-a/--protocol-b volli-sealed, that ref's clients send sealed offers instead
-({"type":"offer","to":...,"sealed":{"enc":...,"ct":...},"meta":{"t":...}}, docs/protocol.md
+({"type":"offer","to":...,"sealed":{"enc":...,"ct":...},"requestId":<t>}, docs/protocol.md
 5e) of the same frame size: the server's cost of a sealed relay against a plaintext one. Reports per ref
 the median over rounds, the ratio B/A of the medians and the per-round ratios (their
 spread), the load generator's CPU and the bottleneck of every window (so a client-bound run

@@ -111,7 +111,7 @@ async def _receiver(p: Pair, t_a: float, t_b: float, t_a_ns: int, t_b_ns: int,
     ws = p.receiver
     monotonic, monotonic_ns = time.monotonic, time.monotonic_ns
     expected_from = p.sender_id
-    offer_type, from_key, body_key = p.proto.offer_type, p.proto.from_key, p.proto.body_key
+    offer_type, from_key, sent_at = p.proto.offer_type, p.proto.from_key, p.proto.sent_at
     error_types = p.proto.error_types
     async with asyncio.timeout_at(deadline):
         for _ in range(limit):  # no sender sends more than max_messages
@@ -128,7 +128,7 @@ async def _receiver(p: Pair, t_a: float, t_b: float, t_a_ns: int, t_b_ns: int,
                 if t_a <= now <= t_b:
                     p.in_window += 1
                 if record:
-                    t = msg[body_key]["t"]
+                    t = sent_at(msg)
                     if t_a_ns <= t <= t_b_ns:
                         p.samples.append(now_ns - t)
             elif kind in error_types:

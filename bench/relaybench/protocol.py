@@ -70,6 +70,10 @@ class Protocol:
                   ',"offer":{"type":"offer","sdp":' + json.dumps(sdp) + ',"t":')
         return prefix, "}}"
 
+    def sent_at(self, msg: dict[str, Any]) -> int:
+        """The send stamp (monotonic ns) of a relayed offer."""
+        return msg[self.body_key]["t"]
+
     def rejected(self, msg: dict[str, Any]) -> int:
         """How many offers an error reply on the sender's connection accounts for."""
         count = msg.get("undelivered")
@@ -132,19 +136,21 @@ class PeerjsProtocol(Protocol):
 class SealedProtocol(Protocol):
     """Volli's sealed relays (docs/protocol.md 5e): the offer's payload is a ``sealed``
     {enc, ct} of random bytes, sized so that the frame is as long as the plaintext offer's
-    (within 3 bytes: base64 comes in fours). The server checks the outer fields and the
-    base64 and relays it unread; the send stamp rides in a top-level ``meta`` object."""
-
-    body_key = "meta"
+    (within 3 bytes: base64 comes in fours). The server checks the outer fields and sizes
+    and relays it unread; the send stamp rides in ``requestId`` (a key the server reads
+    as fast as the plaintext offer's), as a sealing client's own requestId would."""
 
     def offer_parts(self, to: str, sdp: str) -> tuple[str, str]:
         plain_prefix, plain_suffix = super().offer_parts(to, sdp)
         enc = base64.b64encode(secrets.token_bytes(32)).decode()
         head = '{"type":"offer","to":' + json.dumps(to) + ',"sealed":{"enc":"' + enc + '","ct":"'
-        tail = '"},"meta":{"t":'
-        room = len(plain_prefix) + len(plain_suffix) - len(head) - len(tail) - len("}}")
+        tail = '"},"requestId":'
+        room = len(plain_prefix) + len(plain_suffix) - len(head) - len(tail) - len("}")
         ct = base64.b64encode(secrets.token_bytes(max(16, room // 4 * 3))).decode()
-        return head + ct + tail, "}}"
+        return head + ct + tail, "}"
+
+    def sent_at(self, msg: dict[str, Any]) -> int:
+        return msg["requestId"]
 
 
 PROTOCOLS: dict[str, Protocol] = {"volli": Protocol(), "peerjs": PeerjsProtocol(),
