@@ -152,3 +152,50 @@ def test_a_rotated_identity_key_republishes_the_encryption_key(volli_server, uid
             got = await bob.recv(timeout=5)
             assert (got["offer"], got["sealed"]) == (OFFER, True)
     run(scenario())
+
+
+def test_a_substituted_key_is_detected_and_never_sealed_to(volli_server, uid):
+    """A man in the middle (a real proxy in front of alice) rewrites what discover
+    answers: another encryption key (not signed by bob's identity key), or bob's identity
+    key too (signed by the attacker's own key): only a pin catches the second."""
+    from signaling_mitm import Mitm, rewrite_json
+    alice_id, bob_id = uid("alice"), uid("bob")
+    attacker, attacker_enc = SigningKey.generate(), sealing.b64(bytes(range(1, 33)))
+    alice_key = SigningKey.generate()
+    mode = {"swap": "encryption"}
+
+    def swap(msg: dict) -> dict:
+        if msg.get("type") == "discover-response" and msg.get("userId") == bob_id:
+            msg["encryptionKey"] = attacker_enc
+            if mode["swap"] == "identity":
+                msg["publicKey"] = sealing.b64(bytes(attacker.verify_key))
+                msg["encryptionKeySignature"] = sealing.b64(attacker.sign(
+                    f"volli/encryption-key/v1\n{bob_id}\n{attacker_enc}".encode()).signature)
+        return msg
+
+    async def scenario(proxy_url: str):
+        async with client(volli_server, bob_id) as bob:
+            bob_key = bob.public_key
+            async with VolliClient(proxy_url, alice_id, alice_key, seal="always",
+                                   **OPTIONS) as alice:
+                with pytest.raises(VolliError) as refused:
+                    await alice.send_offer(bob_id, OFFER)
+                assert refused.value.code == "no-encryption-key"
+                assert (await alice.recv(timeout=5)) == {
+                    "type": "key-mismatch", "reason": "bad-encryption-key-signature",
+                    "userId": bob_id}
+            mode["swap"] = "identity"  # now a self-consistent forgery: signatures verify
+            async with VolliClient(proxy_url, alice_id, alice_key,
+                                   pinned_keys={bob_id: bob_key}, **OPTIONS) as alice:
+                await alice.send_offer(bob_id, OFFER)  # "auto": in clear, never to the fake
+                assert (await alice.recv(timeout=5))["reason"] == "pinned-key"
+                got = await bob.recv(timeout=5)
+                assert (got["offer"], got["sealed"]) == (OFFER, False)
+            async with VolliClient(proxy_url, alice_id, alice_key,
+                                   **OPTIONS) as alice:  # no pin: the forgery is believed
+                await alice.send_offer(bob_id, OFFER)
+                got = await bob.recv(timeout=5)
+                assert got["type"] == "sealed-error" and got["reason"] == "does-not-open"
+
+    with Mitm(volli_server.url, to_client=rewrite_json(swap)) as proxy:
+        run(scenario(proxy.url))
