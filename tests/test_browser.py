@@ -97,6 +97,16 @@ def page_log(page: Page) -> str:
     return page.locator("#log").inner_text()
 
 
+def wait_chat_open(alice: Page, bob: Page) -> None:
+    """Both demo pages' data channel is open, or fail with both pages' logs."""
+    for page in (alice, bob):
+        try:
+            expect(page.locator("#channel-state")).to_have_text('"chat" open', timeout=WAIT_MS)
+        except AssertionError:
+            raise AssertionError(f"no data channel; alice's log:\n{page_log(alice)}\n"
+                                 f"bob's log:\n{page_log(bob)}") from None
+
+
 def screenshot(page: Page, name: str) -> Path:
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
     path = ARTIFACTS / name

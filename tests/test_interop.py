@@ -1,6 +1,7 @@
 """Chromium <-> aiortc through a real Volli server: the demo page in headless Chromium (JS
 client, trickle ICE) and an aiortc peer driven by volli.client (candidates inside its SDP),
-in both call directions, with data-channel messages both ways.
+in both call directions, with data-channel messages both ways, with sealed signaling
+(issue 15) and in clear.
 
 The aiortc peer runs its own asyncio loop in a thread, because Playwright's sync API owns
 this one. Fixtures (server, browser, pages, loopback ICE) come from the browser and aiortc
@@ -17,8 +18,10 @@ from aiortc import RTCConfiguration, RTCDataChannel, RTCPeerConnection
 from nacl.signing import SigningKey
 from playwright.sync_api import expect
 
+from signaling_mitm import Mitm
 from test_aiortc import OPTIONS, loopback_ice  # noqa: F401 (fixture)
 from test_browser import WAIT_MS, browser, connect, open_page, page_log, web_server  # noqa: F401
+from test_sealed_browser import capture, in_clear, relays
 from volli.client import (VolliClient, candidate_from_dict, description_from_dict,
                           description_to_dict)
 
@@ -117,34 +120,59 @@ class AiortcPeer:
             await pc.close()
 
 
+@pytest.mark.parametrize("sealed", [False, True], ids=["plain", "sealed"])
 @pytest.mark.parametrize("caller", ["chromium", "aiortc"])
-def test_chromium_and_aiortc_talk_through_volli(web_server, open_page, loopback_ice, caller):
+def test_chromium_and_aiortc_talk_through_volli(web_server, open_page, loopback_ice, caller,
+                                               sealed):
+    """``sealed``: the aiortc peer signs, so both sides seal (the demo does by default):
+    every frame the browser got (DevTools capture) and the aiortc peer got (a forwarding
+    WebSocket proxy in front of it, tests/signaling_mitm.py) holds no SDP or candidate in
+    clear. Unsigned, the aiortc peer publishes no key and the signaling goes in clear."""
     page = open_page(f"http://127.0.0.1:{web_server.port}/demo", "chromium")
-    browser_id, aiortc_id = f"chromium-{caller}@interop", f"aiortc-{caller}@interop"
+    browser_frames = capture(page)
+    tag = f"{caller}-{'sealed' if sealed else 'plain'}"
+    browser_id, aiortc_id = f"chromium-{tag}@interop", f"aiortc-{tag}@interop"
     connect(page, browser_id)
-    peer = AiortcPeer(web_server.url, aiortc_id).start(
-        call=browser_id if caller == "aiortc" else None)
-    try:
-        assert peer.error is None, peer.error
-        if caller == "chromium":
-            page.fill("#peer-id", aiortc_id)
-            page.click("#call")
-        else:  # the demo asks before it answers
-            expect(page.locator("#incoming-from")).to_have_text(aiortc_id, timeout=WAIT_MS)
-            page.click("#accept")
-        status = page.locator("#call-status")
+    with Mitm(web_server.url) as proxy:
+        peer = AiortcPeer(proxy.url, aiortc_id, SigningKey.generate() if sealed else None)
+        peer.start(call=browser_id if caller == "aiortc" else None)
         try:
-            expect(status).to_have_attribute("data-state", "connected", timeout=WAIT_MS)
-        except AssertionError:
-            raise AssertionError(f"no connection; page log:\n{page_log(page)}\n"
-                                 f"aiortc error: {peer.error}") from None
-        expect(page.locator("#channel-state")).to_have_text('"chat" open')
-        assert peer.connected.wait(15), "aiortc's data channel did not open"
-        page.fill("#chat-input", "hello from chromium")
-        page.click("#send")
-        expect(page.locator("#messages li.peer")).to_have_text(
-            [f"{aiortc_id}echo: hello from chromium"])
-        assert peer.received == ["hello from chromium"]
-        assert peer.error is None, peer.error
-    finally:
-        peer.stop()
+            assert peer.error is None, peer.error
+            if caller == "chromium":
+                page.fill("#peer-id", aiortc_id)
+                page.click("#call")
+            else:  # the demo asks before it answers
+                expect(page.locator("#incoming-from")).to_have_text(aiortc_id,
+                                                                    timeout=WAIT_MS)
+                page.click("#accept")
+            status = page.locator("#call-status")
+            try:
+                expect(status).to_have_attribute("data-state", "connected", timeout=WAIT_MS)
+            except AssertionError:
+                raise AssertionError(f"no connection; page log:\n{page_log(page)}\n"
+                                     f"aiortc error: {peer.error}") from None
+            expect(page.locator("#channel-state")).to_have_text('"chat" open')
+            assert peer.connected.wait(15), "aiortc's data channel did not open"
+            page.fill("#chat-input", "hello from chromium")
+            page.click("#send")
+            expect(page.locator("#messages li.peer")).to_have_text(
+                [f"{aiortc_id}echo: hello from chromium"])
+            assert peer.received == ["hello from chromium"]
+            expect(page.locator("#sealing")).to_have_attribute(
+                "data-state", "sealed" if sealed else "clear")
+            page.wait_for_timeout(300)  # the last candidates arrive
+        finally:
+            peer.stop()
+        aiortc_frames = {"received": [text for way, text, _ in proxy.frames
+                                      if way == "to-client"],
+                         "sent": [text for way, text, _ in proxy.frames if way == "to-server"]}
+    assert peer.error is None and peer.refused == [], (peer.error, peer.refused)
+    assert peer.relays and all(s is sealed for _, s in peer.relays), peer.relays
+    for name, frames in (("chromium", browser_frames), ("aiortc", aiortc_frames)):
+        got = relays(frames["received"])
+        assert got, name
+        if sealed:
+            assert not in_clear(frames), (name, in_clear(frames)[:2])
+            assert all("sealed" in m for m in got), (name, got[:1])
+        else:  # the check can fail: in clear, it sees the SDP
+            assert in_clear(frames) and not any("sealed" in m for m in got), name

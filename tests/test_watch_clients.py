@@ -12,7 +12,8 @@ import pytest
 from playwright.sync_api import expect
 
 from conftest import Client, Server
-from test_browser import WAIT_MS, browser, connect, open_page, page_log  # noqa: F401
+from test_browser import (WAIT_MS, browser, connect, open_page, page_log,  # noqa: F401
+                          wait_chat_open)
 from volli.client import VolliClient
 
 pytestmark = pytest.mark.timeout(120)
@@ -177,12 +178,7 @@ def test_the_demo_calls_an_offline_contact_who_opens_the_page_later(server, open
     expect(bob.locator("#incoming-from")).to_have_text("hold-alice@x")
     assert "waited" in page_log(bob)
     bob.click("#accept")
-    for page in (alice, bob):
-        try:
-            expect(page.locator("#channel-state")).to_have_text('"chat" open', timeout=WAIT_MS)
-        except AssertionError:
-            raise AssertionError(f"no data channel; alice's log:\n{page_log(alice)}\n"
-                                 f"bob's log:\n{page_log(bob)}") from None
+    wait_chat_open(alice, bob)
     assert "hold-bob@x came online and got the call" in page_log(alice)
     alice.fill("#chat-input", "you were offline a moment ago")
     alice.click("#send")
