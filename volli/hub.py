@@ -80,7 +80,7 @@ class Hub:
         session.nonce = identity.new_nonce()
         self._limits[session.id] = ConnectionLimits(self.settings, self._clock())
         self.backend.attach(session)
-        session.send(encode(hello_message(session.nonce)))
+        session.send(encode(hello_message(session.nonce, self.settings.max_message_size)))
 
     def disconnect(self, session: Session, then: Released = nothing) -> None:
         """The session is closing: release its userId at once, then call ``then`` (the

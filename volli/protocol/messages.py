@@ -415,8 +415,12 @@ def _with_request_id(message: dict[str, Any], request_id: RequestId) -> dict[str
     return message
 
 
-def hello_message(nonce: str) -> dict[str, Any]:
-    return {"type": "hello", "nonce": nonce, "version": PROTOCOL_VERSION}
+def hello_message(nonce: str, max_message_size: int) -> dict[str, Any]:
+    """``maxMessageSize``: the largest message the server takes (bytes), so that a client
+    can refuse to send a larger one (a sealed relay is larger than its plaintext) instead
+    of being closed with 1009."""
+    return {"type": "hello", "nonce": nonce, "version": PROTOCOL_VERSION,
+            "maxMessageSize": max_message_size}
 
 
 def registered_message(user_id: str, request_id: RequestId = None,
