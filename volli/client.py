@@ -30,6 +30,7 @@ from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 from nacl.exceptions import BadSignatureError
 from nacl.signing import VerifyKey
 
+from volli.limits import TokenBucket
 from volli.protocol import hpke, sealing
 from volli.protocol.identity import encryption_key_payload, register_payload, rotate_payload
 
@@ -89,6 +90,7 @@ class VolliClient:
         self.signing_key = signing_key
         self.request_timeout = request_timeout
         self.nonce: str | None = None  # the nonce for the next signed operation
+        self.max_message_size: int | None = None  # the server's, from hello
         self._options = {"open_timeout": 10, "close_timeout": 2, **connect_options}
         self._ws: ClientConnection | None = None
         self._ids = itertools.count(1)
@@ -104,7 +106,9 @@ class VolliClient:
         self.pinned_keys = dict(pinned_keys or {})
         self._sealed_window = (int(sealed_max_age * 1000), int(sealed_max_ahead * 1000))
         self._replays = sealing.ReplayGuard(sum(self._sealed_window))
-        self._peers: dict[str, PeerKeys] = {}  # discovered keys, by user ID
+        self._peers: dict[str, PeerKeys] = {}  # discovered keys, by user ID, oldest first
+        self._lookups = TokenBucket(_LOOKUPS_PER_MINUTE / 60, _LOOKUPS_PER_MINUTE,
+                                    time.monotonic())
         self._relay_lock = asyncio.Lock()  # sealed sends may discover first: keeps order
 
     async def connect(self) -> Message:
@@ -121,6 +125,7 @@ class VolliClient:
             if hello.get("type") != "hello":
                 raise VolliError("protocol", f"expected hello, got {hello!r}", hello)
             self.nonce = hello["nonce"]
+            self.max_message_size = hello.get("maxMessageSize")
             self._tasks = [asyncio.create_task(self._read()),
                            asyncio.create_task(self._run_handlers())]
             message: Message = {"type": "register", "userId": self.user_id,
@@ -184,7 +189,7 @@ class VolliClient:
         ``encryptionKey`` only once its signature by the trusted identity key verified (see
         :meth:`peer_keys`)."""
         reply = await self.request({"type": "discover", "userId": user_id})
-        peer = self._note_peer(reply)
+        peer = self._note_peer(user_id, reply)
         return {"userId": reply.get("userId"), "online": reply.get("online"),
                 "publicKey": reply.get("publicKey"), "verified": reply.get("verified"),
                 "encryptionKey": peer.encryption_key_text}
@@ -234,9 +239,15 @@ class VolliClient:
         if self._ws is None:
             raise ConnectionError("not connected")
         from websockets.exceptions import ConnectionClosed
+        # Compact, as the server relays it: such a relay is passed on as written.
+        text = json.dumps(message, separators=(",", ":"), ensure_ascii=False)
+        size = len(text.encode())
+        if isinstance(self.max_message_size, int) and size > self.max_message_size:
+            # The server would close the connection (1009): refuse here, and stay open.
+            raise VolliError("message-too-large", f"a {message.get('type')!r} of {size} bytes "
+                             f"is over the server's maxMessageSize {self.max_message_size}")
         try:
-            # Compact, as the server relays it: such a relay is passed on as written.
-            await self._ws.send(json.dumps(message, separators=(",", ":"), ensure_ascii=False))
+            await self._ws.send(text)
         except ConnectionClosed as exc:
             raise ConnectionError(f"signaling connection closed ({exc})") from exc
 
@@ -261,13 +272,14 @@ class VolliClient:
 
     async def _relay(self, kind: str, to: str, payload: Any, extra: Message) -> None:
         """Seal when this client signs and ``to`` published a verified encryption key;
-        with ``seal="always"`` never send in clear. An offer (a call's first message)
-        looks the key up afresh: the peer may have registered since with a new one."""
+        with ``seal="always"`` never send in clear. An offer or an answer (once per call,
+        this client's own doing) looks the key up afresh: the peer may have registered
+        since with a new one."""
         async with self._relay_lock:
             key = None
             if self.seal != "never" and self.signing_key is not None:
                 peer = self._peers.get(to)
-                if peer is None or kind == "offer":
+                if peer is None or kind != "ice-candidate":
                     await self.discover(to)
                     peer = self._peers[to]
                 key = peer.encryption_key
@@ -278,8 +290,12 @@ class VolliClient:
                 await self.send({"type": kind, "to": to, _RELAY_FIELD[kind]: payload,
                                  **extra})
                 return
-            sealed = sealing.seal(kind, self.user_id, to, payload, key, self.signing_key,
-                                  _now_ms())
+            try:
+                sealed = sealing.seal(kind, self.user_id, to, payload, key, self.signing_key,
+                                      _now_ms())
+            except ValueError:  # a small-order point: no shared secret with it
+                raise VolliError("bad-encryption-key", f"{to!r} published an encryption "
+                                 "key that cannot be sealed to: nothing was sent") from None
             await self.send({"type": kind, "to": to, "sealed": sealed, **extra})
 
     # Incoming messages.
@@ -325,7 +341,11 @@ class VolliClient:
     async def _run_handlers(self) -> None:
         while (message := await self._dispatch.get()) is not _CLOSED:
             if message.get("type") in _RELAY_FIELD:
-                message = await self._opened(message)
+                try:
+                    message = await self._opened(message)
+                except Exception:  # never let one relay stop the dispatcher
+                    log.exception("volli could not open a relay from %r", message.get("from"))
+                    message = _sealed_error("malformed", message)
             handler = self._handlers.get(message.get("type"))
             if handler is None:
                 self._inbox.put_nowait(message)
@@ -355,69 +375,101 @@ class VolliClient:
         return {"encryptionKey": key,
                 "encryptionKeySignature": sign(encryption_key_payload(user_id, key))}
 
-    def _note_peer(self, reply: Message) -> PeerKeys:
-        """Keep what a discover-response establishes about its user (see PeerKeys)."""
-        user_id, public_key = reply.get("userId"), reply.get("publicKey")
+    def _note_peer(self, user_id: str, reply: Message) -> PeerKeys:
+        """Keep what a discover-response for ``user_id`` establishes (see PeerKeys): the
+        identity key to trust (pinned, else the discovered one if ``verified``) and the
+        encryption key whose signature by that key verifies."""
+        public_key = reply.get("publicKey")
+        if reply.get("userId") != user_id or not isinstance(public_key, str):
+            public_key = None  # a reply about someone else, or no key, proves nothing
         pinned = self.pinned_keys.get(user_id)
-        peer = PeerKeys(user_id, None, None, None)
+        trusted = pinned or (public_key if reply.get("verified") else None)
+        peer = PeerKeys(user_id, trusted, None, None, time.monotonic())
         if pinned is not None and reply.get("verified") and public_key != pinned:
             peer.problem = "pinned-key"
-        elif pinned is not None or reply.get("verified"):
-            peer.public_key = pinned or public_key
-            text, signature = reply.get("encryptionKey"), reply.get("encryptionKeySignature")
-            if text and peer.public_key == public_key:
-                try:
-                    VerifyKey(base64.b64decode(peer.public_key)).verify(
-                        encryption_key_payload(user_id, text), base64.b64decode(signature))
-                    peer.encryption_key = base64.b64decode(text)
-                except (BadSignatureError, ValueError, TypeError):
-                    peer.problem = "bad-encryption-key-signature"
+        text, signature = reply.get("encryptionKey"), reply.get("encryptionKeySignature")
+        if trusted is not None and text is not None:
+            try:
+                VerifyKey(base64.b64decode(trusted)).verify(
+                    encryption_key_payload(user_id, text), base64.b64decode(signature))
+                peer.encryption_key = base64.b64decode(text)
+            except (BadSignatureError, ValueError, TypeError):
+                peer.problem = peer.problem or "bad-encryption-key-signature"
         if peer.problem:
-            log.warning("not sealing to %r: %s", user_id, peer.problem)
+            log.warning("not trusting what the server says of %r: %s", user_id, peer.problem)
             self._dispatch.put_nowait({"type": "key-mismatch", "reason": peer.problem,
                                        "userId": user_id})
+        self._remember(peer)
+        return peer
+
+    def _remember(self, peer: PeerKeys) -> None:
+        self._peers.pop(peer.user_id, None)
         if len(self._peers) >= _PEERS_KEPT:
             self._peers.pop(next(iter(self._peers)))
-        self._peers[user_id] = peer
-        return peer
+        self._peers[peer.user_id] = peer
+
+    async def _sender_keys(self, sender: str, refresh: bool) -> PeerKeys | None:
+        """The keys known for the sender of a received relay. Looked up only when none
+        are known, or (``refresh``) the known ones are older than _PEER_REFRESH, and only
+        within _LOOKUPS_PER_MINUTE: relays, anyone's to send, must not spend this
+        client's discover allowance. A failed lookup keeps what was known, and an
+        unknown sender's failure is remembered as such."""
+        peer, now = self._peers.get(sender), time.monotonic()
+        if peer is not None and not (refresh and now - peer.at >= _PEER_REFRESH):
+            return peer
+        if self._lookups.take(now):
+            return peer
+        try:
+            return self._note_peer(sender, await self.request(
+                {"type": "discover", "userId": sender}))
+        except (VolliError, ConnectionError, asyncio.TimeoutError):
+            if peer is None:
+                peer = PeerKeys(sender, self.pinned_keys.get(sender), None, "lookup-failed",
+                                now)
+                self._remember(peer)
+            return peer
 
     async def _opened(self, message: Message) -> Message:
         """A relay as the application gets it: a sealed one opened (or a ``sealed-error``
-        in its place), a plaintext one marked ``sealed: False``."""
+        in its place), a plaintext one marked ``sealed: False``. The sender's keys are
+        needed only once the relay has opened: junk costs no lookup."""
         kind, sender = message["type"], message.get("from")
         if "sealed" not in message:
             if self.seal == "always":
                 return _sealed_error("not-sealed", message)
             return {**message, "sealed": False}
-        if self.encryption_key is None:
+        if self.encryption_key is None or not isinstance(sender, str):
             return _sealed_error("does-not-open", message)
-        for attempt in range(2):  # a cached identity key may be stale: discover once more
-            peer = self._peers.get(sender)
-            if attempt or peer is None or peer.public_key is None:
-                try:
-                    await self.discover(sender)
-                except (VolliError, ConnectionError, asyncio.TimeoutError):
-                    return _sealed_error("unknown-sender", message)
-                peer = self._peers[sender]
-            if peer.public_key is None:
+        try:
+            envelope = sealing.unseal(kind, sender, self.user_id, message["sealed"],
+                                      self.encryption_key)
+        except sealing.SealedError as exc:
+            return _sealed_error(exc.reason, message)
+        peer = await self._sender_keys(sender, refresh=False)
+        while True:
+            if peer is None or peer.public_key is None:
                 return _sealed_error("unknown-sender", message)
             try:
-                payload, _ = sealing.open_(
-                    kind, sender, self.user_id, message["sealed"], self.encryption_key,
-                    base64.b64decode(peer.public_key), _now_ms(),
-                    max_age=self._sealed_window[0], max_ahead=self._sealed_window[1])
+                payload = sealing.verify(envelope, base64.b64decode(peer.public_key),
+                                         _now_ms(), max_age=self._sealed_window[0],
+                                         max_ahead=self._sealed_window[1])
                 self._replays.check(message["sealed"]["enc"], _now_ms())
             except sealing.SealedError as exc:
-                if exc.reason == "bad-signature" and not attempt:
+                # A sender that rotated its identity key: look it up again (throttled).
+                fresher = (await self._sender_keys(sender, refresh=True)
+                           if exc.reason == "bad-signature" else peer)
+                if fresher is not peer:
+                    peer = fresher
                     continue
                 return _sealed_error(exc.reason, message)
             opened = {k: v for k, v in message.items() if k != "sealed"}
             opened.update({_RELAY_FIELD[kind]: payload, "sealed": True})
             return opened
-        raise AssertionError("unreachable")
 
 
 _PEERS_KEPT = 4096  # discovered users whose keys are kept (the oldest go first)
+_PEER_REFRESH = 30.0  # seconds before a received relay may look its sender up again
+_LOOKUPS_PER_MINUTE = 30  # lookups received relays may cause (the server allows 120)
 
 
 @dataclasses.dataclass(slots=True)
@@ -431,6 +483,7 @@ class PeerKeys:
     public_key: str | None
     encryption_key: bytes | None
     problem: str | None
+    at: float  # when it was looked up (time.monotonic)
 
     @property
     def encryption_key_text(self) -> str | None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import base64
 import binascii
 import collections
+import dataclasses
 import json
 from typing import Any
 
@@ -59,11 +60,24 @@ def seal(kind: str, sender: str, to: str, payload: Any, encryption_key: bytes,
     return {"enc": b64(enc), "ct": b64(ct)}
 
 
-def open_(kind: str, sender: str, to: str, sealed: Any, private_key: X25519PrivateKey,
-          sender_key: bytes, now: int, *, max_age: int = MAX_AGE_MS,
-          max_ahead: int = MAX_AHEAD_MS) -> tuple[Any, int]:
-    """``(payload, ts)`` of a sealed relay as received (``sender`` as the server stamped
-    it), checked against the sender's raw Ed25519 identity key; or SealedError."""
+@dataclasses.dataclass(frozen=True, slots=True)
+class Envelope:
+    """A sealed relay opened but not yet attributed: ``payload`` parsed from ``body``,
+    which ``sig`` (over ``signed_bytes``) must prove the sender wrote at ``ts``."""
+
+    kind: str
+    sender: str
+    to: str
+    body: str
+    ts: int
+    sig: bytes
+    payload: Any
+
+
+def unseal(kind: str, sender: str, to: str, sealed: Any,
+           private_key: X25519PrivateKey) -> Envelope:
+    """Open a sealed relay as received (``sender`` as the server stamped it) and check its
+    shape; no key of the sender's is needed yet, so junk costs no lookup. SealedError."""
     if not isinstance(sealed, dict):
         raise SealedError("malformed", "'sealed' is not an object")
     enc, ct = _unb64(sealed.get("enc")), _unb64(sealed.get("ct"))
@@ -80,15 +94,37 @@ def open_(kind: str, sender: str, to: str, sealed: Any, private_key: X25519Priva
         if not isinstance(body, str) or type(ts) is not int or sig is None:
             raise TypeError
         payload = json.loads(body)
-    except (ValueError, KeyError, TypeError):
+    # RecursionError: nesting deeper than the parser's stack (any sender can seal that)
+    except (ValueError, KeyError, TypeError, RecursionError):
         raise SealedError("malformed", "the opened plaintext is not a sealed payload") from None
+    # What the server requires of a plaintext relay's payload holds for a sealed one.
+    if not (isinstance(payload, dict) or (payload is None and kind == "ice-candidate")):
+        raise SealedError("malformed", f"a sealed {kind}'s payload must be an object"
+                          + (" or null" if kind == "ice-candidate" else ""))
+    return Envelope(kind, sender, to, body, ts, sig, payload)
+
+
+def verify(envelope: Envelope, sender_key: bytes, now: int, *, max_age: int = MAX_AGE_MS,
+           max_ahead: int = MAX_AHEAD_MS) -> Any:
+    """The payload, once ``envelope`` is proven signed by the sender's raw Ed25519
+    identity key within the replay window; or SealedError."""
+    e = envelope
     try:
-        VerifyKey(sender_key).verify(signed_bytes(kind, sender, to, ts, body), sig)
-    except (BadSignatureError, ValueError):
-        raise SealedError("bad-signature", f"not signed by {sender!r}'s identity key") from None
-    if not now - max_age <= ts <= now + max_ahead:
-        raise SealedError("stale", f"sealed {now - ts} ms ago, outside the replay window")
-    return payload, ts
+        VerifyKey(sender_key).verify(signed_bytes(e.kind, e.sender, e.to, e.ts, e.body), e.sig)
+    except (BadSignatureError, ValueError, TypeError):
+        raise SealedError("bad-signature",
+                          f"not signed by {e.sender!r}'s identity key") from None
+    if not now - max_age <= e.ts <= now + max_ahead:
+        raise SealedError("stale", f"sealed {now - e.ts} ms ago, outside the replay window")
+    return e.payload
+
+
+def open_(kind: str, sender: str, to: str, sealed: Any, private_key: X25519PrivateKey,
+          sender_key: bytes, now: int, *, max_age: int = MAX_AGE_MS,
+          max_ahead: int = MAX_AHEAD_MS) -> tuple[Any, int]:
+    """``(payload, ts)``: ``unseal`` then ``verify``."""
+    envelope = unseal(kind, sender, to, sealed, private_key)
+    return verify(envelope, sender_key, now, max_age=max_age, max_ahead=max_ahead), envelope.ts
 
 
 class ReplayGuard:
