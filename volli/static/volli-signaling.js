@@ -44,7 +44,7 @@ const ED25519 = { name: "Ed25519" };
 /**
  * An error from the server (`{type:"error", code, message}`) or from this client.
  * Client-side codes: `not-connected`, `disconnected`, `timeout`, `closed`, `connect-failed`,
- * `unsupported`.
+ * `unsupported`, `message-too-large` (larger than the server's `maxMessageSize`: not sent).
  */
 export class VolliError extends Error {
   /**
@@ -323,6 +323,15 @@ export async function sealPayload(type, from, to, payload, encryptionKey, signin
 }
 
 /**
+ * Whether `payload` has a type the server accepts in clear for a relay of `type`: an
+ * object for `offer` and `answer`, an object or null for `ice-candidate`.
+ */
+function payloadFits(type, payload) {
+  if (payload === null) return type === "ice-candidate";
+  return typeof payload === "object" && !Array.isArray(payload);
+}
+
+/**
  * Steps 1 and 2 of opening (without the signature): `{payload, body, ts, sig, enc}`, `enc`
  * canonical base64 of the encapsulated key. Throws SealedError `malformed` or `does-not-open`.
  */
@@ -333,14 +342,16 @@ async function unseal(type, from, to, sealed, keyPair) {
   }
   if (!keyPair) throw new SealedError("does-not-open", "this client has no encryption key");
   const plaintext = await hpkeOpen(keyPair, enc, SEALED_INFO, sealedAad(type, from, to), ct);
+  let inner, payload, sig;
   try {
-    const inner = JSON.parse(new TextDecoder("utf-8", { fatal: true }).decode(plaintext));
-    const sig = unbase64(inner?.sig);
+    inner = JSON.parse(new TextDecoder("utf-8", { fatal: true }).decode(plaintext));
+    sig = unbase64(inner?.sig);
     if (typeof inner.body !== "string" || !Number.isSafeInteger(inner.ts) || !sig) throw new Error();
-    return { payload: JSON.parse(inner.body), body: inner.body, ts: inner.ts, sig, enc: base64(enc) };
+    payload = JSON.parse(inner.body);
   } catch {
     throw new SealedError("malformed", "the opened plaintext is not a sealed payload");
   }
+  return { payload, body: inner.body, ts: inner.ts, sig, enc: base64(enc) };
 }
 
 function checkWindow(ts, now, maxAge, maxAhead) {
@@ -390,6 +401,37 @@ export async function openSealed(type, from, to, sealed, keyPair, senderKey,
 
 // ---- end of the sealed signaling section ------------------------------------------------
 
+/** Users whose keys the client keeps (the oldest go first past this many). */
+const PEERS_KEPT = 4096;
+/**
+ * Milliseconds before what is known of a user (keys, or that it has none, or that its
+ * lookup failed) may be looked up again because of a relay received from it.
+ */
+const PEER_REFRESH_MS = 30_000;
+/**
+ * Lookups that received relays may cause per minute (the server allows 120 discovers a
+ * minute, VOLLI_DISCOVER_PER_MINUTE): anyone can send relays, and they must not spend the
+ * allowance this client needs for its own discovers.
+ */
+const INBOUND_LOOKUPS_PER_MINUTE = 30;
+
+/** The UTF-8 size of `text` in bytes. */
+function utf8Length(text) {
+  if (text.length * 3 <= 0x7fffffff) { // count without encoding
+    let n = 0;
+    for (let i = 0; i < text.length; i++) {
+      const c = text.charCodeAt(i);
+      if (c < 0x80) n += 1;
+      else if (c < 0x800) n += 2;
+      else if (c >= 0xd800 && c <= 0xdbff && i + 1 < text.length &&
+        (text.charCodeAt(i + 1) & 0xfc00) === 0xdc00) { n += 4; i++; } // a surrogate pair
+      else n += 3; // (a lone surrogate is sent as U+FFFD: 3 bytes)
+    }
+    return n;
+  }
+  return utf8(text).length;
+}
+
 /**
  * @typedef {object} VolliOptions
  * @property {string} userId the user ID to register (required)
@@ -424,7 +466,9 @@ export async function openSealed(type, from, to, sealed, keyPair, senderKey,
  * - `offer`, `answer`, `ice-candidate`: relayed messages, with `from` set by the server
  * - `ice-servers` `{iceServers}`: ICE servers from the server (also in `.iceServers`)
  * - `error`: a server error not tied to a pending request (e.g. `peer-offline` for a relay),
- *   or a registration failure that stopped the client; detail is the error message
+ *   or a registration failure that stopped the client; detail is the error message. Also
+ *   `{code: "message-too-large", size, maxMessageSize, requestId, request}` for a relay
+ *   not sent because it (sealed or not) exceeds the server's `maxMessageSize`
  * - `session-replaced` `{code?, reason?}`: another connection took over this user ID
  * - `reconnecting` `{attempt, delay}`: a reconnect is scheduled in `delay` seconds
  * - `close` `{code, reason, willReconnect}`: the WebSocket closed
@@ -470,7 +514,12 @@ export class VolliSignaling extends EventTarget {
     this._replay = new ReplayGuard((this.sealMaxAge + this.sealMaxAhead) * 1000,
       options.replayMemory ?? 10_000);
     this._pins = new Map(Object.entries(options.pinnedKeys ?? {}));
-    this._peers = new Map(); // userId -> {identityKey, encryptionKey} from discover (or a pin)
+    // userId -> {identityKey, encryptionKey, at} from discover (or a pin); identityKey null:
+    // no verified key, or (failed: true) the lookup failed. At most PEERS_KEPT.
+    this._peers = new Map();
+    this._inboundLookups = { tokens: INBOUND_LOOKUPS_PER_MINUTE, at: Date.now() };
+    /** The largest message the server takes, in bytes (from `hello`); null: unknown. */
+    this.maxMessageSize = null;
     this._lookups = new Map(); // userId -> promise of a discover in flight
     this._outbound = new Map(); // userId -> tail of its chain of relays being sealed
     this._inbound = new Map(); // userId -> tail of its chain of relays being opened
@@ -550,7 +599,7 @@ export class VolliSignaling extends EventTarget {
    */
   async discover(userId) {
     const reply = await this.request({ type: "discover", userId });
-    await this._notePeer(reply);
+    await this._notePeer(userId, reply);
     return reply;
   }
 
@@ -716,7 +765,8 @@ export class VolliSignaling extends EventTarget {
    * Send a request and resolve with the direct reply carrying its requestId (for the
    * request types of docs/protocol.md, only the reply of that type; otherwise any direct
    * reply type); reject with a VolliError carrying the server's `code` on an `error`
-   * reply, `timeout` after `timeout` seconds, `disconnected` if the socket closes first.
+   * reply, `timeout` after `timeout` seconds, `disconnected` if the socket closes first,
+   * `message-too-large` (not sent) when larger than the server's `maxMessageSize`.
    * Relayed messages never settle a request, whatever `requestId` they carry.
    * @param {object} message
    * @param {number} [timeout] seconds
@@ -728,7 +778,13 @@ export class VolliSignaling extends EventTarget {
       return Promise.reject(new VolliError("not-connected", "the connection is not open"));
     }
     const requestId = this._nextId++;
-    const text = JSON.stringify({ ...message, requestId }); // throws before anything is pending
+    let text;
+    try {
+      text = JSON.stringify({ ...message, requestId });
+      this._checkSize(text, message.type);
+    } catch (err) { // before anything is pending
+      return Promise.reject(err);
+    }
     return new Promise((resolve, reject) => {
       const timer = setTimeout(() => {
         this._pending.delete(requestId);
@@ -740,7 +796,9 @@ export class VolliSignaling extends EventTarget {
   }
 
   /**
-   * Send any message as is (JSON). Throws `not-connected` if the socket is not open.
+   * Send any message as is (JSON). Throws `not-connected` if the socket is not open, and
+   * `message-too-large` (nothing sent, the connection stays open) if its JSON text has
+   * more UTF-8 bytes than the server's `maxMessageSize`.
    * @param {object} message
    */
   send(message) {
@@ -748,7 +806,21 @@ export class VolliSignaling extends EventTarget {
     if (!ws || ws.readyState !== WebSocket.OPEN) {
       throw new VolliError("not-connected", "the connection is not open");
     }
-    ws.send(JSON.stringify(message));
+    const text = JSON.stringify(message);
+    this._checkSize(text, message?.type);
+    ws.send(text);
+  }
+
+  /** Throws `message-too-large` when `text` exceeds the server's `maxMessageSize`. */
+  _checkSize(text, type) {
+    const max = this.maxMessageSize;
+    if (max == null || text.length <= max / 3) return; // at most 3 bytes per UTF-16 unit
+    const size = utf8Length(text);
+    if (size > max) {
+      throw Object.assign(new VolliError("message-too-large",
+        `${type ?? "message"} of ${size} bytes: the server takes at most ${max}`),
+      { size, maxMessageSize: max });
+    }
   }
 
   // ---- internals -------------------------------------------------------------------------
@@ -772,7 +844,15 @@ export class VolliSignaling extends EventTarget {
     if (this._relays.size > 256) this._relays.delete(this._relays.keys().next().value);
     const message = { type, to, ...fields, requestId };
     if (!this._sealing() && !this._outbound.has(to)) {
-      this.send(message);
+      try {
+        this.send(message);
+      } catch (err) {
+        if (err.code !== "message-too-large") throw err;
+        // Reported as a failed relay, once the caller has its requestId.
+        queueMicrotask(() => this._emit("error", { code: err.code, message: err.message,
+          size: err.size, maxMessageSize: err.maxMessageSize, requestId, request: { type, to } }));
+        return requestId;
+      }
       this._emit("sent", { type, to, requestId, sealed: false });
       return requestId;
     }
@@ -788,8 +868,11 @@ export class VolliSignaling extends EventTarget {
 
   /** Run `task` after the ones queued for `userId` in `chains`; the chain ends when idle. */
   _chain(chains, userId, task) {
+    // Whatever a task throws, the chain goes on: later relays of this peer still run.
     const tail = (chains.get(userId) ?? Promise.resolve()).then(task).catch((err) => {
-      this._emit("error", { code: err.code ?? "internal", message: String(err.message ?? err) });
+      try {
+        this._emit("error", { code: err?.code ?? "internal", message: String(err?.message ?? err) });
+      } catch { /* nothing more to do */ }
     });
     chains.set(userId, tail);
     tail.then(() => { if (chains.get(userId) === tail) chains.delete(userId); });
@@ -800,11 +883,9 @@ export class VolliSignaling extends EventTarget {
     const field = PAYLOAD_FIELD[type];
     let peer = null;
     if (this._sealing()) {
-      try {
-        peer = await this._peerInfo(to, type === "offer"); // an offer starts afresh
-      } catch { // the discover failed: what was known before, if anything
-        peer = this._peers.get(to) ?? null;
-      }
+      // An offer starts afresh (the peer may have a new encryption key since); a failed
+      // lookup leaves what was known before, if anything.
+      peer = await this._peerInfo(to, { fresh: type === "offer" }).catch(() => null);
     }
     let out = message;
     if (peer?.encryptionKey) {
@@ -820,42 +901,88 @@ export class VolliSignaling extends EventTarget {
     try {
       this.send(out);
     } catch (err) {
-      this._emit("error", { code: err.code, message: err.message, requestId, request: { type, to } });
+      this._emit("error", { code: err.code, message: err.message, size: err.size,
+        maxMessageSize: err.maxMessageSize, requestId, request: { type, to } });
       return;
     }
     this._emit("sent", { type, to, requestId, sealed: out !== message });
   }
 
-  /** What is known of `userId` for sealing; a discover when unknown (or `fresh`). */
-  async _peerInfo(userId, fresh = false) {
-    if (!fresh && this._peers.has(userId)) return this._peers.get(userId);
+  /**
+   * What is known of `userId` for sealing (`{identityKey, encryptionKey, at}`, either key
+   * possibly null), with a discover when:
+   * - nothing is known, or all that is known is that it has no verified key (or that its
+   *   lookup failed) and that is PEER_REFRESH_MS old;
+   * - `fresh` (an offer being sent);
+   * - `refresh` (a received offer, a signature that fails) and it is PEER_REFRESH_MS old.
+   * `inbound`: for a received relay, so within INBOUND_LOOKUPS_PER_MINUTE.
+   * A failed discover keeps what was known (a failure of an unknown user is remembered
+   * as `{identityKey: null, failed: true}`). Null when nothing is known.
+   */
+  async _peerInfo(userId, { fresh = false, refresh = false, inbound = false } = {}) {
+    const known = this._peers.get(userId) ?? null;
+    const now = Date.now();
+    const old = known && now - known.at >= PEER_REFRESH_MS;
+    if (known && !fresh && !(old && (refresh || known.failed || !known.identityKey))) return known;
+    if (inbound && !this._takeInboundLookup(now)) return known;
     let lookup = this._lookups.get(userId);
     if (!lookup) {
       lookup = this.discover(userId).finally(() => this._lookups.delete(userId));
       this._lookups.set(userId, lookup);
     }
-    await lookup;
+    try {
+      await lookup;
+    } catch {
+      const current = this._peers.get(userId) ?? null;
+      // Noted meanwhile by another lookup, or a verified key known before: kept as is.
+      if (current !== known || current?.identityKey) return current;
+      // Nothing verified known: the failure is remembered for PEER_REFRESH_MS.
+      this._rememberPeer(userId, { identityKey: this._pins.get(userId) ?? null,
+        encryptionKey: null, failed: true });
+    }
     return this._peers.get(userId) ?? null;
   }
 
-  /** Remember a `discover-response`'s keys, once checked (docs/protocol.md 5e). */
-  async _notePeer(reply) {
-    const userId = reply?.userId;
+  /** Whether a received relay may cause a lookup now (a token bucket). */
+  _takeInboundLookup(now) {
+    const bucket = this._inboundLookups;
+    bucket.tokens = Math.min(INBOUND_LOOKUPS_PER_MINUTE,
+      bucket.tokens + (now - bucket.at) * INBOUND_LOOKUPS_PER_MINUTE / 60_000);
+    bucket.at = now;
+    if (bucket.tokens < 1) return false;
+    bucket.tokens -= 1;
+    return true;
+  }
+
+  /** Keep `entry` for `userId`, stamped now (the newest last; past PEERS_KEPT the oldest go). */
+  _rememberPeer(userId, entry) {
+    this._peers.delete(userId);
+    while (this._peers.size >= PEERS_KEPT) this._peers.delete(this._peers.keys().next().value);
+    this._peers.set(userId, { ...entry, at: Date.now() });
+  }
+
+  /**
+   * Remember the keys of a `discover-response` for `userId` (the user asked), once checked
+   * (docs/protocol.md 5e). A reply about another user, or with no string key, proves
+   * nothing: no keys (but a pin).
+   */
+  async _notePeer(userId, reply) {
     if (typeof userId !== "string") return;
+    const about = reply?.userId === userId;
+    const publicKey = about && typeof reply.publicKey === "string" ? reply.publicKey : null;
     const pinned = this._pins.get(userId) ?? null;
-    let identityKey = reply.verified === true && typeof reply.publicKey === "string"
-      ? reply.publicKey : null;
+    let identityKey = about && reply.verified === true ? publicKey : null;
     if (pinned) {
-      if (reply.publicKey && reply.publicKey !== pinned) {
-        this._emit("key-mismatch", { userId, reason: "pinned-key", publicKey: reply.publicKey,
+      if (publicKey && publicKey !== pinned) {
+        this._emit("key-mismatch", { userId, reason: "pinned-key", publicKey,
           pinnedKey: pinned, message: `the server gave ${userId} another identity key than the pinned one` });
-        this._peers.set(userId, { identityKey: pinned, encryptionKey: null });
+        this._rememberPeer(userId, { identityKey: pinned, encryptionKey: null });
         return;
       }
       identityKey = pinned;
     }
     let encryptionKey = null;
-    if (identityKey && reply.encryptionKey != null) {
+    if (identityKey && about && reply.encryptionKey != null) {
       const raw = unbase64(reply.encryptionKey);
       const signature = unbase64(reply.encryptionKeySignature);
       if (raw?.length === 32 && signature && await ed25519Verify(identityKey, signature,
@@ -867,7 +994,7 @@ export class VolliSignaling extends EventTarget {
           message: `${userId}'s encryption key is not signed by its identity key: not used` });
       }
     }
-    this._peers.set(userId, { identityKey, encryptionKey });
+    this._rememberPeer(userId, { identityKey, encryptionKey });
   }
 
   /** `encryptionKey` and `encryptionKeySignature` signed by `keyPair`, or nothing. */
@@ -902,16 +1029,28 @@ export class VolliSignaling extends EventTarget {
   async _openRelay(msg) {
     const { type, from } = msg;
     try {
+      if (typeof from !== "string") throw new SealedError("malformed", "no sender ('from')");
       const now = Date.now();
+      // Opened first: junk (not sealed to this client) costs no lookup.
       const inner = await unseal(type, from, this.userId, msg.sealed, this.encryptionKeyPair || null);
+      if (!payloadFits(type, inner.payload)) { // what the server requires of a relay in clear
+        throw new SealedError("malformed", `a sealed ${type} whose payload is ${Array.isArray(
+          inner.payload) ? "an array" : inner.payload === null ? "null" : `a ${typeof inner.payload}`}`);
+      }
       const text = sealedText(type, from, this.userId, inner.ts, inner.body);
-      // The sender's identity key: pinned, or discovered (verified); an offer asks afresh,
-      // and a signature that fails with a remembered key asks once more (a rotated key).
-      let peer = await this._peerInfo(from, type === "offer").catch(() => null);
+      // The sender's identity key: pinned, or discovered (verified). Looked up when not
+      // known; a received offer, or a signature that fails with the remembered key (a
+      // rotated key), looks it up again if what is known is PEER_REFRESH_MS old: the
+      // answer to an offer is sealed to the encryption key found then.
+      const lookup = (refresh) => this._peerInfo(from, { refresh, inbound: true }).catch(() => null);
+      let peer = await lookup(type === "offer");
       let ok = !!peer?.identityKey && await ed25519Verify(peer.identityKey, inner.sig, text);
-      if (!ok && type !== "offer" && !this._pins.has(from)) {
-        peer = await this._peerInfo(from, true).catch(() => null);
-        ok = !!peer?.identityKey && await ed25519Verify(peer.identityKey, inner.sig, text);
+      if (!ok && peer?.identityKey && !this._pins.has(from)) {
+        const fresher = await lookup(true);
+        if (fresher !== peer) {
+          peer = fresher;
+          ok = !!peer?.identityKey && await ed25519Verify(peer.identityKey, inner.sig, text);
+        }
       }
       if (!peer?.identityKey) throw new SealedError("unknown-sender", `no verified identity key for ${from}`);
       if (!ok) throw new SealedError("bad-signature", `not signed by ${from}'s identity key`);
@@ -920,8 +1059,8 @@ export class VolliSignaling extends EventTarget {
       const { sealed, ...rest } = msg;
       this._emit(type, { ...rest, [PAYLOAD_FIELD[type]]: inner.payload, sealed: true });
     } catch (err) {
-      this._emit("sealed-error", { reason: err.reason ?? "malformed", from, type,
-        message: String(err.message ?? err) });
+      this._emit("sealed-error", { reason: err instanceof SealedError ? err.reason : "malformed",
+        from, type, message: String(err?.message ?? err) });
     }
   }
 
@@ -960,6 +1099,8 @@ export class VolliSignaling extends EventTarget {
     switch (msg.type) {
       case "hello":
         this.nonce = msg.nonce;
+        this.maxMessageSize = Number.isSafeInteger(msg.maxMessageSize) && msg.maxMessageSize > 0
+          ? msg.maxMessageSize : null;
         this._register(ws);
         return;
       case "offer":
