@@ -883,9 +883,9 @@ export class VolliSignaling extends EventTarget {
     const field = PAYLOAD_FIELD[type];
     let peer = null;
     if (this._sealing()) {
-      // An offer starts afresh (the peer may have a new encryption key since); a failed
-      // lookup leaves what was known before, if anything.
-      peer = await this._peerInfo(to, { fresh: type === "offer" }).catch(() => null);
+      // An offer or an answer (once per call, this client's own doing) starts afresh: the
+      // peer may have a new encryption key since. A failed lookup leaves what was known.
+      peer = await this._peerInfo(to, { fresh: type !== "ice-candidate" }).catch(() => null);
     }
     let out = message;
     if (peer?.encryptionKey) {
