@@ -26,6 +26,9 @@ if [ ! -x .venv/bin/python ]; then
 fi
 # The tested set of every package (constraints.txt); pyproject.toml declares ranges.
 .venv/bin/python -m pip install --quiet --disable-pip-version-check -c constraints.txt -e '.[test]'
+# Two processes by default (pytest-xdist): most of the suite is servers waiting out TTLs
+# and fault schedules, which overlaps on 2 cores. VOLLI_TEST_PROCESSES=0: no worker processes.
+set -- -n "${VOLLI_TEST_PROCESSES:-2}" "$@"
 # Run the suite in a network namespace of its own where only loopback exists, so every
 # server, load and WebRTC peer it starts can only reach 127.0.0.1/::1 (this machine's
 # other interfaces are not targets). Needs root, as in CI; otherwise it says so and runs as is.

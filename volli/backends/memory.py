@@ -177,7 +177,7 @@ class MemoryBackend(Backend):
         return entry[0]
 
     def _bind(self, user_id: str, public_key: str,
-              encryption_key: EncryptionKey | None) -> None:
+              encryption_key: EncryptionKey | None = None) -> None:
         """Bind (or touch) ``user_id``: it becomes the most recently used."""
         self._bindings[user_id] = (public_key, self._clock() + self._retention,
                                    encryption_key)
