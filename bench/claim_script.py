@@ -50,7 +50,7 @@ def run(client: redis.Redis, prefix: str, calls: int) -> dict[str, float]:
     for name, call in (
         ("claim", lambda i: claim(
             keys=[f"{prefix}presence:u{i}", f"{prefix}key:u{i}", f"{prefix}bindings",
-                  f"{prefix}watch:u{i}", epoch],
+                  f"{prefix}watch:u{i}", epoch, f"{prefix}held-meta:u{i}"],
             args=[node, f"s{i}", "pk", TTL_MS, "0", "0", 60_000, 1_000_000, f"u{i}",
                   epoch_id, "e2", f"{prefix}node:", "R", "R", "P"])),
         ("beat", lambda i: beat(keys=[epoch, f"{prefix}alive:{node}"],

@@ -16,7 +16,8 @@ def test_one_redis_keeps_the_names_of_every_earlier_version():
     keys = Keys("volli:")
     assert keys.group("alice@x") == 0
     assert keys.claim("alice@x") == ["volli:presence:alice@x", "volli:key:alice@x",
-                                     "volli:bindings", "volli:watch:alice@x", "volli:epoch"]
+                                     "volli:bindings", "volli:watch:alice@x", "volli:epoch",
+                                     "volli:held-meta:alice@x"]
     assert keys.alive_prefix(0) == "volli:alive:"
     assert keys.channel(0, "n1/w1") == "volli:node:n1/w1"
     assert not keys.sharded

@@ -14,6 +14,7 @@ import redis as redis_client
 
 from conftest import Client
 from workers import worker_of
+from volli.backends import Claim
 
 CALLEE = "callee@volli.app"
 OFFER = {"type": "offer", "sdp": "v=0 held"}
@@ -132,3 +133,26 @@ def test_a_killed_callers_offer_is_not_delivered(nodes, open_client):
     got = register_callee(open_client(b))
     assert [(m["type"], m["from"]) for m in got] == [("offer", "alive@volli.app")]
     assert alive.recv(timeout=5) == {"type": "delivered", "to": CALLEE}
+
+
+def test_a_registration_with_nothing_held_makes_no_take_round_trip(redis):
+    """The register script says whether offers are held for the user (issue 16's storm
+    path): with none, the hub's take costs no second script; with some, they are taken.
+    In-process against a real redis-server, counting the take script's calls."""
+    from test_attack2_kept_release_other_id import FakeSession, make_backend
+    backend = make_backend(redis)
+    takes = []
+    real_take = backend.held._take
+
+    def counting(keys, args, client=None):
+        takes.append(keys[0])
+        return real_take(keys=keys, args=args)
+    backend.held._take = counting
+    alice, bob = FakeSession(), FakeSession()
+    assert backend.claim(alice, "alice@x", "QQ==", False) is Claim.OK
+    assert backend.take_held("alice@x") == [] and takes == []  # spared
+    backend.hold(alice, "bob@x", '{"type":"offer","from":"alice@x"}', 30, 8)
+    assert backend.claim(bob, "bob@x", "Qg==", False) is Claim.OK
+    offers = backend.take_held("bob@x")
+    assert [o.caller for o in offers] == ["alice@x"] and len(takes) == 1
+    assert backend.take_held("bob@x") == [] and len(takes) == 2  # only once spared

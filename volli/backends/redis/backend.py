@@ -141,6 +141,8 @@ class RedisBackend(Backend):
         return self.held.hold_candidate(session, callee, frame, max_frames)
 
     def take_held(self, callee: str) -> list[HeldOffer]:
+        if self.presence.nothing_held(callee):  # the claim said so: no round trip
+            return []
         return self.held.take(callee)
 
     def drop_held(self, callee: str, caller: str, session_id: str) -> bool:

@@ -82,4 +82,7 @@ class Keys:
                 self.bindings(self.group(user_id)), self.watchers(user_id)]
 
     def claim(self, user_id: str) -> list[str]:
-        return [*self.user(user_id), self.epoch(self.group(user_id))]
+        """The claim script's keys: ``user``'s, the epoch, and the held offers' (only
+        looked at)."""
+        return [*self.user(user_id), self.epoch(self.group(user_id)),
+                self.held_meta(user_id)]

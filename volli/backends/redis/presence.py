@@ -30,6 +30,7 @@ log = logging.getLogger("volli.redis")
 
 PIPELINE_BATCH = 500  # commands per pipelined round trip (heartbeats, releases)
 UNRELEASED_MAX = 100_000  # failed releases kept for another try (the oldest go first)
+NO_HELD_KEPT = 10_000  # users whose claim found no held offer, until their take
 
 # Sends a message to a node: (node, group of the channel to use, message).
 Notify = Callable[[str, int, wire.Message], None]
@@ -82,6 +83,7 @@ class PresenceStore:
         self._max_bindings = -(-settings.max_bindings // keys.groups)
         self.epochs = Epochs(keys.groups, wake, self._restart_seqs)
         self._seqs: dict[str, int] = {}  # userId -> claim number of its local holder
+        self._no_held: set[str] = set()  # see nothing_held
         self._claim = script(client, scripts.CLAIM, cluster)
         self._refresh = script(client, scripts.REFRESH, cluster)
         self._rebind = script(client, scripts.REBIND, cluster)
@@ -149,7 +151,27 @@ class PresenceStore:
         # the binding lives in Redis
         self._local.hold(session, user_id, public_key, signed, encryption_key)
         self._seqs[user_id] = seq
+        self._note_held(user_id, int(reply[-1]))
         return outcome
+
+    def _note_held(self, user_id: str, held: int) -> None:
+        """Whether the claim found offers held for ``user_id``. Only "none" is kept (and
+        only for the take that follows the claim): forgetting it costs a round trip,
+        never an offer."""
+        if held:
+            self._no_held.discard(user_id)
+            return
+        if len(self._no_held) >= NO_HELD_KEPT:
+            self._no_held.clear()
+        self._no_held.add(user_id)
+
+    def nothing_held(self, user_id: str) -> bool:
+        """True once if the claim just made for ``user_id`` found no offer held for it:
+        none can be held while it is online (the hold script checks the presence)."""
+        if user_id in self._no_held:
+            self._no_held.discard(user_id)
+            return True
+        return False
 
     def _drop_kept_releases(self, user_id: str, session_id: str) -> bool:
         """Forget failed releases kept for user_id held by session_id; whether there were

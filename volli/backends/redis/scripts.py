@@ -114,8 +114,10 @@ return {e[1], redis.call('HGET', KEYS[1], 'ttl')}
 # leftover of an older version and goes. A takeover tells the old holder's node (its
 # channel) in the same script. A successful claim gets the next number of the epoch's
 # claim counter (`seq`): replies can arrive out of the order the claims ran in, and of
-# two of one node's sessions the higher number is the holder. Returns
-# {1, seq} ok, {2, seq, old node, old session} taken over, {0} taken, {-1} bound, {-2} key
+# two of one node's sessions the higher number is the holder. KEYS[6], the user's held
+# offers, is only looked at: whether any are held (1/0, last in the reply) spares the
+# registration a round trip for them when none are. Returns
+# {1, seq, held} ok, {2, seq, old node, old session, held} taken over, {0} taken, {-1} bound, {-2} key
 # mismatch, {-3} full, {-4, epoch} the node's epoch is not the store's, {-5} recovering.
 CLAIM = _ANNOUNCE + _epoch(5, 4, 11, 10, "true") + """
 if lost or e[1] ~= ARGV[10] then return {-4, e[1]} end
@@ -159,9 +161,9 @@ if taken_over then
   if h[3] ~= ARGV[1] then
     redis.call('PUBLISH', ARGV[12] .. h[3], """ + _peer_header("h[3]", 13, 14) + """ .. h[1])
   end
-  return {2, seq, h[3], h[1]}
+  return {2, seq, h[3], h[1], redis.call('EXISTS', KEYS[6])}
 end
-return {1, seq}
+return {1, seq, redis.call('EXISTS', KEYS[6])}
 """
 
 # The heartbeat's compare-and-renew, for a batch of presences: KEYS presences; ARGV ttl ms,
