@@ -17,7 +17,8 @@ Volli with two workers and Redis; peerjs-server), in one run:
    blip or a load balancer failing over) and reconnects as volli-signaling.js does: attempt
    k waits base/2 + random(base/2) with base = min(--max-delay, --first-delay * 2^k)
    ("equal jitter"), and a failed attempt (refused, closed, user-id-taken because the
-   server has not seen the old connection go yet, timed out) is the next attempt; a
+   server has not seen the old connection go yet, no answer within --handshake-timeout)
+   is the next attempt; a
    client that has not registered after --give-up seconds is given up;
 3. meanwhile the parent asks the server's health URL every 50 ms (Volli's /health,
    peerjs's /<path>/ — its cheapest HTTP answer), with a 5 s timeout;
@@ -334,7 +335,9 @@ def main(argv: list[str] | None = None) -> int:
                     help="the JS client's maxReconnectDelay (s)")
     ap.add_argument("--give-up", type=float, default=120.0,
                     help="seconds after the reset a client stops trying")
-    ap.add_argument("--handshake-timeout", type=float, default=10.0)
+    # volli-signaling.js sets no timeout of its own on opening a socket: a browser waits
+    # for TCP and the HTTP upgrade. Past this, the bench's client gives up and retries.
+    ap.add_argument("--handshake-timeout", type=float, default=60.0)
     ap.add_argument("--open-timeout", type=float, default=180.0)
     ap.add_argument("--volli-ref", help="run Volli from this git ref (default: working tree)")
     ap.add_argument("--quick", action="store_true", help="2,000 clients, give up after 60 s")
