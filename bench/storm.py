@@ -229,8 +229,10 @@ def run_one(name: str, args, log_dir: Path, config: ServerConfig) -> dict[str, A
     if SCENARIOS[name]["redis"]:
         redis = start_redis(SCENARIOS[name]["redis"], log_dir)
     server = make_server(name, log_dir, config, redis)
+    if args.backlog and SCENARIOS[name]["app"] == "volli":
+        server.env["GUNICORN_CMD_ARGS"] = f"--backlog {args.backlog}"
     result: dict[str, Any] = {"server": name, "label": SCENARIOS[name]["label"],
-                              "command": server.command_line()}
+                              "command": server.command_line(), "backlog": args.backlog}
     procs, conns = [], []
     try:
         server.start()
@@ -339,6 +341,8 @@ def main(argv: list[str] | None = None) -> int:
     # for TCP and the HTTP upgrade. Past this, the bench's client gives up and retries.
     ap.add_argument("--handshake-timeout", type=float, default=60.0)
     ap.add_argument("--open-timeout", type=float, default=180.0)
+    ap.add_argument("--backlog", type=int, default=0,
+                    help="gunicorn's listen backlog for Volli (0: its default, 2048)")
     ap.add_argument("--volli-ref", help="run Volli from this git ref (default: working tree)")
     ap.add_argument("--quick", action="store_true", help="2,000 clients, give up after 60 s")
     ap.add_argument("--json", metavar="PATH")
