@@ -11,6 +11,14 @@ from conftest import Client
 from volli.protocol import identity
 
 
+def signed_client(url: str, user_id: str, seed: bytes) -> Client:
+    """A raw client registered as ``user_id`` with the Ed25519 key of ``seed``."""
+    client = Client(url)
+    reply = Identity(seed).register(client, user_id)
+    assert reply["type"] == "registered", reply
+    return client
+
+
 class Identity:
     """A client's Ed25519 key pair and the signatures the protocol asks for."""
 

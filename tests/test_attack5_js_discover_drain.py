@@ -23,8 +23,9 @@ import pytest
 from nacl.signing import SigningKey
 
 from conftest import Client, Server
+from signing import signed_client
 from test_browser import WAIT_MS, browser, open_page  # noqa: F401 (fixtures)
-from volli.protocol import identity, sealing
+from volli.protocol import sealing
 
 pytestmark = pytest.mark.timeout(120)
 FLOOD = 190  # > 120, the default discover budget (plus its refill meanwhile); < 200, the
@@ -59,16 +60,6 @@ def srv(tmp_path_factory):
     server.stop()
 
 
-def _signed(srv: Server, user_id: str, key: SigningKey) -> Client:
-    raw = Client(srv.url)
-    signature = key.sign(identity.register_payload(raw.nonce, user_id)).signature
-    reply = raw.call({"type": "register", "userId": user_id,
-                      "publicKey": base64.b64encode(bytes(key.verify_key)).decode(),
-                      "signature": base64.b64encode(signature).decode()})
-    assert reply["type"] == "registered", reply
-    return raw
-
-
 def test_sealed_offer_flood_does_not_stop_a_genuine_sealed_call(srv, open_page, uid):
     victim_id, attacker_id, caller_id = uid("victim"), uid("attacker"), uid("caller")
     page = open_page(f"http://127.0.0.1:{srv.port}/health", "victim")
@@ -76,7 +67,7 @@ def test_sealed_offer_flood_does_not_stop_a_genuine_sealed_call(srv, open_page, 
 
     attacker = Client(srv.url)
     caller_key = SigningKey.generate()
-    caller = _signed(srv, caller_id, caller_key)
+    caller = signed_client(srv.url, caller_id, bytes(caller_key))
     try:
         attacker.register(attacker_id)  # unsigned: it never gets a verified key
         found = attacker.call({"type": "discover", "userId": victim_id})

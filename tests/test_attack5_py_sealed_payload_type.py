@@ -24,9 +24,10 @@ import time
 import pytest
 from nacl.signing import SigningKey
 
-from conftest import Client, Server
+from conftest import Server
+from signing import signed_client
 from volli.client import VolliClient
-from volli.protocol import identity, sealing
+from volli.protocol import sealing
 
 pytestmark = pytest.mark.timeout(60)
 OPTIONS = {"open_timeout": 5, "proxy": None}
@@ -39,22 +40,12 @@ def srv(tmp_path_factory):
     server.stop()
 
 
-def _signed(srv: Server, user_id: str, key: SigningKey) -> Client:
-    raw = Client(srv.url)
-    signature = key.sign(identity.register_payload(raw.nonce, user_id)).signature
-    reply = raw.call({"type": "register", "userId": user_id,
-                      "publicKey": base64.b64encode(bytes(key.verify_key)).decode(),
-                      "signature": base64.b64encode(signature).decode()})
-    assert reply["type"] == "registered", reply
-    return raw
-
-
 @pytest.mark.parametrize("kind, payload", [("offer", None), ("offer", 42),
                                            ("answer", ["v=0"]), ("ice-candidate", "x")])
 def test_sealed_payload_of_the_wrong_type_is_not_delivered(srv, uid, kind, payload):
     victim_id, sender_id = uid("victim"), uid("sender")
     sender_key = SigningKey.generate()
-    sender = _signed(srv, sender_id, sender_key)
+    sender = signed_client(srv.url, sender_id, bytes(sender_key))
     # The same payload in clear is refused by the server.
     field = {"offer": "offer", "answer": "answer", "ice-candidate": "candidate"}[kind]
 
