@@ -9,7 +9,7 @@ stack was most of its memory). A TLS socket cannot be detached; it is read in it
 request greenlet instead. Past the read, both are the same.
 
 Writing. Everything queued in one turn of the event loop leaves in one non-blocking
-``sendmsg``. A writer greenlet exists only while the peer's window is full; one that makes
+``sendmsg``; the replies to what a connection just read leave at the end of that read. A writer greenlet exists only while the peer's window is full; one that makes
 no progress within the send timeout cuts the peer off. A receiver whose queue would pass
 its limit is closed (4002) and the send reports False, so one slow peer never holds up a
 sender; a relay the protocol refuses is answered peer-busy to its sender. Relays that will
@@ -242,6 +242,11 @@ class Connection:
                     return
         finally:
             self._reading = False
+            # The replies to what was just read leave now, not in the flush callback: in an
+            # accept flood that callback waits behind every new connection's greenlet, and a
+            # client got its `registered` seconds late (bench/storm.py).
+            if self._flushing and self._writer is None:
+                self._flush()
 
     def serve(self) -> None:
         """Read in the calling greenlet until the connection is over (TLS)."""
