@@ -487,18 +487,16 @@ class Hub:
 def _encryption_key(message: Register | RotateKey, public_key: str,
                     user_id: str) -> EncryptionKey | None:
     """The encryption key ``message`` publishes, its signature by ``public_key`` checked."""
-    fields = message.encryption_key
-    if fields is None:
-        return None
-    identity.verify(public_key, fields.signature,
-                    identity.encryption_key_payload(user_id, fields.key),
-                    "encryptionKeySignature does not verify for this key and userId")
-    return EncryptionKey(fields.key, fields.signature)
+    published = message.encryption_key
+    if published is not None:
+        identity.verify(public_key, published.signature,
+                        identity.encryption_key_payload(user_id, published.key),
+                        "encryptionKeySignature does not verify for this key and userId")
+    return published
 
 
-def _published(presence: Presence) -> tuple[str, str] | None:
-    key = presence.encryption_key
-    return (key.key, key.signature) if key is not None and presence.verified else None
+def _published(presence: Presence) -> EncryptionKey | None:
+    return presence.encryption_key if presence.verified else None
 
 
 def _require_bound(session: Session) -> str:

@@ -12,6 +12,9 @@ import dataclasses
 import enum
 from typing import Any, Callable, Mapping, Protocol
 
+# A signed user's published key (checked by the hub; clients check it again).
+from ..protocol.messages import EncryptionKey
+
 # Starts a background task; the server decides what that is (a greenlet under gunicorn).
 Spawn = Callable[..., Any]
 # Called once a closing session's userId is released (or its release gave up): the
@@ -142,15 +145,6 @@ class NoEvents:
 
 
 NO_EVENTS = NoEvents()
-
-
-@dataclasses.dataclass(frozen=True, slots=True)
-class EncryptionKey:
-    """An X25519 key a signed user published for sealed relays, with the signature by its
-    identity key (checked by the hub; clients check it again)."""
-
-    key: str
-    signature: str
 
 
 @dataclasses.dataclass(frozen=True, slots=True)

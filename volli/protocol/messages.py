@@ -39,9 +39,11 @@ RequestId = Union[str, int, None]
 RELAY_PAYLOAD = {"offer": "offer", "answer": "answer", "ice-candidate": "candidate"}
 
 
-@dataclasses.dataclass(slots=True)
-class EncryptionKeyFields:
-    """``encryptionKey`` (canonical base64 of a raw X25519 key) and its signature."""
+@dataclasses.dataclass(frozen=True, slots=True)
+class EncryptionKey:
+    """``encryptionKey`` (canonical base64 of a raw X25519 key) and
+    ``encryptionKeySignature`` by the user's identity key: what a message publishes, what
+    a binding stores and what discover returns."""
 
     key: str
     signature: str
@@ -53,7 +55,7 @@ class Register:
     public_key: str
     request_id: RequestId = None
     signature: str | None = None
-    encryption_key: EncryptionKeyFields | None = None
+    encryption_key: EncryptionKey | None = None
 
 
 @dataclasses.dataclass(slots=True)
@@ -61,7 +63,7 @@ class RotateKey:
     new_public_key: str
     signature: str
     request_id: RequestId = None
-    encryption_key: EncryptionKeyFields | None = None
+    encryption_key: EncryptionKey | None = None
 
 
 @dataclasses.dataclass(slots=True)
@@ -352,7 +354,7 @@ def _base64_size(text: Any) -> int | None:
 ENCRYPTION_KEY_LENGTH = 44  # 32 bytes in padded standard base64
 
 
-def _encryption_key(data: dict[str, Any], signed: bool) -> EncryptionKeyFields | None:
+def _encryption_key(data: dict[str, Any], signed: bool) -> EncryptionKey | None:
     """``encryptionKey`` with ``encryptionKeySignature``: both or neither, and only where an
     identity key signs (a signed register, rotate-key)."""
     key, signature = data.get("encryptionKey"), data.get("encryptionKeySignature")
@@ -364,7 +366,7 @@ def _encryption_key(data: dict[str, Any], signed: bool) -> EncryptionKeyFields |
     if _base64_size(key) != 32 or len(key) != ENCRYPTION_KEY_LENGTH:
         raise ProtocolError(ErrorCode.INVALID_MESSAGE, "'encryptionKey' must be a raw 32-byte "
                             "X25519 key in standard base64 with padding")
-    return EncryptionKeyFields(key, _base64_field(data, "encryptionKeySignature",
+    return EncryptionKey(key, _base64_field(data, "encryptionKeySignature",
                                                   SIGNATURE_MAX))
 
 
@@ -457,27 +459,28 @@ def rate_limited_message(limit: str, retry_after: float,
 
 def discover_response_message(user_id: str, online: bool, public_key: str | None,
                               verified: bool = False, request_id: RequestId = None,
-                              encryption_key: tuple[str, str] | None = None
+                              encryption_key: EncryptionKey | None = None
                               ) -> dict[str, Any]:
     """``verified``: ``public_key`` is bound to ``user_id`` by a signed registration;
-    ``encryption_key``: (key, signature) the binding published."""
+    ``encryption_key``: the one the binding published."""
     return _with_request_id(_with_encryption_key(
         {"type": "discover-response", "userId": user_id, "online": online,
          "publicKey": public_key, "verified": verified}, encryption_key), request_id)
 
 
 def _with_encryption_key(entry: dict[str, Any],
-                         encryption_key: tuple[str, str] | None) -> dict[str, Any]:
+                         encryption_key: EncryptionKey | None) -> dict[str, Any]:
     """A user's entry with its published encryption key, if it has one."""
     if encryption_key is not None:
-        entry["encryptionKey"], entry["encryptionKeySignature"] = encryption_key
+        entry["encryptionKey"] = encryption_key.key
+        entry["encryptionKeySignature"] = encryption_key.signature
     return entry
 
 
-def watching_message(presences: list[tuple[str, bool, bool, tuple[str, str] | None]],
+def watching_message(presences: list[tuple[str, bool, bool, EncryptionKey | None]],
                      request_id: RequestId = None) -> dict[str, Any]:
-    """``presences``: (userId, online, verified, encryption key and its signature or None)
-    of each watched user, in request order."""
+    """``presences``: (userId, online, verified, published encryption key or None) of each
+    watched user, in request order."""
     return _with_request_id({"type": "watching", "presence": [
         _with_encryption_key({"userId": user_id, "online": online, "verified": verified},
                              encryption)
