@@ -189,7 +189,7 @@ class VolliClient:
         ``encryptionKey`` only once its signature by the trusted identity key verified (see
         :meth:`peer_keys`)."""
         reply = await self.request({"type": "discover", "userId": user_id})
-        peer = self._note_peer(user_id, reply)
+        peer = self._note_peer(user_id, reply)  # what _look_up does, keeping the reply
         return {"userId": reply.get("userId"), "online": reply.get("online"),
                 "publicKey": reply.get("publicKey"), "verified": reply.get("verified"),
                 "encryptionKey": peer.encryption_key_text}
@@ -280,8 +280,7 @@ class VolliClient:
             if self.seal != "never" and self.signing_key is not None:
                 peer = self._peers.get(to)
                 if peer is None or kind != "ice-candidate":
-                    await self.discover(to)
-                    peer = self._peers[to]
+                    peer = await self._look_up(to)
                 key = peer.encryption_key
             if key is None:
                 if self.seal == "always":
@@ -402,6 +401,11 @@ class VolliClient:
         self._remember(peer)
         return peer
 
+    async def _look_up(self, user_id: str) -> PeerKeys:
+        """A discover of ``user_id``, for its keys."""
+        return self._note_peer(user_id, await self.request(
+            {"type": "discover", "userId": user_id}))
+
     def _remember(self, peer: PeerKeys) -> None:
         self._peers.pop(peer.user_id, None)
         if len(self._peers) >= _PEERS_KEPT:
@@ -420,8 +424,7 @@ class VolliClient:
         if self._lookups.take(now):
             return peer
         try:
-            return self._note_peer(sender, await self.request(
-                {"type": "discover", "userId": sender}))
+            return await self._look_up(sender)
         except (VolliError, ConnectionError, asyncio.TimeoutError):
             if peer is None:
                 peer = PeerKeys(sender, self.pinned_keys.get(sender), None, "lookup-failed",
