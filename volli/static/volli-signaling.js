@@ -87,6 +87,8 @@ function fromBase64url(text) {
   return Uint8Array.from(atob(b64), (c) => c.charCodeAt(0));
 }
 
+const utf8 = (text) => new TextEncoder().encode(text);
+
 function base64(bytes) {
   let text = "";
   for (const b of new Uint8Array(bytes)) text += String.fromCharCode(b);
@@ -131,7 +133,7 @@ export async function signRegistration(privateKey, nonce, userId) {
 }
 
 async function sign(privateKey, text) {
-  return base64(await subtle().sign(ED25519, privateKey, new TextEncoder().encode(text)));
+  return base64(await subtle().sign(ED25519, privateKey, utf8(text)));
 }
 
 function toJSON(value) {
@@ -152,7 +154,6 @@ const SEALED_INFO = "volli/sealed/v1";
 /** The payload field of each relay type, replaced by `sealed` when sealed. */
 const PAYLOAD_FIELD = Object.freeze({ offer: "offer", answer: "answer",
   "ice-candidate": "candidate" });
-const utf8 = (text) => new TextEncoder().encode(text);
 
 function concat(...parts) {
   const out = new Uint8Array(parts.reduce((n, p) => n + p.length, 0));
@@ -415,22 +416,6 @@ const PEER_REFRESH_MS = 30_000;
  */
 const INBOUND_LOOKUPS_PER_MINUTE = 30;
 
-/** The UTF-8 size of `text` in bytes. */
-function utf8Length(text) {
-  if (text.length * 3 <= 0x7fffffff) { // count without encoding
-    let n = 0;
-    for (let i = 0; i < text.length; i++) {
-      const c = text.charCodeAt(i);
-      if (c < 0x80) n += 1;
-      else if (c < 0x800) n += 2;
-      else if (c >= 0xd800 && c <= 0xdbff && i + 1 < text.length &&
-        (text.charCodeAt(i + 1) & 0xfc00) === 0xdc00) { n += 4; i++; } // a surrogate pair
-      else n += 3; // (a lone surrogate is sent as U+FFFD: 3 bytes)
-    }
-    return n;
-  }
-  return utf8(text).length;
-}
 
 /**
  * @typedef {object} VolliOptions
@@ -815,7 +800,7 @@ export class VolliSignaling extends EventTarget {
   _checkSize(text, type) {
     const max = this.maxMessageSize;
     if (max == null || text.length <= max / 3) return; // at most 3 bytes per UTF-16 unit
-    const size = utf8Length(text);
+    const size = utf8(text).length;
     if (size > max) {
       throw Object.assign(new VolliError("message-too-large",
         `${type ?? "message"} of ${size} bytes: the server takes at most ${max}`),
