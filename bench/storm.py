@@ -53,9 +53,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import machine  # noqa: E402
 import rawws  # noqa: E402
+from relaybench.leanclient import PairRoundTrip  # noqa: E402
 from relaybench.protocol import PEERJS_PATH  # noqa: E402
 from relaybench.servers import (SCENARIOS, ServerConfig, ensure_peerjs,  # noqa: E402
-                                make_server, start_redis)
+                                free_port, make_server, start_redis)
 
 DEFAULT_SERVERS = ("volli", "redis-2w", "peerjs")
 OPEN_CONCURRENCY = 100  # handshakes in flight per client process while setting up
@@ -202,6 +203,43 @@ class HealthProbe(threading.Thread):
                 "p50_ms": pct(s, 0.5), "p99_ms": pct(s, 0.99), "max_ms": s[-1] if s else None}
 
 
+class PairProbe(threading.Thread):
+    """An established pair that the storm does not touch: one offer -> answer round trip
+    (relaybench's ``PairRoundTrip``, 200-character SDP, 5 s timeout) every 50 ms until
+    stopped. How responsive the server stays for users already connected."""
+
+    def __init__(self, target, tag: str) -> None:
+        super().__init__(daemon=True)
+        self.pair = PairRoundTrip(target, tag, 200)
+        self.samples: list[float] = []
+        self.failed, self.wrong, self.broken = 0, 0, None
+        self._stop_event = threading.Event()
+
+    def run(self) -> None:
+        for i in range(100_000):
+            if self._stop_event.is_set():
+                return
+            t0 = time.monotonic()
+            try:
+                ns, wrong = self.pair.one(i)
+            except Exception as exc:  # noqa: BLE001 - a broken pair is the figure
+                self.failed += 1
+                self.broken = f"{type(exc).__name__}: {exc}"
+                return
+            self.wrong += wrong is not None
+            self.samples.append(ns / 1e6)
+            self._stop_event.wait(max(0.0, 0.05 - (time.monotonic() - t0)))
+
+    def stop(self) -> dict[str, Any]:
+        self._stop_event.set()
+        self.join(10)
+        self.pair.close()
+        s = sorted(self.samples)
+        return {"round_trips": len(s), "failed": self.failed, "wrong": self.wrong,
+                "broken": self.broken, "p50_ms": pct(s, 0.5), "p99_ms": pct(s, 0.99),
+                "max_ms": s[-1] if s else None}
+
+
 def pct(values: list[float], q: float) -> float | None:
     return values[min(len(values) - 1, int(q * (len(values) - 1)))] if values else None
 
@@ -229,8 +267,12 @@ def run_one(name: str, args, log_dir: Path, config: ServerConfig) -> dict[str, A
     if SCENARIOS[name]["redis"]:
         redis = start_redis(SCENARIOS[name]["redis"], log_dir)
     server = make_server(name, log_dir, config, redis)
-    if args.backlog and SCENARIOS[name]["app"] == "volli":
-        server.env["GUNICORN_CMD_ARGS"] = f"--backlog {args.backlog}"
+    probe_port = None
+    if SCENARIOS[name]["app"] == "volli":
+        if args.backlog:
+            server.env["GUNICORN_CMD_ARGS"] = f"--backlog {args.backlog}"
+        probe_port = free_port()
+        server.env["VOLLI_HEALTH_PORT"] = str(probe_port)
     result: dict[str, Any] = {"server": name, "label": SCENARIOS[name]["label"],
                               "command": server.command_line(), "backlog": args.backlog}
     procs, conns = [], []
@@ -266,6 +308,12 @@ def run_one(name: str, args, log_dir: Path, config: ServerConfig) -> dict[str, A
         time.sleep(1.0)
         probe = HealthProbe(health_url(server))
         probe.start()
+        probe2 = None
+        if probe_port:
+            probe2 = HealthProbe(f"http://127.0.0.1:{probe_port}/health")
+            probe2.start()
+        pair = PairProbe(server.target, f"storm{server.port}-established")
+        pair.start()
         time.sleep(0.5)
         t_reset = time.monotonic() + 0.5
         cpu0 = server.cpu()
@@ -274,6 +322,8 @@ def run_one(name: str, args, log_dir: Path, config: ServerConfig) -> dict[str, A
         got = gather(conns, "result", args.give_up + 60)
         result["server_cpu_s"] = server.cpu() - cpu0
         result["health"] = probe.stop()
+        result["health_port"] = probe2.stop() if probe2 else None
+        result["established"] = pair.stop()
         times = sorted(t for r in got for t in r["registered_at"])
         failures: dict[str, int] = {}
         for r in got:
@@ -288,15 +338,17 @@ def run_one(name: str, args, log_dir: Path, config: ServerConfig) -> dict[str, A
             "p50_seconds": pct(times, 0.5), "p90_seconds": pct(times, 0.9),
             "p99_seconds": pct(times, 0.99), "last_seconds": times[-1] if times else None,
             "client_cpu_s": sum(r["client_cpu"] for r in got)})
-        h = result["health"]
+        h, e = result["health"], result["established"]
         print(f"[{name}] storm: {result['registered']:,} of {args.clients:,} registered again, "
               f"last after {fmt(result['last_seconds'])} s (50% {fmt(result['p50_seconds'])}, "
               f"90% {fmt(result['p90_seconds'])}, 99% {fmt(result['p99_seconds'])}); "
               f"{result['attempts']:,} attempts, {result['given_up']} given up; failures "
               f"{result['failures']}; health p50 {fmt(h['p50_ms'])} ms, p99 {fmt(h['p99_ms'])} "
               f"ms, max {fmt(h['max_ms'])} ms, {h['failed']} failed of "
-              f"{h['probes'] + h['failed']}; server CPU {result['server_cpu_s']:.1f} s",
-              flush=True)
+              f"{h['probes'] + h['failed']}; {probe_line(result['health_port'])}established pair round trip p50 "
+              f"{fmt(e['p50_ms'])} ms, p99 {fmt(e['p99_ms'])} ms, max {fmt(e['max_ms'])} ms, "
+              f"{e['round_trips']} done, broken: {e['broken']}; "
+              f"server CPU {result['server_cpu_s']:.1f} s", flush=True)
     except Exception as exc:  # noqa: BLE001 - recorded; the next server still runs
         result["failure"] = f"{type(exc).__name__}: {exc}"
         print(f"[{name}] FAILED: {result['failure']}", flush=True)
@@ -314,6 +366,13 @@ def run_one(name: str, args, log_dir: Path, config: ServerConfig) -> dict[str, A
         if redis is not None:
             redis.stop()
     return result
+
+
+def probe_line(h: dict[str, Any] | None) -> str:
+    if not h:
+        return ""
+    return (f"VOLLI_HEALTH_PORT /health p50 {fmt(h['p50_ms'])} ms, p99 {fmt(h['p99_ms'])} ms, "
+            f"max {fmt(h['max_ms'])} ms, {h['failed']} failed of {h['probes'] + h['failed']}; ")
 
 
 def fmt(value: Any) -> str:
@@ -376,18 +435,21 @@ def main(argv: list[str] | None = None) -> int:
           f"{args.first_delay:g} s (max {args.max_delay:g} s); Volli from {commit}")
     print()
     print("| server | all registered again (s) | 50% / 90% / 99% (s) | attempts per client "
-          "| given up | health p50 / p99 / max (ms), failed | server CPU (s) |")
-    print("|---|---:|---|---:|---:|---|---:|")
+          "| given up | health p50 / p99 / max (ms), failed "
+          "| established pair round trip p50 / p99 / max (ms) | server CPU (s) |")
+    print("|---|---:|---|---:|---:|---|---|---:|")
     for r in results:
         if r.get("failure"):
-            print(f"| {r['label']} | failed: {r['failure'][:80]} | | | | | |")
+            print(f"| {r['label']} | failed: {r['failure'][:80]} | | | | | | |")
             continue
-        h = r["health"]
+        h, e = r["health"], r["established"]
         print(f"| {r['label']} | {fmt(r['all_seconds'])} | {fmt(r['p50_seconds'])} / "
               f"{fmt(r['p90_seconds'])} / {fmt(r['p99_seconds'])} | "
               f"{r['attempts'] / r['registered'] if r['registered'] else 0:.2f} | "
               f"{r['given_up']} | {fmt(h['p50_ms'])} / {fmt(h['p99_ms'])} / "
-              f"{fmt(h['max_ms'])}, {h['failed']} | {r['server_cpu_s']:.1f} |")
+              f"{fmt(h['max_ms'])}, {h['failed']} | {fmt(e['p50_ms'])} / {fmt(e['p99_ms'])} / "
+              f"{fmt(e['max_ms'])}{', broken' if e['broken'] else ''} | "
+              f"{r['server_cpu_s']:.1f} |")
     print(f"\ntotal {elapsed:.0f}s; logs in {log_dir}")
     machine.save_results(args, "storm", lambda: {
         **machine.describe(), "commit": commit, "args": vars(args), "elapsed_seconds": elapsed,

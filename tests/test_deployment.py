@@ -537,9 +537,9 @@ def test_websockets_relay_both_ways_through_nginx_over_tls(proxied):
         bob.close()
     srv.wait_log("ip=127.0.0.1 user=bob@volli.app code=")  # the connection closed lines
     log = srv.wait_log("ip=127.0.0.2 user=alice@volli.app code=")
-    opened = re.findall(r"connection open id=(\S+) ip=(\S+)", log)
-    assert sorted(ip for _, ip in opened) == ["127.0.0.1", "127.0.0.2"], opened
-    alice_id = next(cid for cid, ip in opened if ip == "127.0.0.2")
+    closed = re.findall(r"connection closed id=(\S+) ip=(\S+)", log)
+    assert sorted(ip for _, ip in closed) == ["127.0.0.1", "127.0.0.2"], closed
+    alice_id = next(cid for cid, ip in closed if ip == "127.0.0.2")
     assert f"connection closed id={alice_id} ip=127.0.0.2 user=alice@volli.app" in log
     assert re.search(rf"registered user=alice@volli\.app id={alice_id} ip=127\.0\.0\.2\b", log)
     assert "203.0.113.9" not in log

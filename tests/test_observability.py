@@ -133,7 +133,7 @@ def test_json_logs_carry_user_and_ip_but_no_sdp(make_server, clients):
     assert {"gunicorn.error", "volli.ws", "volli.hub"} <= loggers
     messages = [record["message"] for record in records]
     assert any("registered user=alice@volli.app" in m and "ip=127.0.0.1" in m for m in messages)
-    assert any(m.startswith("connection open") and "ip=127.0.0.1" in m for m in messages)
+    assert not any(m.startswith("connection open") for m in messages)  # DEBUG only
     assert any("connection closed" in m and "user=alice@volli.app" in m for m in messages)
     assert "SECRET-SDP" not in srv.log()
 

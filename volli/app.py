@@ -9,6 +9,7 @@ from typing import Any, Mapping
 from flask import Flask
 
 from . import admin, config, endpoint, http, logs, web
+from .admission import Admission
 from .runtime import Runtime
 from .transport import handshake
 
@@ -23,15 +24,19 @@ def create_app(overrides: Mapping[str, Any] | None = None,
     # simple-websocket only answers the handshake; volli.transport does the rest.
     app.config["SOCK_SERVER_OPTIONS"] = {"thread_class": handshake.HandshakeOnly}
     logs.configure(settings.log_level, settings.log_format)
-    Runtime.init_app(app, settings)
+    runtime = Runtime.init_app(app, settings)
     endpoint.sock.init_app(app)
     app.register_blueprint(endpoint.bp)
     app.register_blueprint(http.bp)
     app.register_blueprint(admin.bp)
     app.register_blueprint(web.bp)
+    # Refusals in an accept flood must cost less than Flask's dispatch: a WSGI middleware.
+    app.wsgi_app = Admission(app.wsgi_app, path="/signaling", limit=settings.admission_lag,
+                             lag=runtime.loop_lag, probe_port=settings.health_port,
+                             refused=runtime.metrics.refused)
     log = logging.getLogger("volli")
     log.info("volli ready: backend=%s max_connections=%d max_message_size=%d ping_interval=%gs "
-             "require_signature=%s", settings.backend, app.extensions["volli"].max_connections,
+             "require_signature=%s", settings.backend, runtime.max_connections,
              settings.max_message_size, settings.ping_interval, settings.require_signature)
     if not settings.origins:
         log.warning("VOLLI_ALLOWED_ORIGINS is empty: WebSockets from every Origin are allowed")

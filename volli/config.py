@@ -102,6 +102,10 @@ class Settings:
 
     host: str = _setting("HOST", "0.0.0.0", str, "Address to listen on.")
     port: int = _setting("PORT", 8080, _int, "TCP port to listen on.", 1)
+    health_port: int = _setting(
+        "VOLLI_HEALTH_PORT", 0, _int,
+        "A second TCP port, on HOST, that serves only /health, /ready and /metrics, so "
+        "that probes are not queued behind a reconnect storm's connections; 0 = none.", 0)
     workers: int = _setting(
         "WEB_CONCURRENCY", 1, _int,
         "gunicorn worker processes. Must be 1 with the in-memory backend.", 1)
@@ -237,6 +241,10 @@ class Settings:
         "VOLLI_IP_CONNECT_RATE", 20.0, _float,
         "WebSocket upgrades per second per client IP and worker, burst twice that "
         "(HTTP 429 beyond); 0 = no limit.", 0)
+    admission_lag: float = _setting(
+        "VOLLI_ADMISSION_LAG", 0.5, _float,
+        "Seconds the worker's event loop may run late (an accept flood, say) before new "
+        "WebSocket upgrades get a quick HTTP 503 with Retry-After; 0 = never.", 0)
     ip_v6_prefix: int = _setting(
         "VOLLI_IP_V6_PREFIX", 64, _int,
         "IPv6 clients count as one address per prefix of this length for the per-IP "
@@ -356,6 +364,10 @@ def load(environ: Mapping[str, str], overrides: Mapping[str, Any] | None = None)
     if settings.backend == "redis" and settings.binding_retention < settings.presence_ttl:
         problems.append("VOLLI_BINDING_RETENTION must be at least VOLLI_PRESENCE_TTL (the "
                         "heartbeat, every TTL/4, renews online users' bindings)")
+    if settings.health_port > 65535 or settings.port > 65535:
+        problems.append("PORT and VOLLI_HEALTH_PORT must be at most 65535")
+    elif settings.health_port == settings.port:
+        problems.append("VOLLI_HEALTH_PORT must differ from PORT")
     workers_problem = check_workers(settings, settings.workers)
     if workers_problem:
         problems.append(f"WEB_CONCURRENCY={settings.workers}: {workers_problem}")

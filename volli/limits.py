@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 
 
@@ -84,6 +85,7 @@ class ConnectionLimits:
         self.violations = CountInWindow(60.0, now)
 
 
+@functools.lru_cache(maxsize=4096)  # parsing an address is a few % of a connection's CPU
 def address_group(address: str, v6_prefix: int) -> str:
     """What the per-IP limits count by: an IPv4 address (also when IPv4-mapped), or the
     IPv6 network of ``v6_prefix`` bits around it, since one subscriber holds a /64 or

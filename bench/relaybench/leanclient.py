@@ -18,37 +18,66 @@ from .clients import CROSS_STEPS, pair_totals, percentile, sleep_until, wait_par
 from .protocol import PROTOCOLS, Target, loads, make_sdp
 
 
-def rtt_phase(target: Target, tag: str, count: int, limit_s: float,
-               opts: dict[str, Any]) -> dict[str, Any]:
-    """One pair, sequential round trips on two blocking raw connections (bench/rawws.py,
-    TCP_NODELAY): A sends an offer to B; B, on receipt, answers A; A's time from its send
-    to the answer's arrival is one sample. The same thread plays both ends, so a sample
+class PairRoundTrip:
+    """One pair on two blocking raw connections (bench/rawws.py, TCP_NODELAY): A sends an
+    offer to B; B, on receipt, answers A. The same thread plays both ends, so a round trip
     includes B's parse-and-answer (a few microseconds of Python) but no scheduling between
-    processes. 50 unrecorded round trips first; bounded by ``count`` and ``limit_s``."""
-    proto, url = target
-    tgt = rawws.Target(proto, url)
-    a_id, b_id = f"{tag}-a", f"{tag}-b"
-    a = rawws.BlockingWS(tgt, a_id)
-    b = rawws.BlockingWS(tgt, b_id)
-    sdp = make_sdp(opts["sdp_size"])
-    if proto == "peerjs":
-        offer_head = ('{"type":"OFFER","dst":' + json.dumps(b_id) +
-                      ',"payload":{"type":"offer","sdp":' + json.dumps(sdp) + ',"i":')
-        answer_head = ('{"type":"ANSWER","dst":' + json.dumps(a_id) +
-                       ',"payload":{"type":"answer","sdp":' + json.dumps(sdp) + ',"i":')
-        kinds, from_key, body = ("OFFER", "ANSWER"), "src", "payload"
-    else:
-        offer_head = ('{"type":"offer","to":' + json.dumps(b_id) +
-                      ',"offer":{"type":"offer","sdp":' + json.dumps(sdp) + ',"i":')
-        answer_head = ('{"type":"answer","to":' + json.dumps(a_id) +
-                       ',"answer":{"type":"answer","sdp":' + json.dumps(sdp) + ',"i":')
-        kinds, from_key, body = ("offer", "answer"), "from", None
+    processes."""
+
+    def __init__(self, target: Target, tag: str, sdp_size: int, timeout: float = 5.0) -> None:
+        proto, url = target
+        tgt = rawws.Target(proto, url)
+        self.a_id, self.b_id = a_id, b_id = f"{tag}-a", f"{tag}-b"
+        self.a = rawws.BlockingWS(tgt, a_id)
+        try:
+            self.b = rawws.BlockingWS(tgt, b_id)
+        except BaseException:
+            self.a.close()
+            raise
+        sdp = make_sdp(sdp_size)
+        if proto == "peerjs":
+            self.offer_head = ('{"type":"OFFER","dst":' + json.dumps(b_id) +
+                               ',"payload":{"type":"offer","sdp":' + json.dumps(sdp) + ',"i":')
+            self.answer_head = ('{"type":"ANSWER","dst":' + json.dumps(a_id) +
+                                ',"payload":{"type":"answer","sdp":' + json.dumps(sdp) + ',"i":')
+            self.kinds, self.from_key, self.body = ("OFFER", "ANSWER"), "src", "payload"
+        else:
+            self.offer_head = ('{"type":"offer","to":' + json.dumps(b_id) +
+                               ',"offer":{"type":"offer","sdp":' + json.dumps(sdp) + ',"i":')
+            self.answer_head = ('{"type":"answer","to":' + json.dumps(a_id) +
+                                ',"answer":{"type":"answer","sdp":' + json.dumps(sdp) + ',"i":')
+            self.kinds, self.from_key, self.body = ("offer", "answer"), "from", None
+        for s in (self.a.sock, self.b.sock):
+            s.settimeout(timeout)
+
+    def one(self, i: int) -> tuple[int, str | None]:
+        """One round trip: (nanoseconds, None), or (nanoseconds, what was wrong)."""
+        t = time.perf_counter_ns()
+        self.a.send_text((self.offer_head + str(i) + "}}").encode())
+        got = loads(self.b.recv_text())
+        ok = got.get("type") == self.kinds[0] and got.get(self.from_key) == self.a_id and \
+            got[self.body or "offer"]["i"] == i
+        self.b.send_text((self.answer_head + str(i) + "}}").encode())
+        back = loads(self.a.recv_text())
+        dt = time.perf_counter_ns() - t
+        ok = ok and back.get("type") == self.kinds[1] and back.get(self.from_key) == self.b_id \
+            and back[self.body or "answer"]["i"] == i
+        return dt, None if ok else f"{json.dumps(got)[:150]} / {json.dumps(back)[:150]}"
+
+    def close(self) -> None:
+        self.a.close()
+        self.b.close()
+
+
+def rtt_phase(target: Target, tag: str, count: int, limit_s: float,
+              opts: dict[str, Any]) -> dict[str, Any]:
+    """Sequential round trips of one ``PairRoundTrip``; A's time from its send to the
+    answer's arrival is one sample. 50 unrecorded round trips first; bounded by ``count``
+    and ``limit_s``."""
+    pair = PairRoundTrip(target, tag, opts["sdp_size"])
     samples: list[int] = []
     bad = 0
     bad_sample = None
-    perf = time.perf_counter_ns
-    for s in (a.sock, b.sock):
-        s.settimeout(5.0)
     end = time.monotonic() + limit_s
     gc.collect()
     gc.disable()
@@ -58,27 +87,17 @@ def rtt_phase(target: Target, tag: str, count: int, limit_s: float,
         for i in range(-50, count):
             if time.monotonic() > end:
                 break
-            t = perf()
-            a.send_text((offer_head + str(i) + "}}").encode())
-            got = loads(b.recv_text())
-            ok = got.get("type") == kinds[0] and got.get(from_key) == a_id and \
-                got[body or "offer"]["i"] == i
-            b.send_text((answer_head + str(i) + "}}").encode())
-            back = loads(a.recv_text())
-            dt = perf() - t
-            ok = ok and back.get("type") == kinds[1] and back.get(from_key) == b_id and \
-                back[body or "answer"]["i"] == i
-            if not ok:
+            dt, wrong = pair.one(i)
+            if wrong:
                 bad += 1
-                bad_sample = bad_sample or f"{json.dumps(got)[:150]} / {json.dumps(back)[:150]}"
+                bad_sample = bad_sample or wrong
             if i >= 0:
                 samples.append(dt)
         wall = time.monotonic() - t0
         cpu = sum(os.times()[:2]) - cpu0
     finally:
         gc.enable()
-        a.close()
-        b.close()
+        pair.close()
     samples.sort()
     return {"round_trips": len(samples), "asked": count, "bad": bad, "bad_sample": bad_sample,
             "wall_s": wall, "client_cpu": cpu,

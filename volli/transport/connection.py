@@ -8,8 +8,10 @@ input, so an idle connection holds no greenlet and no request state (the parked 
 stack was most of its memory). A TLS socket cannot be detached; it is read in its
 request greenlet instead. Past the read, both are the same.
 
-Writing. Everything queued in one turn of the event loop leaves in one non-blocking
-``sendmsg``; the replies to what a connection just read leave at the end of that read. A writer greenlet exists only while the peer's window is full; one that makes
+Writing. What a connection's queue gathers leaves in one non-blocking ``sendmsg``, at
+the end of the read that queued it (replies and relays alike), or, for output queued
+outside a read, in one event-loop callback for all connections. A writer greenlet exists
+only while the peer's window is full; one that makes
 no progress within the send timeout cuts the peer off. A receiver whose queue would pass
 its limit is closed (4002) and the send reports False, so one slow peer never holds up a
 sender; a relay the protocol refuses is answered peer-busy to its sender. Relays that will
@@ -67,6 +69,35 @@ class _SendTimeout(Exception):
     pass
 
 
+class _Due:
+    """Connections with output queued and a flush on the way. Written at the end of the
+    next read (of any connection), or by one event-loop callback, whichever comes first."""
+
+    def __init__(self) -> None:
+        self._conns: list[Connection] = []
+        self._scheduled = False
+
+    def add(self, conn: "Connection") -> None:
+        self._conns.append(conn)
+        if not self._scheduled:
+            self._scheduled = True
+            get_hub().loop.run_callback(self._callback)
+
+    def _callback(self) -> None:
+        self._scheduled = False
+        self.flush()
+
+    def flush(self) -> None:
+        """Never blocks: each connection writes what its socket takes now."""
+        while self._conns:
+            conns, self._conns = self._conns, []
+            for conn in conns:
+                conn._flush()
+
+
+due = _Due()
+
+
 class Connection:
     # Only TLS connections set this. An instance dict past 30 keys stops sharing its keys
     # with the others and grows from about 0.3 to 1.6 kB: keep __init__ under that.
@@ -122,10 +153,10 @@ class Connection:
 
     def _flush_soon(self) -> None:
         self._flushing = True
-        get_hub().loop.run_callback(self._flush)
+        due.add(self)
 
     def _flush(self) -> None:
-        """Runs in the event loop after the current greenlet yields: never blocks."""
+        """Called by ``due``: never blocks."""
         protocol = self._protocol
         if self._writer is not None or protocol.state is State.CLOSED:
             return
@@ -242,11 +273,11 @@ class Connection:
                     return
         finally:
             self._reading = False
-            # The replies to what was just read leave now, not in the flush callback: in an
-            # accept flood that callback waits behind every new connection's greenlet, and a
-            # client got its `registered` seconds late (bench/storm.py).
-            if self._flushing and self._writer is None:
-                self._flush()
+            # What this read queued (replies, relays) leaves now, not in the flush
+            # callback: in an accept flood that callback waits behind every new
+            # connection's greenlet, and a client got its `registered` seconds late and
+            # an established pair its relays a second late (bench/storm.py).
+            due.flush()
 
     def serve(self) -> None:
         """Read in the calling greenlet until the connection is over (TLS)."""
@@ -261,6 +292,7 @@ class Connection:
                     return
             finally:
                 self._reading = False
+                due.flush()
             if self._protocol.should_pause():
                 if self._resumed is None:
                     self._resumed = Event()

@@ -1,0 +1,255 @@
+"""Reconnect storms (issue 16): admission while the event loop runs late, the probe port,
+and relays that leave at the end of the read that queued them instead of waiting behind
+a flood of new connections in the event loop's callback queue."""
+
+from __future__ import annotations
+
+import _socket
+import base64
+import json
+import os
+import socket
+import time
+import urllib.error
+import urllib.request
+
+import gevent
+import pytest
+
+from conftest import free_port
+from rawclient import masked
+from test_observability import scrape, value
+
+
+def upgrade_request(port: int, n: int) -> bytes:
+    key = base64.b64encode(n.to_bytes(16, "big")).decode()
+    return (f"GET /signaling HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nUpgrade: websocket\r\n"
+            f"Connection: Upgrade\r\nSec-WebSocket-Key: {key}\r\n"
+            "Sec-WebSocket-Version: 13\r\n\r\n").encode()
+
+
+def read_head(sock: socket.socket) -> tuple[int, dict[str, str], bytes]:
+    data = b""
+    while b"\r\n\r\n" not in data:
+        chunk = sock.recv(65536)
+        if not chunk:
+            raise ConnectionError(f"EOF after {data!r}")
+        data += chunk
+    head, _, rest = data.partition(b"\r\n\r\n")
+    lines = head.decode().split("\r\n")
+    fields = {k.lower(): v for k, v in (line.split(": ", 1) for line in lines[1:])}
+    return int(lines[0].split()[1]), fields, rest
+
+
+def read_json_frame(sock: socket.socket, buf: bytes) -> tuple[dict, bytes]:
+    """One unmasked, unfragmented server text frame under 64 KiB."""
+    while True:
+        if len(buf) >= 2:
+            n, at = buf[1] & 0x7F, 2
+            if n == 126 and len(buf) >= 4:
+                n, at = int.from_bytes(buf[2:4], "big"), 4
+            if n != 126 and len(buf) >= at + n:
+                return json.loads(buf[at:at + n]), buf[at + n:]
+        chunk = sock.recv(65536)
+        if not chunk:
+            raise ConnectionError("EOF in a frame")
+        buf += chunk
+
+
+def http_get(port: int, path: str) -> tuple[int, bytes]:
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=5) as r:
+            return r.status, r.read()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read()
+
+
+def test_upgrades_past_the_admission_lag_get_503_busy_and_the_rest_are_served(make_server):
+    """A burst of upgrades at once: with a 5 ms admission lag, the ones that find the
+    loop's queue longer than that are refused with 503, Retry-After 1..5 and the JSON
+    body; every other one is a working, registered WebSocket; each refusal is counted."""
+    srv = make_server({"VOLLI_ADMISSION_LAG": "0.005"})
+    refused, served = [], []
+    for attempt in range(3):  # a burst that happens not to swamp the worker: again
+        socks = [socket.create_connection(("127.0.0.1", srv.port), timeout=10)
+                 for _ in range(150)]
+        try:
+            for n, s in enumerate(socks):
+                s.sendall(upgrade_request(srv.port, n))
+            for n, s in enumerate(socks):
+                status, fields, rest = read_head(s)
+                if status == 503:
+                    body = rest
+                    while len(body) < int(fields["content-length"]):
+                        body += s.recv(65536)
+                    refused.append((fields, json.loads(body)))
+                    continue
+                assert status == 101, (status, fields)
+                hello, rest = read_json_frame(s, rest)
+                assert hello["type"] == "hello"
+                user = f"storm-{attempt}-{n}@volli.app"
+                s.sendall(masked(1, json.dumps({"type": "register", "userId": user,
+                                                "publicKey": "pk"}).encode()))
+                reply, rest = read_json_frame(s, rest)
+                assert reply["type"] == "registered" and reply["userId"] == user, reply
+                served.append(user)
+        finally:
+            for s in socks:
+                s.close()
+        if refused and served:
+            break
+    assert refused and served, (len(refused), len(served))
+    for fields, body in refused:
+        assert 1 <= int(fields["retry-after"]) <= 5
+        assert body == {"error": "unavailable",
+                        "message": "server is busy; retry after the Retry-After delay"}
+    assert http_get(srv.port, "/health")[0] == 200  # probes are never refused
+    end = time.monotonic() + 10  # metrics reach /metrics within a second
+    while value(scrape(srv), "volli_refused_total", reason="busy") != len(refused) \
+            and time.monotonic() < end:
+        time.sleep(0.2)
+    assert value(scrape(srv), "volli_refused_total", reason="busy") == len(refused)
+
+
+def test_no_upgrade_is_refused_as_busy_when_admission_is_off(make_server):
+    srv = make_server({"VOLLI_ADMISSION_LAG": "0"})
+    socks = [socket.create_connection(("127.0.0.1", srv.port), timeout=10) for _ in range(150)]
+    try:
+        for n, s in enumerate(socks):
+            s.sendall(upgrade_request(srv.port, n))
+        statuses = [read_head(s)[0] for s in socks]
+    finally:
+        for s in socks:
+            s.close()
+    assert statuses == [101] * 150
+
+
+def test_the_probe_port_serves_only_the_probes(make_server):
+    probe = free_port()
+    srv = make_server({"VOLLI_HEALTH_PORT": str(probe)})
+    status, body = http_get(probe, "/health")
+    assert status == 200 and json.loads(body)["status"] == "ok"
+    end = time.monotonic() + 10  # with Redis: once the worker's listener is subscribed
+    while http_get(probe, "/ready")[0] != 200 and time.monotonic() < end:
+        time.sleep(0.1)
+    assert http_get(probe, "/ready")[0] == 200
+    status, body = http_get(probe, "/metrics")
+    assert status == 200 and b"volli_connections" in body
+    for path in ("/", "/signaling", "/demo"):
+        status, body = http_get(probe, path)
+        assert status == 404 and json.loads(body)["error"] == "not-found", (path, status)
+    with socket.create_connection(("127.0.0.1", probe), timeout=5) as s:
+        s.sendall(upgrade_request(probe, 1))
+        assert read_head(s)[0] == 404  # no WebSocket on the probe port
+    assert http_get(srv.port, "/health")[0] == 200  # the main port still has everything
+    with socket.create_connection(("127.0.0.1", srv.port), timeout=5) as s:
+        s.sendall(upgrade_request(srv.port, 1))
+        assert read_head(s)[0] == 101
+
+
+def test_the_probe_port_must_differ_from_the_port():
+    from volli.config import ConfigError, load
+
+    with pytest.raises(ConfigError, match="VOLLI_HEALTH_PORT must differ from PORT"):
+        load({"PORT": "8080", "VOLLI_HEALTH_PORT": "8080"})
+    assert load({"PORT": "8080", "VOLLI_HEALTH_PORT": "8081"}).health_port == 8081
+
+
+# -- in-process: the loop lag and the flush -------------------------------------------------
+
+def test_the_loop_lag_counts_a_callback_queue_that_runs_behind():
+    """gevent runs queued greenlets a slice per turn while the loop keeps turning: the lag
+    is how long the queue takes to come round, not only how late the timer fires."""
+    from volli.admission import LoopLag
+
+    lag = LoopLag()
+    lag.start(gevent.get_hub().loop)
+    try:
+        gevent.sleep(0.1)
+        seen = []
+
+        def busy() -> None:
+            end = time.perf_counter() + 0.005
+            while time.perf_counter() < end:
+                pass
+            seen.append(lag.lag(time.monotonic()))
+
+        for greenlet in [gevent.spawn(busy) for _ in range(200)]:  # about 1 s of work
+            greenlet.join()
+        assert max(seen) >= 0.3, max(seen)
+        end = time.monotonic() + 10  # and once the queue is empty it comes back down
+        while lag.lag(time.monotonic()) > 0.05 and time.monotonic() < end:
+            gevent.sleep(0.05)
+        assert lag.lag(time.monotonic()) <= 0.05
+    finally:
+        lag.stop()
+
+
+def test_the_loop_lag_counts_a_callback_that_holds_the_loop():
+    from volli.admission import LoopLag
+
+    lag = LoopLag()
+    lag.start(gevent.get_hub().loop)
+    try:
+        gevent.sleep(0.1)
+        time.sleep(0.3)  # not gevent's: nothing else runs meanwhile
+        assert lag.lag(time.monotonic()) >= 0.25
+    finally:
+        lag.stop()
+    assert lag.lag(time.monotonic()) == 0.0  # stopped: nothing is measured
+
+
+class _Relay:
+    """The hub's part, cut down: relays every text to ``target``."""
+
+    def __init__(self) -> None:
+        self.target = None
+
+    def receive_text(self, session, text):
+        self.target.send(text, origin="alice@volli.app")
+
+    def receive_frames(self, session, count):
+        pass
+
+    def disconnect(self, session, then=lambda: None):
+        then()
+
+    def report_undelivered(self, peer, counts, busy=False):
+        pass
+
+
+def _connection(events):
+    from volli.transport.connection import Connection
+
+    ours, theirs = socket.socketpair()
+    sock = _socket.socket(fileno=os.dup(ours.fileno()))
+    ours.close()
+    sock.setblocking(False)
+    theirs.setblocking(False)
+    conn = Connection(sock, detached=True, events=events, max_message_size=65536,
+                      queue_limit=1_000_000, send_timeout=5, remote_addr="test")
+    return conn, sock, theirs
+
+
+def test_a_relay_leaves_at_the_end_of_the_read_that_queued_it():
+    """No yield to the event loop between the read and the check: the relay to the other
+    connection was written by the read itself. Output queued outside a read waits for the
+    loop's flush callback (the control: the check sees nothing until the test yields)."""
+    events = _Relay()
+    alice, alice_sock, alice_peer = _connection(events)
+    bob, bob_sock, bob_peer = _connection(events)
+    events.target = bob
+    try:
+        bob.send('{"type":"ping-from-outside"}')
+        with pytest.raises(BlockingIOError):
+            bob_peer.recv(65536)  # queued outside a read: still waiting for the callback
+        gevent.sleep(0)
+        assert b"ping-from-outside" in bob_peer.recv(65536)
+
+        alice_peer.sendall(masked(1, b'{"type":"offer","to":"bob@volli.app"}'))
+        alice.read()  # what a reader greenlet does when alice's socket turns readable
+        data = bob_peer.recv(65536)  # no yield since the read
+        assert data.endswith(b'{"type":"offer","to":"bob@volli.app"}'), data
+    finally:
+        for s in (alice_sock, alice_peer, bob_sock, bob_peer):
+            s.close()
