@@ -19,8 +19,12 @@ except ConfigError as exc:
     sys.exit(str(exc))
 
 bind = [f"{_settings.host}:{_settings.port}"]
-if _settings.health_port:  # probes get a listen queue of their own (see volli/admission.py)
+if _settings.health_port:  # probes get a listen queue of their own (see volli/probes.py)
     bind.append(f"{_settings.host}:{_settings.health_port}")
+# A reconnect storm waits in the kernel's listen queue (it costs no CPU there): a short
+# one overflows, and dropped handshakes wait out TCP retransmissions or fail. Linux caps
+# this at net.core.somaxconn (README, "Reconnect storms").
+backlog = 65535
 workers = _settings.workers
 worker_class = "gevent"
 # Every open WebSocket holds a slot for its whole life; the app refuses upgrades (503)
@@ -80,10 +84,10 @@ def post_fork(server, worker):
 
 
 def post_worker_init(worker):
-    # gevent's documented knob: accepts per wake-up of the listener (gunicorn sets 1 with
-    # several workers). Its default, 100, queued 100 handshakes (about 0.1 s of CPU) at a
-    # time in a reconnect storm, ahead of established users and /health; 16 keeps them
-    # at about 25 ms for no loss of accept rate (bench/storm.py).
+    # gevent's documented knob: connections accepted per wake-up of the listener (gunicorn
+    # sets 1 with several workers). Its default, 100, moved a whole storm into gevent's
+    # run queue, where /health and established users waited behind thousands of
+    # handshakes; 16 leaves the rest in the listen queue (bench/storm.py).
     import gevent.baseserver
 
     gevent.baseserver.BaseServer.max_accept = ACCEPTS_PER_WAKEUP

@@ -9,7 +9,7 @@ from typing import Any, Mapping
 from flask import Flask
 
 from . import admin, config, endpoint, http, logs, web
-from .admission import Admission
+from .probes import ProbePort
 from .runtime import Runtime
 from .transport import handshake
 
@@ -30,10 +30,7 @@ def create_app(overrides: Mapping[str, Any] | None = None,
     app.register_blueprint(http.bp)
     app.register_blueprint(admin.bp)
     app.register_blueprint(web.bp)
-    # Refusals in an accept flood must cost less than Flask's dispatch: a WSGI middleware.
-    app.wsgi_app = Admission(app.wsgi_app, path="/signaling", limit=settings.admission_lag,
-                             lag=runtime.loop_lag, probe_port=settings.health_port,
-                             refused=runtime.metrics.refused)
+    app.wsgi_app = ProbePort(app.wsgi_app, settings.health_port)
     log = logging.getLogger("volli")
     log.info("volli ready: backend=%s max_connections=%d max_message_size=%d ping_interval=%gs "
              "require_signature=%s", settings.backend, runtime.max_connections,

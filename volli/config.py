@@ -241,10 +241,6 @@ class Settings:
         "VOLLI_IP_CONNECT_RATE", 20.0, _float,
         "WebSocket upgrades per second per client IP and worker, burst twice that "
         "(HTTP 429 beyond); 0 = no limit.", 0)
-    admission_lag: float = _setting(
-        "VOLLI_ADMISSION_LAG", 0.5, _float,
-        "Seconds the worker's event loop may run late (an accept flood, say) before new "
-        "WebSocket upgrades get a quick HTTP 503 with Retry-After; 0 = never.", 0)
     ip_v6_prefix: int = _setting(
         "VOLLI_IP_V6_PREFIX", 64, _int,
         "IPv6 clients count as one address per prefix of this length for the per-IP "

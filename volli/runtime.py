@@ -13,7 +13,6 @@ from flask import Flask, current_app
 
 from .backends import Backend, create_backend
 from .config import Settings
-from .admission import LoopLag
 from .hub import Hub
 from .limits import AddressLimits
 from .metrics import Metrics
@@ -36,8 +35,6 @@ class Runtime:
     # Set once a drain has finished (created lazily: it must be a gevent Event).
     drained: Any = None
     loops: Loops = dataclasses.field(default_factory=Loops)
-    # How late the event loop runs: upgrades are refused past VOLLI_ADMISSION_LAG.
-    loop_lag: LoopLag = dataclasses.field(default_factory=LoopLag)
 
     @classmethod
     def init_app(cls, app: Flask, settings: Settings) -> "Runtime":

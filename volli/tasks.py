@@ -24,7 +24,6 @@ PRESENCE_TICK = 0.2  # seconds: how late after its debounce an offline may be to
 def start_worker_tasks(app: Flask, is_alive: Callable[[], bool]) -> None:
     """Start this worker's background loops, each supervised (see supervise.py)."""
     runtime: Runtime = app.extensions["volli"]
-    runtime.loop_lag.start(gevent.get_hub().loop)
     runtime.backend.start(gevent.spawn)
     runtime.hub.push.start()
     loops = {"stats": stats_loop, "keepalive": keepalive_loop, "metrics": metrics_loop,
