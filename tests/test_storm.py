@@ -187,3 +187,52 @@ def test_a_relay_leaves_at_the_end_of_the_read_that_queued_it():
     finally:
         for s in (alice_sock, alice_peer, bob_sock, bob_peer):
             s.close()
+
+
+class _CountingSocket(_socket.socket):
+    recvs = 0
+
+    def recv(self, size, *args):
+        self.recvs += 1
+        return super().recv(size, *args)
+
+
+def test_a_read_that_drains_the_socket_makes_no_second_recv():
+    """One recv per message at low load: a short read means the socket is drained (the
+    watcher fires again for more); before, every read ended in a recv that failed with
+    EAGAIN, a syscall and an exception per message. A full read still reads on."""
+    from volli.transport.connection import RECV_SIZE, Connection
+
+    events = _Relay()
+    ours, theirs = socket.socketpair()
+    sock = _CountingSocket(fileno=os.dup(ours.fileno()))
+    ours.close()
+    sock.setblocking(False)
+    conn = Connection(sock, detached=True, events=events, max_message_size=1 << 20,
+                      queue_limit=4_000_000, send_timeout=5, remote_addr="test")
+    target, target_sock, target_peer = _connection(events)
+    events.target = target
+    try:
+        theirs.sendall(masked(1, b'{"type":"offer","to":"bob@volli.app"}'))
+        conn.read()
+        assert sock.recvs == 1
+        assert target_peer.recv(65536).endswith(b'{"type":"offer","to":"bob@volli.app"}')
+
+        big = b'{"type":"offer","to":"bob@volli.app","sdp":"' + b"x" * (3 * RECV_SIZE) + b'"}'
+        theirs.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 1 << 20)
+        theirs.sendall(masked(1, big))  # all of it waits in the socket pair
+        sock.recvs = 0
+        conn.read()
+        assert sock.recvs >= 4  # full reads go on until a short one
+        gevent.sleep(0.1)  # the relay is bigger than the socket pair's buffer: a writer
+        got = b""
+        end = time.monotonic() + 10
+        while not got.endswith(b'"}') and time.monotonic() < end:
+            try:
+                got += target_peer.recv(1 << 20)
+            except BlockingIOError:
+                gevent.sleep(0.01)
+        assert got.endswith(big)
+    finally:
+        for s in (sock, theirs, target_sock, target_peer):
+            s.close()

@@ -271,6 +271,8 @@ class Connection:
                 if self._protocol.should_pause():
                     self._pause()
                     return
+                if len(data) < RECV_SIZE:  # drained: the watcher fires again for more,
+                    return  # and one recv that fails costs a syscall and an exception
         finally:
             self._reading = False
             # What this read queued (replies, relays) leaves now, not in the flush
