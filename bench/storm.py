@@ -65,9 +65,10 @@ OPEN_CONCURRENCY = 100  # handshakes in flight per client process while setting 
 class StormPool(rawws.Pool):
     """A Pool whose clients, once reset, reconnect on their own schedule with backoff."""
 
-    def __init__(self, *args, first_delay: float, max_delay: float, **kwargs) -> None:
+    def __init__(self, *args, first_delay: float, max_delay: float, jitter: str,
+                 **kwargs) -> None:
         super().__init__(*args, **kwargs)
-        self.first_delay, self.max_delay = first_delay, max_delay
+        self.first_delay, self.max_delay, self.jitter = first_delay, max_delay, jitter
         self.storming = False
         self.attempts: dict[str, int] = {}
         self.due: list[tuple[float, str]] = []  # (when, uid), a heap
@@ -90,7 +91,9 @@ class StormPool(rawws.Pool):
         k = self.attempts.get(uid, 0)
         base = min(self.max_delay, self.first_delay * 2 ** k)
         self.attempts[uid] = k + 1
-        heapq.heappush(self.due, (now + base / 2 + random.random() * base / 2, uid))
+        delay = base * random.random() if self.jitter == "full" else \
+            base / 2 + random.random() * base / 2
+        heapq.heappush(self.due, (now + delay, uid))
 
     def storm(self, uids: list[str], t_reset: float, give_up: float) -> dict[str, Any]:
         self.storming = True
@@ -150,7 +153,7 @@ def client_main(conn, idx: int, opts: dict[str, Any]) -> None:
                 # Before the storm: registered at a pace the servers take without timeouts.
                 pool = StormPool(rawws.Target(proto, url), sources, OPEN_CONCURRENCY,
                                  opts["handshake_timeout"], first_delay=opts["first_delay"],
-                                 max_delay=opts["max_delay"])
+                                 max_delay=opts["max_delay"], jitter=opts["jitter"])
                 r = pool.open(uids, time.monotonic() + opts["open_timeout"])
                 pool.concurrency = opts["concurrency"]
                 conn.send(("opened", {**r, **pool.stats()}))
@@ -280,7 +283,7 @@ def run_one(name: str, args, log_dir: Path, config: ServerConfig) -> dict[str, A
         server.start()
         opts = {k: getattr(args, k) for k in ("concurrency", "handshake_timeout",
                                               "first_delay", "max_delay", "give_up",
-                                              "open_timeout")}
+                                              "open_timeout", "jitter")}
         for i in range(args.procs):
             parent, child = multiprocessing.Pipe()
             p = multiprocessing.Process(target=client_main, args=(child, i, opts),
@@ -394,6 +397,9 @@ def main(argv: list[str] | None = None) -> int:
                     help="the JS client's reconnectDelay (s)")
     ap.add_argument("--max-delay", type=float, default=30.0,
                     help="the JS client's maxReconnectDelay (s)")
+    ap.add_argument("--jitter", choices=("equal", "full"), default="equal",
+                    help="attempt k waits base/2 + random(base/2) (equal) or random(base) "
+                         "(full), base = min(max delay, first delay * 2^k)")
     ap.add_argument("--give-up", type=float, default=120.0,
                     help="seconds after the reset a client stops trying")
     # volli-signaling.js sets no timeout of its own on opening a socket: a browser waits
@@ -431,7 +437,7 @@ def main(argv: list[str] | None = None) -> int:
         print("interrupted", file=sys.stderr)
     elapsed = time.monotonic() - started
     print()
-    print(f"{args.clients:,} clients reset at once, reconnecting with equal jitter from "
+    print(f"{args.clients:,} clients reset at once, reconnecting with {args.jitter} jitter from "
           f"{args.first_delay:g} s (max {args.max_delay:g} s); Volli from {commit}")
     print()
     print("| server | all registered again (s) | 50% / 90% / 99% (s) | attempts per client "
