@@ -21,10 +21,13 @@ Volli with two workers and Redis; peerjs-server), in one run:
    is the next attempt; a
    client that has not registered after --give-up seconds is given up;
 3. meanwhile the parent asks the server's health URL every 50 ms (Volli's /health,
-   peerjs's /<path>/ — its cheapest HTTP answer), with a 5 s timeout;
+   peerjs's /<path>/ — its cheapest HTTP answer), with a 5 s timeout, and Volli's /health
+   on its probe port (VOLLI_HEALTH_PORT); and an established pair that the storm does not
+   touch makes one offer -> answer round trip every 50 ms;
 4. reported: the time from the reset until the last client registered again (and until
    50%, 90%, 99%), attempts per client, failures by reason, clients given up, health
-   latency p50/p99/max and failures during the storm, and the server's CPU over it.
+   latency p50/p99/max and failures during the storm (both ports), the established
+   pair's round trips, and the server's CPU over the storm.
 
 Every loop is bounded in count and time, load goes to loopback only, and every server is
 stopped (SIGTERM, then SIGKILL, on its process group) on exit, on error and on ^C. Results

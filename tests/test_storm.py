@@ -100,6 +100,30 @@ def test_a_burst_of_upgrades_is_all_served_while_established_users_relay(make_se
         bob.close()
 
 
+def test_a_browser_upgrade_through_a_proxy_is_admitted_on_all_its_headers(make_server):
+    """Admission reads Origin and X-Forwarded-For before the handshake sees only its own
+    headers (volli/transport/handshake.py: keep_handshake_headers)."""
+    srv = make_server({"VOLLI_TRUSTED_PROXIES": "1",
+                       "VOLLI_ALLOWED_ORIGINS": "https://app.example"})
+    extra = ("User-Agent: Mozilla/5.0 Chrome/131.0\r\nOrigin: https://app.example\r\n"
+             "Cookie: a=b\r\nAccept-Language: en\r\nX-Forwarded-For: 203.0.113.9\r\n")
+    for origin, expected in (("https://app.example", 101), ("https://evil.example", 403)):
+        with socket.create_connection(("127.0.0.1", srv.port), timeout=5) as s:
+            request = upgrade_request(srv.port, 7).replace(
+                b"\r\n\r\n", b"\r\n" + extra.replace("https://app.example", origin).encode()
+                + b"\r\n")
+            s.sendall(request)
+            status, _, rest = read_head(s)
+            assert status == expected
+            if status == 101:
+                hello, rest = read_json_frame(s, rest)
+                s.sendall(masked(1, json.dumps({"type": "register", "userId": "proxied@volli.app",
+                                                "publicKey": "pk"}).encode()))
+                reply, _ = read_json_frame(s, rest)
+                assert reply["type"] == "registered"
+    assert "registered user=proxied@volli.app" in srv.wait_log("ip=203.0.113.9 signed=")
+
+
 def test_the_probe_port_serves_only_the_probes(make_server):
     probe = free_port()
     srv = make_server({"VOLLI_HEALTH_PORT": str(probe)})

@@ -91,6 +91,30 @@ def test_simple_websocket_answers_the_handshake_in_its_constructor_and_reads_not
     assert read_available(ours) == masked(OP_TEXT, b"first frame")
 
 
+BROWSER_HEADERS = {
+    "User-Agent": "Mozilla/5.0 (X11; Linux x86_64) AppleWebKit/537.36 Chrome/131.0 Safari/537.36",
+    "Origin": "https://app.example", "Pragma": "no-cache", "Cache-Control": "no-cache",
+    "Accept-Encoding": "gzip, deflate, br", "Accept-Language": "en-US,en;q=0.9",
+    "Cookie": "a=b", "Sec-WebSocket-Protocol": "chat", "X-Forwarded-For": "203.0.113.9",
+    "X-Forwarded-Proto": "https"}
+
+
+def test_simple_websocket_answers_from_the_handshake_headers_alone(pair):
+    """keep_handshake_headers leaves simple-websocket (which rebuilds the request from
+    every HTTP_* key) only what its answer depends on, and the answer is the same."""
+    ours, theirs = pair
+    environ = environ_for(ours, **BROWSER_HEADERS)
+    handshake.keep_handshake_headers(environ)
+    assert {k for k in environ if k.startswith("HTTP_")} == \
+        {"HTTP_HOST", "HTTP_UPGRADE", "HTTP_CONNECTION", "HTTP_SEC_WEBSOCKET_KEY",
+         "HTTP_SEC_WEBSOCKET_VERSION"}
+    assert environ["REQUEST_METHOD"] == "GET" and "gunicorn.socket" in environ
+    Server(environ, thread_class=handshake.HandshakeOnly)
+    headers = response_headers(read_available(theirs))
+    assert headers["sec-websocket-accept"] == accept_for(KEY)
+    assert "sec-websocket-protocol" not in headers  # none was chosen either way
+
+
 def test_a_closed_simple_websocket_writes_nothing_when_closed_again(pair):
     """``ws.connected = False`` is what keeps flask-sock's ``ws.close()`` off our socket
     (a TLS one may still be open while its writer stops)."""

@@ -60,6 +60,7 @@ def admit():
         g.volli_deflate = deflate.negotiate(environ)
     else:
         environ.pop("HTTP_SEC_WEBSOCKET_EXTENSIONS", None)
+    handshake.keep_handshake_headers(environ)
     runtime.connections += 1
     runtime.metrics.connection(+1)
     return None

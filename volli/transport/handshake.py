@@ -58,6 +58,22 @@ def normalise_upgrade(environ: dict) -> None:
     environ["HTTP_UPGRADE"] = "websocket"
 
 
+# What the handshake's answer depends on (RFC 6455 4.2.1, and the deflate offer when on).
+HANDSHAKE_HEADERS = frozenset({"HTTP_HOST", "HTTP_UPGRADE", "HTTP_CONNECTION",
+                               "HTTP_SEC_WEBSOCKET_KEY", "HTTP_SEC_WEBSOCKET_VERSION",
+                               "HTTP_SEC_WEBSOCKET_EXTENSIONS"})
+
+
+def keep_handshake_headers(environ: dict) -> None:
+    """Drop the request's other headers, once admission has read them: simple-websocket
+    rebuilds the request from every ``HTTP_*`` key and wsproto parses it again with h11,
+    which made a browser's upgrade through nginx (some 15 headers) cost about 100 µs
+    more than a bare one (5)."""
+    for key in [key for key in environ if key.startswith("HTTP_")]:
+        if key not in HANDSHAKE_HEADERS:
+            del environ[key]
+
+
 def _tokens(environ: dict, name: str) -> set[str]:
     return {token.strip().lower() for token in environ.get(name, "").split(",")}
 
