@@ -130,8 +130,8 @@ def signaling(ws):
                       deflate=g.pop("volli_deflate"),
                       on_finished=lambda c: _finished(runtime, c, address, opened))
     runtime.hub.connect(conn)
-    # DEBUG: the `registered` and `connection closed` lines carry the same; a log line is
-    # a tenth of a connection's CPU in a reconnect storm (bench/storm.py).
+    # DEBUG: the `registered` and `connection closed` lines carry the same, and each log
+    # line is a few % of a connection's CPU in a reconnect storm (bench/storm.py).
     log.debug("connection open id=%s ip=%s", conn.id, address)
     conn.start(settings.register_timeout)
     if raw is None:
