@@ -52,13 +52,27 @@ CONNECTING, UPGRADING, REGISTERING, OPEN, CLOSING = range(5)
 STATE_NAMES = ("connecting", "upgrading", "registering", "open", "closing")
 
 
+# A Chromium upgrade as nginx forwards it (no Origin: the benches' servers allow none).
+BROWSER_HEADERS = (
+    "Pragma: no-cache\r\nCache-Control: no-cache\r\n"
+    "User-Agent: Mozilla/5.0 (X11; Linux x86_64) AppleWebKit/537.36 (KHTML, like Gecko) "
+    "Chrome/131.0.0.0 Safari/537.36\r\n"
+    "Accept-Encoding: gzip, deflate, br, zstd\r\nAccept-Language: en-US,en;q=0.9\r\n"
+    "Sec-WebSocket-Extensions: permessage-deflate; client_max_window_bits\r\n"
+    "X-Real-IP: 127.0.0.1\r\nX-Forwarded-For: 127.0.0.1\r\nX-Forwarded-Proto: https\r\n"
+    "Cookie: session=0123456789abcdef\r\n")
+
+
 class Target:
     """Where and how to connect: protocol ``volli`` (also the baseline) or ``peerjs``."""
 
-    __slots__ = ("proto", "host", "port", "path", "query", "public_key")
+    __slots__ = ("proto", "host", "port", "path", "query", "public_key", "extra_headers")
 
-    def __init__(self, proto: str, url: str, public_key: str = "cap") -> None:
-        """``public_key``: the (unsigned) ``publicKey`` a Volli registration carries."""
+    def __init__(self, proto: str, url: str, public_key: str = "cap",
+                 browser_headers: bool = False) -> None:
+        """``public_key``: the (unsigned) ``publicKey`` a Volli registration carries;
+        ``browser_headers``: the upgrade also carries what a browser behind nginx sends
+        (``BROWSER_HEADERS``), 15 header lines instead of 5."""
         u = urllib.parse.urlsplit(url)
         if u.scheme != "ws" or not u.hostname or not u.hostname.startswith("127."):
             raise ValueError(f"only ws://127.x.y.z targets: {url!r}")
@@ -68,6 +82,7 @@ class Target:
         self.path = u.path or "/"
         self.query = u.query
         self.public_key = public_key
+        self.extra_headers = BROWSER_HEADERS if browser_headers else ""
 
     def request(self, user_id: str, n: int) -> bytes:
         """The upgrade request for one connection (peerjs: id and token in the query)."""
@@ -80,7 +95,7 @@ class Target:
         key = base64.b64encode(os.urandom(16)).decode()
         return (f"GET {path} HTTP/1.1\r\nHost: {self.host}:{self.port}\r\n"
                 f"Upgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: {key}\r\n"
-                f"Sec-WebSocket-Version: 13\r\n\r\n").encode()
+                f"Sec-WebSocket-Version: 13\r\n{self.extra_headers}\r\n").encode()
 
     def register_frame(self, user_id: str) -> bytes | None:
         if self.proto == "peerjs":

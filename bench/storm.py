@@ -154,7 +154,9 @@ def client_main(conn, idx: int, opts: dict[str, Any]) -> None:
                 _, (proto, url), uids, sources = cmd
                 rawws.raise_nofile(len(uids) + 200)
                 # Before the storm: registered at a pace the servers take without timeouts.
-                pool = StormPool(rawws.Target(proto, url), sources, OPEN_CONCURRENCY,
+                pool = StormPool(rawws.Target(proto, url,
+                                              browser_headers=opts["browser_headers"]),
+                                 sources, OPEN_CONCURRENCY,
                                  opts["handshake_timeout"], first_delay=opts["first_delay"],
                                  max_delay=opts["max_delay"], jitter=opts["jitter"])
                 r = pool.open(uids, time.monotonic() + opts["open_timeout"])
@@ -286,7 +288,8 @@ def run_one(name: str, args, log_dir: Path, config: ServerConfig) -> dict[str, A
         server.start()
         opts = {k: getattr(args, k) for k in ("concurrency", "handshake_timeout",
                                               "first_delay", "max_delay", "give_up",
-                                              "open_timeout", "jitter")}
+                                              "open_timeout", "jitter",
+                                              "browser_headers")}
         for i in range(args.procs):
             parent, child = multiprocessing.Pipe()
             p = multiprocessing.Process(target=client_main, args=(child, i, opts),
@@ -411,6 +414,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--open-timeout", type=float, default=180.0)
     ap.add_argument("--backlog", type=int, default=0,
                     help="gunicorn's listen backlog for Volli (0: its default, 2048)")
+    ap.add_argument("--browser-headers", action="store_true",
+                    help="upgrades carry a browser's headers as nginx forwards them (15 "
+                         "lines, bench/rawws.py BROWSER_HEADERS) instead of the 5 needed")
     ap.add_argument("--volli-ref", help="run Volli from this git ref (default: working tree)")
     ap.add_argument("--quick", action="store_true", help="2,000 clients, give up after 60 s")
     ap.add_argument("--json", metavar="PATH")
