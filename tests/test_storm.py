@@ -260,3 +260,23 @@ def test_a_read_that_drains_the_socket_makes_no_second_recv():
     finally:
         for s in (sock, theirs, target_sock, target_peer):
             s.close()
+
+
+def test_a_connection_whose_flush_fails_does_not_hold_up_the_others():
+    """Connections are flushed in batches: one that raises (a bug) is released and logged,
+    and the rest of the batch is written all the same."""
+    events = _Relay()
+    broken, broken_sock, broken_peer = _connection(events)
+    fine, fine_sock, fine_peer = _connection(events)
+    released = []
+    broken._flush = lambda: (_ for _ in ()).throw(RuntimeError("a bug"))
+    broken._on_finished = released.append
+    try:
+        broken.send('{"type":"to-broken"}')
+        fine.send('{"type":"to-fine"}')
+        gevent.sleep(0.05)  # the loop's flush callback, then the release it spawned
+        assert fine_peer.recv(65536).endswith(b'{"type":"to-fine"}')
+        assert released == [broken]
+    finally:
+        for s in (broken_sock, broken_peer, fine_sock, fine_peer):
+            s.close()

@@ -88,11 +88,16 @@ class _Due:
         self.flush()
 
     def flush(self) -> None:
-        """Never blocks: each connection writes what its socket takes now."""
+        """Never blocks: each connection writes what its socket takes now. One that fails
+        (a bug) is closed; the others in the batch are written all the same."""
         while self._conns:
             conns, self._conns = self._conns, []
             for conn in conns:
-                conn._flush()
+                try:
+                    conn._flush()
+                except Exception:
+                    log.exception("writing to connection %s failed", conn.id)
+                    gevent.spawn(conn._release)
 
 
 due = _Due()
