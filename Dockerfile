@@ -33,8 +33,9 @@ USER 10001:10001
 ENV GUNICORN_CMD_ARGS="--worker-tmp-dir /dev/shm"
 EXPOSE 8080
 
-# No curl in the slim image: python asks /health on the port gunicorn listens on.
+# No curl in the slim image: python asks /health on the probe port (VOLLI_HEALTH_PORT)
+# when there is one, else on PORT.
 HEALTHCHECK --interval=30s --timeout=5s --start-period=15s --retries=3 \
-    CMD ["python", "-c", "import os, urllib.request; urllib.request.urlopen('http://127.0.0.1:%s/health' % (os.environ.get('PORT') or '8080'), timeout=4)"]
+    CMD ["python", "-c", "import os, urllib.request; urllib.request.urlopen('http://127.0.0.1:%s/health' % (int(os.environ.get('VOLLI_HEALTH_PORT') or 0) or os.environ.get('PORT') or '8080'), timeout=4)"]
 
 CMD ["gunicorn", "wsgi:app"]

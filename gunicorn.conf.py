@@ -19,8 +19,11 @@ except ConfigError as exc:
     sys.exit(str(exc))
 
 bind = [f"{_settings.host}:{_settings.port}"]
-if _settings.health_port:  # probes get a listen queue of their own (see volli/probes.py)
-    bind.append(f"{_settings.host}:{_settings.health_port}")
+# Probes get a listen queue of their own (volli/probes.py); on_starting adds it to a
+# --bind given on the command line too.
+_probe_bind = f"{_settings.host}:{_settings.health_port}" if _settings.health_port else None
+if _probe_bind:
+    bind.append(_probe_bind)
 # A reconnect storm waits in the kernel's listen queue (it costs no CPU there): a short
 # one overflows, and dropped handshakes wait out TCP retransmissions or fail. Linux caps
 # this at net.core.somaxconn (README, "Reconnect storms").
@@ -58,6 +61,15 @@ def on_starting(server):
     problem = check_workers(_settings, server.cfg.workers)
     if problem:
         sys.exit(f"invalid Volli configuration: {problem}")
+    # `-b`/`--bind` replaces the list above: the probe port must still open, and must not
+    # be one of the ports that serve /signaling (the probe filter would 404 everything).
+    if _probe_bind and _probe_bind not in server.cfg.bind:
+        clash = [b for b in server.cfg.bind
+                 if b.rpartition(":")[2] == str(_settings.health_port)]
+        if clash:
+            sys.exit(f"invalid Volli configuration: VOLLI_HEALTH_PORT={_settings.health_port} "
+                     f"is also a --bind address ({', '.join(clash)})")
+        server.cfg.set("bind", [*server.cfg.bind, _probe_bind])
     metrics_dir = os.environ["PROMETHEUS_MULTIPROC_DIR"]
     os.makedirs(metrics_dir, exist_ok=True)
     for name in os.listdir(metrics_dir):  # values of an earlier run would be added in
