@@ -182,46 +182,20 @@ def client_main(conn, idx: int, opts: dict[str, Any]) -> None:
             return
 
 
-class HealthProbe(threading.Thread):
-    """GET ``url`` every 50 ms (one at a time, 5 s timeout) until stopped."""
+class Probe(threading.Thread):
+    """``sample(i)`` (milliseconds; raises when it fails) every 50 ms until stopped; a
+    probe with ``stop_on_failure`` ends at its first failure."""
 
-    def __init__(self, url: str) -> None:
+    stop_on_failure = False
+
+    def __init__(self) -> None:
         super().__init__(daemon=True)
-        self.url, self.samples, self.failed = url, [], 0
-        self._stop_event = threading.Event()
-
-    def run(self) -> None:
-        for _ in range(100_000):
-            if self._stop_event.is_set():
-                return
-            t0 = time.monotonic()
-            try:
-                with urllib.request.urlopen(self.url, timeout=5) as r:
-                    r.read()
-                self.samples.append((time.monotonic() - t0) * 1e3)
-            except Exception:  # noqa: BLE001 - a failed probe is the figure
-                self.failed += 1
-            self._stop_event.wait(max(0.0, 0.05 - (time.monotonic() - t0)))
-
-    def stop(self) -> dict[str, Any]:
-        self._stop_event.set()
-        self.join(10)
-        s = sorted(self.samples)
-        return {"probes": len(s), "failed": self.failed,
-                "p50_ms": pct(s, 0.5), "p99_ms": pct(s, 0.99), "max_ms": s[-1] if s else None}
-
-
-class PairProbe(threading.Thread):
-    """An established pair that the storm does not touch: one offer -> answer round trip
-    (relaybench's ``PairRoundTrip``, 200-character SDP, 5 s timeout) every 50 ms until
-    stopped. How responsive the server stays for users already connected."""
-
-    def __init__(self, target, tag: str) -> None:
-        super().__init__(daemon=True)
-        self.pair = PairRoundTrip(target, tag, 200)
         self.samples: list[float] = []
-        self.failed, self.wrong, self.broken = 0, 0, None
+        self.failed, self.broken = 0, None
         self._stop_event = threading.Event()
+
+    def sample(self, i: int) -> float:
+        raise NotImplementedError
 
     def run(self) -> None:
         for i in range(100_000):
@@ -229,23 +203,57 @@ class PairProbe(threading.Thread):
                 return
             t0 = time.monotonic()
             try:
-                ns, wrong = self.pair.one(i)
-            except Exception as exc:  # noqa: BLE001 - a broken pair is the figure
+                self.samples.append(self.sample(i))
+            except Exception as exc:  # noqa: BLE001 - a failed probe is the figure
                 self.failed += 1
                 self.broken = f"{type(exc).__name__}: {exc}"
-                return
-            self.wrong += wrong is not None
-            self.samples.append(ns / 1e6)
+                if self.stop_on_failure:
+                    return
             self._stop_event.wait(max(0.0, 0.05 - (time.monotonic() - t0)))
 
     def stop(self) -> dict[str, Any]:
         self._stop_event.set()
         self.join(10)
-        self.pair.close()
         s = sorted(self.samples)
-        return {"round_trips": len(s), "failed": self.failed, "wrong": self.wrong,
-                "broken": self.broken, "p50_ms": pct(s, 0.5), "p99_ms": pct(s, 0.99),
-                "max_ms": s[-1] if s else None}
+        return {"probes": len(s), "failed": self.failed, "p50_ms": pct(s, 0.5),
+                "p99_ms": pct(s, 0.99), "max_ms": s[-1] if s else None}
+
+
+class HealthProbe(Probe):
+    """GET ``url`` (5 s timeout)."""
+
+    def __init__(self, url: str) -> None:
+        super().__init__()
+        self.url = url
+
+    def sample(self, i: int) -> float:
+        t0 = time.monotonic()
+        with urllib.request.urlopen(self.url, timeout=5) as r:
+            r.read()
+        return (time.monotonic() - t0) * 1e3
+
+
+class PairProbe(Probe):
+    """An established pair that the storm does not touch: one offer -> answer round trip
+    (relaybench's ``PairRoundTrip``, 200-character SDP, 5 s timeout). How responsive the
+    server stays for users already connected; the first failure breaks the pair."""
+
+    stop_on_failure = True
+
+    def __init__(self, target, tag: str) -> None:
+        super().__init__()
+        self.pair = PairRoundTrip(target, tag, 200)
+        self.wrong = 0
+
+    def sample(self, i: int) -> float:
+        ns, wrong = self.pair.one(i)
+        self.wrong += wrong is not None
+        return ns / 1e6
+
+    def stop(self) -> dict[str, Any]:
+        result = super().stop()
+        self.pair.close()
+        return {**result, "wrong": self.wrong, "broken": self.broken}
 
 
 def pct(values: list[float], q: float) -> float | None:
@@ -356,7 +364,7 @@ def run_one(name: str, args, log_dir: Path, config: ServerConfig) -> dict[str, A
               f"ms, max {fmt(h['max_ms'])} ms, {h['failed']} failed of "
               f"{h['probes'] + h['failed']}; {probe_line(result['health_port'])}established pair round trip p50 "
               f"{fmt(e['p50_ms'])} ms, p99 {fmt(e['p99_ms'])} ms, max {fmt(e['max_ms'])} ms, "
-              f"{e['round_trips']} done, broken: {e['broken']}; "
+              f"{e['probes']} done, broken: {e['broken']}; "
               f"server CPU {result['server_cpu_s']:.1f} s", flush=True)
     except Exception as exc:  # noqa: BLE001 - recorded; the next server still runs
         result["failure"] = f"{type(exc).__name__}: {exc}"
